@@ -1,0 +1,38 @@
+"""Hash functions, the model fingerprint and the ciphertext digest (§9)."""
+
+import hashlib
+from typing import Iterable
+
+from tfx_encrypt import errors
+
+HASHES = ('sha256', 'blake3')
+
+
+def new_hash(name: str):
+  """A fresh hash object. BLAKE3 needs the optional `blake3` package."""
+  if name == 'sha256':
+    return hashlib.sha256()
+  if name == 'blake3':
+    try:
+      import blake3  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise errors.UsageError(
+          "this package uses BLAKE3 digests; install it with "
+          "pip install 'tfx-encrypt[fast]'") from None
+    return blake3.blake3()
+  raise errors.UnsupportedFormatError(
+      f'unknown hash {name!r}; choose one of {", ".join(HASHES)}')
+
+
+def digest_size(name: str) -> int:
+  if name not in HASHES:
+    raise errors.UnsupportedFormatError(f'unknown hash {name!r}')
+  return 32
+
+
+def root_digest(name: str, hex_digests: Iterable[str]) -> str:
+  """model_signing-style root: H(concat of raw digests), as '<name>:<hex>'."""
+  h = new_hash(name)
+  for d in hex_digests:
+    h.update(bytes.fromhex(d))
+  return f'{name}:{h.hexdigest()}'

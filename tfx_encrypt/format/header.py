@@ -1,0 +1,420 @@
+"""Header codec, key derivation, commitment, MAC and signature message.
+
+Implements docs/FORMAT.md §3–§5 and §8–§9 on bytes only. The parser is
+strict and bounded: it never runs a code-executing loader, rejects unknown
+or duplicate keys, floats, NaN, and anything over the documented limits.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import struct
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from tfx_encrypt import errors
+from tfx_encrypt.format import digest as digest_lib
+from tfx_encrypt.format import paths as paths_lib
+from tfx_encrypt.format import streaming
+from tfx_encrypt.keys.base import Stanza
+
+MAGIC = b'TFXENC\x00\x01'
+FORMAT_NAME = 'tfx-encrypt/1'
+FORMAT_VERSION = 1
+
+MAX_BODY = 16 << 20
+MAX_SIG = 64 << 10
+MAC_SIZE = 32
+PREFIX_SIZE = len(MAGIC) + 4
+MAX_HEADER = PREFIX_SIZE + MAX_BODY + MAC_SIZE + 4 + MAX_SIG
+MAX_RECIPIENTS = 64
+MAX_FILES = 100_000
+MAX_DIRS = 100_000
+MAX_CONTEXT = 64
+MAX_CONTEXT_KEY = 128
+MAX_CONTEXT_VALUE = 1024
+MAX_FILE_SIZE = 1 << 50  # 1 PiB; far below the 2^32-segment stream limit
+MAX_FILE_TABLE = 12 << 20
+
+_BODY_KEYS = {'format', 'suite', 'hash', 'package_id', 'created', 'context',
+              'recipients', 'commitment', 'fingerprint', 'payloads',
+              'file_table'}
+_SIG_KEYS = {'alg', 'key_id', 'sig'}
+SIGNATURE_ALGS = ('ed25519', 'ecdsa-p256-sha256')
+_HEX64 = re.compile(r'^[0-9a-f]{64}$')
+_HEX32 = re.compile(r'^[0-9a-f]{32}$')
+_CREATED = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$')
+_FINGERPRINT = re.compile(r'^(sha256|blake3):[0-9a-f]{64}$')
+
+
+def _bad(what: str) -> errors.TamperedPackageError:
+  return errors.TamperedPackageError(
+      f'package header is invalid ({what}); the package is corrupt or was '
+      'modified. Fetch a fresh copy from the publisher.')
+
+
+# --- canonical JSON ---------------------------------------------------------
+
+def canonical_json(obj) -> bytes:
+  return json.dumps(obj, sort_keys=True, separators=(',', ':'),
+                    ensure_ascii=True, allow_nan=False).encode('ascii')
+
+
+def _no_dupes(pairs):
+  d = {}
+  for k, v in pairs:
+    if k in d:
+      raise _bad(f'duplicate key {k!r}')
+    d[k] = v
+  return d
+
+
+def _reject_float(_):
+  raise _bad('floating-point number')
+
+
+def _reject_constant(name):
+  raise _bad(f'non-finite number {name}')
+
+
+def strict_json(data: bytes, what: str):
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError:
+    raise _bad(f'{what} is not UTF-8') from None
+  try:
+    return json.loads(text, object_pairs_hook=_no_dupes,
+                      parse_float=_reject_float,
+                      parse_constant=_reject_constant)
+  except errors.TamperedPackageError:
+    raise
+  except (ValueError, RecursionError):
+    raise _bad(f'{what} is not valid JSON') from None
+
+
+def _int(v, lo: int, hi: int, what: str) -> int:
+  if type(v) is not int or not lo <= v <= hi:  # pylint: disable=unidiomatic-typecheck
+    raise _bad(f'{what} out of range')
+  return v
+
+
+def _str(v, what: str, max_len: int = 4096, pattern=None) -> str:
+  if not isinstance(v, str) or len(v) > max_len:
+    raise _bad(what)
+  if pattern is not None and not pattern.match(v):
+    raise _bad(what)
+  return v
+
+
+def _b64(v, what: str, max_len: int) -> bytes:
+  _str(v, what, max_len * 4 // 3 + 4)
+  try:
+    return base64.b64decode(v.encode('ascii'), validate=True)
+  except (binascii.Error, ValueError):
+    raise _bad(f'{what} is not base64') from None
+
+
+# --- context ----------------------------------------------------------------
+
+def check_context(context) -> Dict[str, str]:
+  """Validate a user encryption context; raises UsageError."""
+  if context is None:
+    return {}
+  if not isinstance(context, dict):
+    raise errors.UsageError('encryption context must be a mapping of strings')
+  if len(context) > MAX_CONTEXT:
+    raise errors.UsageError(
+        f'encryption context has more than {MAX_CONTEXT} entries')
+  for k, v in context.items():
+    if not (isinstance(k, str) and isinstance(v, str)):
+      raise errors.UsageError(
+          f'encryption context entries must be strings: {k!r}={v!r}')
+    if not 0 < len(k) <= MAX_CONTEXT_KEY or len(v) > MAX_CONTEXT_VALUE:
+      raise errors.UsageError(
+          f'encryption context key must be 1-{MAX_CONTEXT_KEY} characters '
+          f'and value at most {MAX_CONTEXT_VALUE}: {k[:40]!r}')
+  return dict(context)
+
+
+def context_digest(context: Dict[str, str]) -> bytes:
+  return hashlib.sha256(canonical_json(context)).digest()
+
+
+# --- derived keys -------------------------------------------------------------
+
+class DerivedKeys:
+  """Keys derived from a DEK for one package (§5)."""
+
+  __slots__ = ('commitment', 'mac_key', 'stream_key')
+
+  def __init__(self, dek: bytes, package_id: bytes, suite: str):
+    if len(dek) != 32:
+      raise errors.TamperedPackageError('unwrapped data key has wrong length')
+    h = streaming.hkdf
+    self.commitment = h(dek, package_id, b'tfxe1 key commitment')
+    self.mac_key = h(dek, package_id, b'tfxe1 header mac')
+    self.stream_key = h(dek, package_id,
+                        b'tfxe1 payload key\x00' + suite.encode('ascii'))
+
+
+def payload_aad(package_id: bytes, index: int, ctx_digest: bytes) -> bytes:
+  return (b'tfxe1 payload\x00' + package_id + struct.pack('>I', index) +
+          ctx_digest)
+
+
+def file_table_aad(package_id: bytes, ctx_digest: bytes) -> bytes:
+  return b'tfxe1 file table\x00' + package_id + ctx_digest
+
+
+# --- signature block ----------------------------------------------------------
+
+class SignatureBlock:
+  __slots__ = ('alg', 'key_id', 'sig')
+
+  def __init__(self, alg: str, key_id: str, sig: bytes):
+    self.alg, self.key_id, self.sig = alg, key_id, sig
+
+  def encode(self) -> bytes:
+    return canonical_json({'alg': self.alg, 'key_id': self.key_id,
+                           'sig': base64.b64encode(self.sig).decode('ascii')})
+
+  @classmethod
+  def decode(cls, data: bytes) -> 'SignatureBlock':
+    obj = strict_json(data, 'signature block')
+    if not isinstance(obj, dict) or set(obj) != _SIG_KEYS:
+      raise _bad('signature block fields')
+    alg = _str(obj['alg'], 'signature algorithm', 64)
+    if alg not in SIGNATURE_ALGS:
+      raise _bad(f'unknown signature algorithm {alg!r}')
+    return cls(alg, _str(obj['key_id'], 'signer key id', 1024),
+               _b64(obj['sig'], 'signature', 4096))
+
+
+# --- header -------------------------------------------------------------------
+
+class Header:
+  """A parsed or to-be-written package header."""
+
+  def __init__(self, *, suite: str, hash_alg: str, package_id: bytes,
+               created: str, context: Dict[str, str],
+               recipients: List[Stanza], commitment: bytes, fingerprint: str,
+               payloads: List[Tuple[int, str]], file_table: bytes,
+               mac: bytes = b'', signature: Optional[SignatureBlock] = None,
+               body: Optional[bytes] = None):
+    self.suite = suite
+    self.hash_alg = hash_alg
+    self.package_id = package_id
+    self.created = created
+    self.context = context
+    self.recipients = recipients
+    self.commitment = commitment
+    self.fingerprint = fingerprint
+    self.payloads = payloads
+    self.file_table = file_table
+    self.mac = mac
+    self.signature = signature
+    self._body = body  # raw received bytes, when parsed
+
+  # -- encoding ---------------------------------------------------------------
+  def body_json(self) -> Dict[str, Any]:
+    return {
+        'format': FORMAT_NAME,
+        'suite': self.suite,
+        'hash': self.hash_alg,
+        'package_id': self.package_id.hex(),
+        'created': self.created,
+        'context': self.context,
+        'recipients': [s.to_json() for s in self.recipients],
+        'commitment': base64.b64encode(self.commitment).decode('ascii'),
+        'fingerprint': self.fingerprint,
+        'payloads': [[s, d] for s, d in self.payloads],
+        'file_table': base64.b64encode(self.file_table).decode('ascii'),
+    }
+
+  def body(self) -> bytes:
+    if self._body is None:
+      self._body = canonical_json(self.body_json())
+      if len(self._body) > MAX_BODY:
+        raise errors.UsageError(
+            'package header would exceed 16 MiB; the model has too many '
+            'files or too large an encryption context')
+    return self._body
+
+  def invalidate(self):
+    """Forget cached body bytes after a field changed (rewrap)."""
+    self._body = None
+    self.mac = b''
+    self.signature = None
+
+  def signed_part(self) -> bytes:
+    body = self.body()
+    return MAGIC + struct.pack('>I', len(body)) + body
+
+  def signature_message(self) -> bytes:
+    return (b'tfxe1 header signature\x00' +
+            hashlib.sha256(self.signed_part()).digest())
+
+  def compute_mac(self, mac_key: bytes) -> bytes:
+    return hmac.new(mac_key, self.signed_part(), hashlib.sha256).digest()
+
+  def check_mac(self, mac_key: bytes):
+    if not hmac.compare_digest(self.compute_mac(mac_key), self.mac):
+      raise errors.TamperedPackageError(
+          'package header failed authentication (MAC mismatch): its '
+          'recipients, context or file list were modified. Fetch a fresh '
+          'copy from the publisher.')
+
+  def check_commitment(self, keys: DerivedKeys) -> bool:
+    return hmac.compare_digest(keys.commitment, self.commitment)
+
+  def serialize(self) -> bytes:
+    if len(self.mac) != MAC_SIZE:
+      raise ValueError('header MAC not set')
+    sig = self.signature.encode() if self.signature else b''
+    return self.signed_part() + self.mac + struct.pack('>I', len(sig)) + sig
+
+  @property
+  def ctx_digest(self) -> bytes:
+    return context_digest(self.context)
+
+  @property
+  def ciphertext_bytes(self) -> int:
+    return sum(s for s, _ in self.payloads)
+
+  def payload_digest(self) -> str:
+    return digest_lib.root_digest(self.hash_alg, (d for _, d in self.payloads))
+
+  # -- parsing ------------------------------------------------------------------
+  @classmethod
+  def read(cls, f) -> Tuple['Header', int]:
+    """Read a header from a binary file object; returns (header, length)."""
+    prefix = _read_exact(f, PREFIX_SIZE, 'header')
+    if prefix[:6] != MAGIC[:6]:
+      raise errors.UnsupportedFormatError(
+          'not a tfx-encrypt package (bad magic); check the path')
+    if prefix[:8] != MAGIC:
+      raise errors.UnsupportedFormatError(
+          f'tfx-encrypt package format version {prefix[7]} is not supported '
+          f'by this version (reads version {FORMAT_VERSION}); upgrade '
+          'tfx-encrypt')
+    (body_len,) = struct.unpack('>I', prefix[8:])
+    if not 0 < body_len <= MAX_BODY:
+      raise _bad('header body length')
+    body = _read_exact(f, body_len, 'header body')
+    mac = _read_exact(f, MAC_SIZE, 'header MAC')
+    (sig_len,) = struct.unpack('>I', _read_exact(f, 4, 'signature length'))
+    if sig_len > MAX_SIG:
+      raise _bad('signature length')
+    sig = _read_exact(f, sig_len, 'signature') if sig_len else b''
+    h = cls.parse_body(body)
+    h.mac = mac
+    h.signature = SignatureBlock.decode(sig) if sig_len else None
+    return h, PREFIX_SIZE + body_len + MAC_SIZE + 4 + sig_len
+
+  @classmethod
+  def parse_body(cls, body: bytes) -> 'Header':
+    obj = strict_json(body, 'header body')
+    if not isinstance(obj, dict) or set(obj) != _BODY_KEYS:
+      raise _bad('unexpected or missing fields')
+    if obj['format'] != FORMAT_NAME:
+      raise errors.UnsupportedFormatError(
+          f'unsupported package format {obj["format"]!r}; upgrade tfx-encrypt')
+    suite = obj['suite']
+    if suite not in streaming.SUITES:
+      raise errors.UnsupportedFormatError(
+          f'unsupported cipher suite {suite!r}; upgrade tfx-encrypt')
+    hash_alg = obj['hash']
+    if hash_alg not in digest_lib.HASHES:
+      raise errors.UnsupportedFormatError(
+          f'unsupported hash {hash_alg!r}; upgrade tfx-encrypt')
+    package_id = bytes.fromhex(_str(obj['package_id'], 'package id', 32,
+                                    _HEX32))
+    created = _str(obj['created'], 'creation time', 20, _CREATED)
+    ctx = obj['context']
+    try:
+      ctx = check_context(ctx)
+    except errors.UsageError:
+      raise _bad('encryption context') from None
+    recips = obj['recipients']
+    if not isinstance(recips, list) or not 0 < len(recips) <= MAX_RECIPIENTS:
+      raise _bad('recipient count')
+    recipients = [Stanza.from_json(r) for r in recips]
+    commitment = _b64(obj['commitment'], 'commitment', 32)
+    if len(commitment) != 32:
+      raise _bad('commitment length')
+    fingerprint = _str(obj['fingerprint'], 'fingerprint', 80, _FINGERPRINT)
+    if not fingerprint.startswith(hash_alg + ':'):
+      raise _bad('fingerprint hash')
+    pl = obj['payloads']
+    if not isinstance(pl, list) or not 0 < len(pl) <= MAX_FILES:
+      raise _bad('payload count')
+    payloads = []
+    max_ct = streaming.ciphertext_size(MAX_FILE_SIZE)
+    for p in pl:
+      if not isinstance(p, list) or len(p) != 2:
+        raise _bad('payload entry')
+      size = _int(p[0], streaming.HEADER_SIZE + streaming.TAG_SIZE, max_ct,
+                  'payload size')
+      streaming.segments_of_ciphertext(size)
+      payloads.append((size, _str(p[1], 'payload digest', 64, _HEX64)))
+    file_table = _b64(obj['file_table'], 'file table', MAX_FILE_TABLE)
+    return cls(suite=suite, hash_alg=hash_alg, package_id=package_id,
+               created=created, context=ctx, recipients=recipients,
+               commitment=commitment, fingerprint=fingerprint,
+               payloads=payloads, file_table=file_table, body=body)
+
+
+def _read_exact(f, n: int, what: str) -> bytes:
+  data = f.read(n)
+  if len(data) != n:
+    raise errors.TamperedPackageError(
+        f'package is truncated (while reading the {what}); fetch a fresh copy')
+  return data
+
+
+# --- file table -----------------------------------------------------------------
+
+class FileEntry:
+  __slots__ = ('path', 'size', 'digest')
+
+  def __init__(self, path: str, size: int, digest: str):
+    self.path, self.size, self.digest = path, size, digest
+
+  def __repr__(self):
+    return f'FileEntry({self.path!r}, {self.size})'
+
+
+def encode_file_table(files: Sequence[FileEntry], dirs: Sequence[str]) -> bytes:
+  return canonical_json({
+      'dirs': sorted(dirs),
+      'files': [{'path': e.path, 'size': e.size, 'digest': e.digest}
+                for e in files],
+  })
+
+
+def decode_file_table(data: bytes, payload_count: int
+                      ) -> Tuple[List[FileEntry], List[str]]:
+  obj = strict_json(data, 'file table')
+  if not isinstance(obj, dict) or set(obj) != {'dirs', 'files'}:
+    raise _bad('file table fields')
+  files, dirs = obj['files'], obj['dirs']
+  if not isinstance(files, list) or len(files) != payload_count:
+    raise _bad('file table does not match the payload list')
+  if not isinstance(dirs, list) or len(dirs) > MAX_DIRS:
+    raise _bad('directory list')
+  entries = []
+  for f in files:
+    if not isinstance(f, dict) or set(f) != {'path', 'size', 'digest'}:
+      raise _bad('file entry')
+    entries.append(FileEntry(
+        _str(f['path'], 'file path', paths_lib.MAX_PATH_BYTES),
+        _int(f['size'], 0, MAX_FILE_SIZE, 'file size'),
+        _str(f['digest'], 'file digest', 64, _HEX64)))
+  for d in dirs:
+    _str(d, 'directory path', paths_lib.MAX_PATH_BYTES)
+  dir_list = paths_lib.check_tree([e.path for e in entries], dirs)
+  if dir_list != dirs:
+    raise _bad('directory list is not sorted')
+  return entries, dir_list

@@ -1,0 +1,1020 @@
+"""Encrypt, decrypt, inspect, verify, rewrap and rotate model packages.
+
+This is the only module that touches the filesystem for packages, so path
+safety and atomic publication live here. The byte format is in
+:mod:`tfx_encrypt.format` and docs/FORMAT.md; keys come from
+:mod:`tfx_encrypt.keys`.
+
+Performance: files are processed by a small thread pool (largest first).
+Each worker streams its file through two reused 1 MiB buffers: `readinto`,
+hash, seal/open in place with `encrypt_into`/`decrypt_into`, hash, write.
+hashlib, file I/O and (for large buffers) OpenSSL release the GIL, so reads,
+hashing and writes of different files overlap. Memory is O(workers x 2 MiB),
+independent of model size.
+"""
+
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import os
+import stat
+import threading
+import unicodedata
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from tfx_encrypt import _fsutil
+from tfx_encrypt import errors
+from tfx_encrypt import keys as keys_lib
+from tfx_encrypt.format import digest as digest_lib
+from tfx_encrypt.format import header as header_lib
+from tfx_encrypt.format import paths as paths_lib
+from tfx_encrypt.format import streaming
+from tfx_encrypt.format.header import FileEntry, Header, SignatureBlock
+from tfx_encrypt.keys.base import KeyBackend, WrapContext
+
+KeyLike = Union[str, KeyBackend]
+Progress = Optional[Callable[[int], None]]
+
+HEADER_NAME = 'tfxe.header'
+PAYLOAD_DIR = 'payload'
+BUNDLE_SUFFIX = '.tfxe'
+RESERVED_CONTEXT_PREFIX = 'tfxe:'
+_O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)
+_O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
+
+
+def default_workers() -> int:
+  return max(2, min(8, (os.cpu_count() or 1) * 2))
+
+
+def payload_name(i: int) -> str:
+  return f'{i:08d}'
+
+
+@dataclasses.dataclass
+class PackageInfo:
+  """What a package says about itself (and what an operation did)."""
+  path: str
+  bundle: bool
+  format_version: int
+  cipher: str
+  suite: str
+  hash_alg: str
+  package_id: str
+  created: str
+  context: Dict[str, str]
+  recipients: List[Dict[str, str]]
+  signer: Optional[str]
+  signature_alg: Optional[str]
+  signature_verified: bool
+  fingerprint: str
+  payload_digest: str
+  file_count: int
+  ciphertext_bytes: int
+  plaintext_bytes: Optional[int] = None
+  header_bytes: int = 0
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _info(h: Header, path: str, bundle: bool, header_len: int,
+          verified: bool = False,
+          plaintext_bytes: Optional[int] = None) -> PackageInfo:
+  return PackageInfo(
+      path=path, bundle=bundle, format_version=header_lib.FORMAT_VERSION,
+      cipher=streaming.CIPHER_OF_SUITE.get(h.suite, h.suite), suite=h.suite,
+      hash_alg=h.hash_alg, package_id=h.package_id.hex(), created=h.created,
+      context=dict(h.context),
+      recipients=[{'type': s.type, 'key_id': s.key_id} for s in h.recipients],
+      signer=h.signature.key_id if h.signature else None,
+      signature_alg=h.signature.alg if h.signature else None,
+      signature_verified=verified, fingerprint=h.fingerprint,
+      payload_digest=h.payload_digest(), file_count=len(h.payloads),
+      ciphertext_bytes=h.ciphertext_bytes + header_len,
+      plaintext_bytes=plaintext_bytes, header_bytes=header_len)
+
+
+# --- keys ---------------------------------------------------------------------
+
+def _backend(k: KeyLike) -> KeyBackend:
+  if isinstance(k, KeyBackend):
+    return k
+  return keys_lib.resolve(k)
+
+
+def _backends(ks: Optional[Iterable[KeyLike]]) -> List[KeyBackend]:
+  if ks is None:
+    return []
+  if isinstance(ks, (str, KeyBackend)):
+    ks = [ks]
+  return [_backend(k) for k in ks]
+
+
+def _check_user_context(context: Optional[Mapping[str, str]]) -> Dict[str, str]:
+  ctx = header_lib.check_context(dict(context) if context else {})
+  for k in ctx:
+    if k.startswith(RESERVED_CONTEXT_PREFIX):
+      raise errors.UsageError(
+          f'encryption context key {k!r} uses the reserved prefix '
+          f'{RESERVED_CONTEXT_PREFIX!r}; rename it')
+  return ctx
+
+
+def _sign(h: Header, signer: Optional[KeyBackend]) -> None:
+  if signer is None:
+    h.signature = None
+    return
+  if not signer.signature_alg:
+    signer.sign(b'')  # raises a UsageError explaining what to pass
+  sig = signer.sign(h.signature_message())
+  h.signature = SignatureBlock(signer.signature_alg, signer.signer_id, sig)
+
+
+def _verify_signature(h: Header, trusted: Sequence[KeyBackend],
+                      allow_unsigned: bool) -> bool:
+  """Return True if verified, False if unsigned-and-allowed; else raise."""
+  if h.signature is None:
+    if allow_unsigned:
+      return False
+    raise errors.UntrustedSignerError(
+        'package is not signed, so its publisher cannot be verified; pass '
+        '--trust KEY for a signed package, or --allow-unsigned to accept it '
+        'anyway')
+  sig = h.signature
+  if not trusted:
+    raise errors.UntrustedSignerError(
+        f'package is signed by {sig.key_id} but no trusted key was given; '
+        'pass the publisher\'s public key with --trust')
+  msg = h.signature_message()
+  for t in trusted:
+    if t.signature_alg == sig.alg and t.signer_id == sig.key_id:
+      if t.verify(msg, sig.sig, sig.alg):
+        return True
+      raise errors.TamperedPackageError(
+          f'the package signature by trusted key {sig.key_id} is INVALID: the '
+          'header was modified after signing, or the signature was forged')
+  raise errors.UntrustedSignerError(
+      f'package is signed by {sig.key_id} ({sig.alg}), which is not among the '
+      'trusted keys; pass that publisher\'s public key with --trust if you '
+      'trust it')
+
+
+def _unwrap(h: Header, identities: Sequence[KeyBackend]
+            ) -> Tuple[bytes, header_lib.DerivedKeys]:
+  """Find the DEK with the first identity that can unwrap a stanza.
+
+  Returns (dek, derived keys). Stanzas an identity does not `match` are
+  skipped without any call, so a KMS identity costs at most one call.
+  """
+  if not identities:
+    raise errors.UsageError('no identity given; pass --identity KEY_URI')
+  wctx = WrapContext(h.package_id, h.context)
+  tampered = None
+  for ident in identities:
+    for stanza in h.recipients:
+      if not ident.matches(stanza):
+        continue
+      try:
+        dek = ident.unwrap(stanza, wctx)
+      except errors.TamperedPackageError as e:
+        tampered = e
+        continue
+      except errors.NoMatchingKeyError:
+        continue
+      keys = header_lib.DerivedKeys(dek, h.package_id, h.suite)
+      if not h.check_commitment(keys):
+        tampered = errors.TamperedPackageError(
+            f'the data key unwrapped with {ident.key_id} does not match the '
+            'package\'s key commitment: the recipient stanza was modified')
+        continue
+      return dek, keys
+  if tampered is not None:
+    raise tampered
+  have = ', '.join(i.key_id for i in identities)
+  want = ', '.join(s.key_id for s in h.recipients)
+  raise errors.NoMatchingKeyError(
+      f'none of the identities ({have}) can decrypt this package; it is '
+      f'encrypted for: {want}')
+
+
+# --- walking the source model -------------------------------------------------
+
+@dataclasses.dataclass
+class _SourceFile:
+  path: str  # relative POSIX path
+  abspath: str
+  size: int
+
+
+def scan_model(src_dir: str) -> Tuple[List[_SourceFile], List[str]]:
+  """List regular files and directories under src_dir, refusing anything else.
+
+  Symlinks (anywhere below the root), devices, FIFOs and sockets raise
+  UnsafePathError; they are never followed.
+  """
+  root = os.path.abspath(src_dir)
+  try:
+    st = os.stat(root)
+  except FileNotFoundError:
+    raise errors.UsageError(f'model directory {src_dir} does not exist') from None
+  if not stat.S_ISDIR(st.st_mode):
+    raise errors.UsageError(
+        f'{src_dir} is not a directory; pass a SavedModel directory')
+  files: List[_SourceFile] = []
+  dirs: List[str] = []
+  stack = ['']
+  while stack:
+    rel = stack.pop()
+    base = os.path.join(root, rel) if rel else root
+    try:
+      entries = list(os.scandir(base))
+    except PermissionError:
+      raise errors.UsageError(f'cannot read directory {base}') from None
+    for e in entries:
+      name = e.name
+      if unicodedata.normalize('NFC', name) != name:
+        raise errors.UnsafePathError(
+            f'file name {os.path.join(rel, name)!r} is not NFC-normalised '
+            'Unicode; rename it')
+      relpath = f'{rel}/{name}' if rel else name
+      st = e.stat(follow_symlinks=False)
+      if stat.S_ISLNK(st.st_mode):
+        raise errors.UnsafePathError(
+            f'{relpath!r} is a symbolic link; links are never followed. '
+            'Replace it with the file it points to.')
+      if stat.S_ISDIR(st.st_mode):
+        dirs.append(relpath)
+        stack.append(relpath)
+      elif stat.S_ISREG(st.st_mode):
+        files.append(_SourceFile(relpath, e.path, st.st_size))
+      else:
+        raise errors.UnsafePathError(
+            f'{relpath!r} is not a regular file or directory (device, FIFO or '
+            'socket); remove it from the model directory')
+  if not files:
+    raise errors.EmptyModelError(
+        f'{src_dir} contains no files; point at a SavedModel directory (it '
+        'should contain saved_model.pb)')
+  if len(files) > header_lib.MAX_FILES or len(dirs) > header_lib.MAX_DIRS:
+    raise errors.UsageError(
+        f'model has more than {header_lib.MAX_FILES} files or directories')
+  files.sort(key=lambda f: f.path)
+  for f in files:
+    if f.size > header_lib.MAX_FILE_SIZE:
+      raise errors.UsageError(f'{f.path} is larger than 1 PiB')
+  dirs = paths_lib.check_tree([f.path for f in files], dirs)
+  return files, dirs
+
+
+# --- per-file stream workers ---------------------------------------------------
+
+class _Buffers(threading.local):
+  """Two reusable segment buffers per worker thread."""
+
+  def __init__(self):
+    super().__init__()
+    self.plain = bytearray(streaming.PLAINTEXT_SEGMENT_SIZE)
+    self.cipher = bytearray(streaming.SEGMENT_SIZE)
+
+
+_BUFS = _Buffers()
+
+
+def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
+                 sc: streaming.StreamCipher, out_fd: int, hash_alg: str,
+                 progress: Progress, out_offset: Optional[int] = None
+                 ) -> Tuple[str, str, int]:
+  """Encrypt one stream. Returns (plaintext digest, ciphertext digest, size)."""
+  ph = digest_lib.new_hash(hash_alg)
+  ch = digest_lib.new_hash(hash_alg)
+  plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
+  n = streaming.num_segments(size)
+  ch.update(sc.header)
+  pos = out_offset
+
+  def emit(data):
+    nonlocal pos
+    if pos is None:
+      _fsutil.write_all(out_fd, data)
+    else:
+      mv = memoryview(data)
+      while mv:
+        k = os.pwrite(out_fd, mv, pos)
+        mv, pos = mv[k:], pos + k
+
+  emit(sc.header)
+  total = len(sc.header)
+  for i in range(n):
+    _, ln = streaming.plaintext_segment(i, size)
+    seg = plain[:ln]
+    read_segment(i, seg)
+    ph.update(seg)
+    k = sc.encrypt_into(i, i == n - 1, seg, cipher)
+    ch.update(cipher[:k])
+    emit(cipher[:k])
+    total += k
+    if progress:
+      progress(ln)
+  return ph.hexdigest(), ch.hexdigest(), total
+
+
+def _file_reader(fd: int, relpath: str, size: int):
+  def read_segment(i, mv):
+    if _fsutil.read_into_exact(fd, mv) != len(mv):
+      raise errors.UsageError(
+          f'{relpath} shrank while it was being encrypted; do not modify the '
+          'model during encryption')
+  def check_eof():
+    if os.read(fd, 1):
+      raise errors.UsageError(
+          f'{relpath} grew while it was being encrypted; do not modify the '
+          'model during encryption')
+  return read_segment, check_eof
+
+
+def _open_source(f: _SourceFile) -> int:
+  fd = os.open(f.abspath, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+  st = os.fstat(fd)
+  if not stat.S_ISREG(st.st_mode):
+    os.close(fd)
+    raise errors.UnsafePathError(f'{f.path!r} is no longer a regular file')
+  if st.st_size != f.size:
+    os.close(fd)
+    raise errors.UsageError(
+        f'{f.path} changed size during encryption; do not modify the model '
+        'during encryption')
+  return fd
+
+
+def _create(path: str, mode: int = 0o600) -> int:
+  return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW |
+                 _O_CLOEXEC, mode)
+
+
+def _run_parallel(fn, items: Sequence, workers: int) -> list:
+  """Run fn over items on a thread pool; first error cancels the rest."""
+  if workers <= 1 or len(items) <= 1:
+    return [fn(x) for x in items]
+  with concurrent.futures.ThreadPoolExecutor(workers) as ex:
+    futs = [ex.submit(fn, x) for x in items]
+    try:
+      return [f.result() for f in futs]
+    except BaseException:
+      for f in futs:
+        f.cancel()
+      raise
+
+
+# --- package sources (reading) -------------------------------------------------
+
+class _Source:
+  """An opened package, directory or bundle form."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      st = os.stat(path)
+    except FileNotFoundError:
+      raise errors.UsageError(f'package {path} does not exist') from None
+    self.bundle = stat.S_ISREG(st.st_mode)
+    if not self.bundle and not stat.S_ISDIR(st.st_mode):
+      raise errors.UnsupportedFormatError(f'{path} is not a package')
+    hpath = path if self.bundle else os.path.join(path, HEADER_NAME)
+    try:
+      fd = os.open(hpath, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    except FileNotFoundError:
+      raise errors.UnsupportedFormatError(
+          f'{path} is not a tfx-encrypt package (no {HEADER_NAME})') from None
+    except OSError as e:
+      raise errors.UnsafePathError(f'cannot open {hpath}: {e.strerror}') from None
+    with os.fdopen(fd, 'rb') as f:
+      self.header, self.header_len = Header.read(f)
+      f.seek(0, os.SEEK_END)
+      self._hfile_size = f.tell()
+    sizes = [s for s, _ in self.header.payloads]
+    if self.bundle:
+      if self._hfile_size != self.header_len + sum(sizes):
+        raise errors.TamperedPackageError(
+            f'bundle {path} has the wrong length for its header (truncated or '
+            'extended); fetch a fresh copy')
+      self.offsets = []
+      off = self.header_len
+      for s in sizes:
+        self.offsets.append(off)
+        off += s
+    else:
+      if self._hfile_size != self.header_len:
+        raise errors.TamperedPackageError(
+            f'{hpath} has trailing data after the header')
+      self._check_dir(sizes)
+
+  def _check_dir(self, sizes):
+    names = set(os.listdir(self.path))
+    if names != {HEADER_NAME, PAYLOAD_DIR}:
+      raise errors.TamperedPackageError(
+          f'package directory {self.path} has unexpected entries '
+          f'{sorted(names - {HEADER_NAME, PAYLOAD_DIR})} or is missing '
+          f'{sorted({HEADER_NAME, PAYLOAD_DIR} - names)}')
+    pdir = os.path.join(self.path, PAYLOAD_DIR)
+    if os.path.islink(pdir):
+      raise errors.UnsafePathError(f'{pdir} is a symbolic link')
+    want = {payload_name(i) for i in range(len(sizes))}
+    have = set(os.listdir(pdir))
+    if have != want:
+      raise errors.TamperedPackageError(
+          f'payload files of {self.path} do not match its header: '
+          f'{len(have - want)} unexpected, {len(want - have)} missing')
+    for i, s in enumerate(sizes):
+      p = os.path.join(pdir, payload_name(i))
+      st = os.lstat(p)
+      if not stat.S_ISREG(st.st_mode):
+        raise errors.UnsafePathError(f'{p} is not a regular file')
+      if st.st_size != s:
+        raise errors.TamperedPackageError(
+            f'payload {i} of {self.path} has the wrong size (truncated or '
+            'extended); fetch a fresh copy')
+
+  def open_payload(self, i: int) -> Tuple[int, int]:
+    """Return (fd, offset of the stream within fd)."""
+    if self.bundle:
+      fd = os.open(self.path, os.O_RDONLY | _O_CLOEXEC)
+      return fd, self.offsets[i]
+    p = os.path.join(self.path, PAYLOAD_DIR, payload_name(i))
+    return os.open(p, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC), 0
+
+  def read_stream_header(self, fd: int, offset: int) -> bytes:
+    buf = bytearray(streaming.HEADER_SIZE)
+    if _fsutil.read_into_exact(fd, buf, offset) != len(buf):
+      raise errors.TamperedPackageError('payload stream is truncated')
+    return bytes(buf)
+
+
+def _segment_opener(src: _Source, index: int, sc: streaming.StreamCipher,
+                    fd: int, offset: int, ct_size: int):
+  """A read_segment(i, mv) that decrypts old segment i into mv (rotation)."""
+  n = streaming.segments_of_ciphertext(ct_size)
+  cbuf = bytearray(streaming.SEGMENT_SIZE)
+
+  def read_segment(i, mv):
+    off, ln = streaming.ciphertext_segment(i, ct_size)
+    seg = memoryview(cbuf)[:ln]
+    if _fsutil.read_into_exact(fd, seg, offset + off) != ln:
+      raise errors.TamperedPackageError(f'payload {index} is truncated')
+    k = sc.decrypt_into(i, i == n - 1, seg, mv)
+    if k != len(mv):
+      raise errors.TamperedPackageError(f'payload {index} has a bad segment')
+  return read_segment
+
+
+def _open_stream(src: _Source, h: Header, keys: header_lib.DerivedKeys,
+                 index: int):
+  fd, offset = src.open_payload(index)
+  try:
+    sh = src.read_stream_header(fd, offset)
+    sc = streaming.StreamCipher.from_header(
+        h.suite, keys.stream_key,
+        header_lib.payload_aad(h.package_id, index, h.ctx_digest), sh)
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd, offset, sc
+
+
+def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
+                     index: int, entry: FileEntry, out_fd: int,
+                     progress: Progress) -> None:
+  ct_size = h.payloads[index][0]
+  if ct_size != streaming.ciphertext_size(entry.size):
+    raise errors.TamperedPackageError(
+        f'payload {index} size does not match the file table')
+  fd, offset, sc = _open_stream(src, h, keys, index)
+  try:
+    n = streaming.num_segments(entry.size)
+    plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
+    ph = digest_lib.new_hash(h.hash_alg)
+    for i in range(n):
+      off, ln = streaming.ciphertext_segment(i, ct_size)
+      seg = cipher[:ln]
+      if _fsutil.read_into_exact(fd, seg, offset + off) != ln:
+        raise errors.TamperedPackageError(f'payload {index} is truncated')
+      k = sc.decrypt_into(i, i == n - 1, seg, plain)
+      ph.update(plain[:k])
+      _fsutil.write_all(out_fd, plain[:k])
+      if progress:
+        progress(k)
+    if ph.hexdigest() != entry.digest:
+      raise errors.TamperedPackageError(
+          f'{entry.path}: plaintext digest does not match the signed file '
+          'table; the package was modified by a key holder')
+  finally:
+    os.close(fd)
+
+
+def _decrypt_file_table(h: Header, keys: header_lib.DerivedKeys
+                        ) -> Tuple[List[FileEntry], List[str]]:
+  data = streaming.decrypt_bytes(
+      h.suite, keys.stream_key,
+      header_lib.file_table_aad(h.package_id, h.ctx_digest), h.file_table)
+  entries, dirs = header_lib.decode_file_table(data, len(h.payloads))
+  for i, e in enumerate(entries):
+    if h.payloads[i][0] != streaming.ciphertext_size(e.size):
+      raise errors.TamperedPackageError(
+          f'payload {i} size does not match the file table')
+  if digest_lib.root_digest(h.hash_alg, (e.digest for e in entries)) != \
+      h.fingerprint:
+    raise errors.TamperedPackageError(
+        'the model fingerprint does not match the file table')
+  return entries, dirs
+
+
+def _open_authenticated(package: str, identities, trusted, allow_unsigned):
+  src = _Source(os.fspath(package))
+  h = src.header
+  verified = _verify_signature(h, _backends(trusted), allow_unsigned)
+  _, keys = _unwrap(h, _backends(identities))
+  h.check_mac(keys.mac_key)
+  entries, dirs = _decrypt_file_table(h, keys)
+  return src, h, keys, entries, dirs, verified
+
+
+# --- public API -----------------------------------------------------------------
+
+def inspect_package(package) -> PackageInfo:
+  """What the header says, without any key. The signer is *not* verified."""
+  src = _Source(os.fspath(package))
+  return _info(src.header, src.path, src.bundle, src.header_len)
+
+
+def verify_package(package, *, trusted: Sequence[KeyLike] = (),
+                   allow_unsigned: bool = False, workers: Optional[int] = None
+                   ) -> PackageInfo:
+  """Key-less check: the signature, then every payload's ciphertext digest."""
+  src = _Source(os.fspath(package))
+  h = src.header
+  verified = _verify_signature(h, _backends(trusted), allow_unsigned)
+
+  def check(i):
+    size, want = h.payloads[i]
+    fd, offset = src.open_payload(i)
+    try:
+      hh = digest_lib.new_hash(h.hash_alg)
+      buf = memoryview(bytearray(min(size, 4 << 20)))
+      pos = 0
+      while pos < size:
+        ln = min(len(buf), size - pos)
+        if _fsutil.read_into_exact(fd, buf[:ln], offset + pos) != ln:
+          raise errors.TamperedPackageError(f'payload {i} is truncated')
+        hh.update(buf[:ln])
+        pos += ln
+      if hh.hexdigest() != want:
+        raise errors.TamperedPackageError(
+            f'payload {i} does not match its digest in the header; the '
+            'package was modified')
+    finally:
+      os.close(fd)
+  _run_parallel(check, range(len(h.payloads)), workers or default_workers())
+  return _info(h, src.path, src.bundle, src.header_len, verified)
+
+
+def encrypt_model(src_dir, package, *, recipients: Sequence[KeyLike],
+                  signer: Optional[KeyLike] = None,
+                  context: Optional[Mapping[str, str]] = None,
+                  cipher: str = 'aes-256-gcm', hash_alg: str = 'sha256',
+                  bundle: bool = False, force: bool = False,
+                  progress: Progress = None, workers: Optional[int] = None,
+                  fsync: bool = False) -> PackageInfo:
+  """Encrypt a model directory into a package (directory, or `.tfxe` bundle).
+
+  The data key is wrapped once per recipient (one KMS call each) before any
+  payload is written. The package is written into a temporary sibling and
+  renamed into place; on any error nothing is left behind.
+  """
+  package = os.path.abspath(os.fspath(package))
+  suite = streaming.suite_for_cipher(cipher)
+  digest_lib.new_hash(hash_alg)  # fail early if unavailable
+  ctx = _check_user_context(context)
+  recips = _backends(recipients)
+  if not recips:
+    raise errors.UsageError('at least one --recipient is required')
+  sign_with = _backend(signer) if signer is not None else None
+  if sign_with is not None and not sign_with.signature_alg:
+    sign_with.sign(b'')  # raises a UsageError naming the right key types
+  if os.path.lexists(package) and not force:
+    raise _fsutil._exists(package)  # pylint: disable=protected-access
+  files, dirs = scan_model(os.fspath(src_dir))
+
+  dek = os.urandom(32)
+  package_id = os.urandom(16)
+  keys = header_lib.DerivedKeys(dek, package_id, suite)
+  wctx = WrapContext(package_id, ctx)
+  stanzas = []
+  seen_ids = set()
+  for r in recips:
+    if r.key_id in seen_ids:
+      continue
+    seen_ids.add(r.key_id)
+    stanzas.append(r.wrap(dek, wctx))  # exactly one call per recipient
+  del dek
+  ctx_digest = header_lib.context_digest(ctx)
+
+  tmp = _fsutil.temp_sibling(package)
+  os.mkdir(tmp, 0o700)
+  try:
+    pdir = os.path.join(tmp, PAYLOAD_DIR)
+    os.mkdir(pdir, 0o700)
+    results: Dict[int, Tuple[str, str, int]] = {}
+
+    def encrypt_one(i):
+      f = files[i]
+      fd = _open_source(f)
+      try:
+        out = _create(os.path.join(pdir, payload_name(i)), 0o644)
+        try:
+          read_segment, check_eof = _file_reader(fd, f.path, f.size)
+          sc = streaming.StreamCipher.new(
+              suite, keys.stream_key,
+              header_lib.payload_aad(package_id, i, ctx_digest))
+          results[i] = _seal_stream(read_segment, f.size, sc, out, hash_alg,
+                                    progress)
+          check_eof()
+          if fsync:
+            os.fsync(out)
+        finally:
+          os.close(out)
+      finally:
+        os.close(fd)
+
+    order = sorted(range(len(files)), key=lambda i: -files[i].size)
+    _run_parallel(encrypt_one, order, workers or default_workers())
+    entries = [FileEntry(f.path, f.size, results[i][0])
+               for i, f in enumerate(files)]
+    h = Header(
+        suite=suite, hash_alg=hash_alg, package_id=package_id,
+        created=_now(), context=ctx, recipients=stanzas,
+        commitment=keys.commitment,
+        fingerprint=digest_lib.root_digest(hash_alg,
+                                           (e.digest for e in entries)),
+        payloads=[(results[i][2], results[i][1]) for i in range(len(files))],
+        file_table=streaming.encrypt_bytes(
+            suite, keys.stream_key,
+            header_lib.file_table_aad(package_id, ctx_digest),
+            header_lib.encode_file_table(entries, dirs)))
+    h.mac = h.compute_mac(keys.mac_key)
+    _sign(h, sign_with)
+    hbytes = h.serialize()
+    if bundle:
+      out_tmp = _fsutil.temp_sibling(package)
+      _write_bundle(out_tmp, hbytes, pdir, len(files), fsync)
+      _fsutil.remove_tree(tmp)
+      tmp = out_tmp
+    else:
+      hfd = _create(os.path.join(tmp, HEADER_NAME), 0o644)
+      try:
+        _fsutil.write_all(hfd, hbytes)
+        if fsync:
+          os.fsync(hfd)
+      finally:
+        os.close(hfd)
+      os.chmod(pdir, 0o755)
+      os.chmod(tmp, 0o755)
+      if fsync:
+        _fsutil.fsync_dir(pdir)
+        _fsutil.fsync_dir(tmp)
+    _fsutil.publish(tmp, package, force=force)
+    if fsync:
+      _fsutil.fsync_dir(os.path.dirname(package))
+  except BaseException:
+    _fsutil.remove_tree(tmp)
+    raise
+  return _info(h, package, bundle, len(hbytes),
+               verified=sign_with is not None,
+               plaintext_bytes=sum(f.size for f in files))
+
+
+def _write_bundle(path: str, hbytes: bytes, pdir: str, count: int,
+                  fsync: bool) -> None:
+  out = _create(path, 0o644)
+  try:
+    _fsutil.write_all(out, hbytes)
+    for i in range(count):
+      fd = os.open(os.path.join(pdir, payload_name(i)),
+                   os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+      try:
+        _copy_fd(fd, out, os.fstat(fd).st_size)
+      finally:
+        os.close(fd)
+    if fsync:
+      os.fsync(out)
+  finally:
+    os.close(out)
+
+
+def _copy_fd(src: int, dst: int, size: int, src_offset: int = 0) -> None:
+  """Kernel-side copy of `size` bytes (copy_file_range), with a fallback."""
+  copied = 0
+  if hasattr(os, 'copy_file_range'):
+    try:
+      while copied < size:
+        n = os.copy_file_range(src, dst, size - copied, src_offset + copied)
+        if n == 0:
+          break
+        copied += n
+    except OSError:
+      pass
+  buf = memoryview(bytearray(1 << 20))
+  while copied < size:
+    ln = min(len(buf), size - copied)
+    got = _fsutil.read_into_exact(src, buf[:ln], src_offset + copied)
+    if got != ln:
+      raise errors.TamperedPackageError('payload is truncated')
+    _fsutil.write_all(dst, buf[:ln])
+    copied += ln
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime(
+      '%Y-%m-%dT%H:%M:%SZ')
+
+
+def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
+                  trusted: Sequence[KeyLike] = (), allow_unsigned: bool = False,
+                  force: bool = False, progress: Progress = None,
+                  workers: Optional[int] = None, fsync: bool = False
+                  ) -> PackageInfo:
+  """Verify and decrypt a package into `out_dir`, atomically.
+
+  The signature is checked against `trusted` before any key is unwrapped;
+  unsigned packages are refused unless `allow_unsigned`. Plaintext is
+  written only into a private (0700) temporary sibling of `out_dir`, which
+  is renamed into place on success and deleted on any failure.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.lexists(out_dir) and not force:
+    raise _fsutil._exists(out_dir)  # pylint: disable=protected-access
+  src, h, keys, entries, dirs, verified = _open_authenticated(
+      package, identities, trusted, allow_unsigned)
+  parent = os.path.dirname(out_dir)
+  if not os.path.isdir(parent):
+    raise errors.UsageError(f'parent directory {parent} does not exist')
+  tmp = _fsutil.temp_sibling(out_dir)
+  os.mkdir(tmp, 0o700)
+  try:
+    for d in dirs:  # sorted, so parents come first
+      os.mkdir(os.path.join(tmp, *d.split('/')), 0o700)
+
+    def decrypt_one(i):
+      e = entries[i]
+      out = _create(os.path.join(tmp, *e.path.split('/')), 0o600)
+      try:
+        _decrypt_payload(src, h, keys, i, e, out, progress)
+        if fsync:
+          os.fsync(out)
+      finally:
+        os.close(out)
+
+    order = sorted(range(len(entries)), key=lambda i: -entries[i].size)
+    _run_parallel(decrypt_one, order, workers or default_workers())
+    _fsutil.publish(tmp, out_dir, force=force)
+  except BaseException:
+    _fsutil.remove_tree(tmp)
+    raise
+  return _info(h, src.path, src.bundle, src.header_len, verified,
+               plaintext_bytes=sum(e.size for e in entries))
+
+
+def iter_decrypted_files(package, *, identities: Sequence[KeyLike],
+                         trusted: Sequence[KeyLike] = (),
+                         allow_unsigned: bool = False):
+  """Yield (relpath, bytes) for every file, decrypted in memory only.
+
+  For runtimes that load a model without writing plaintext to disk. Each
+  file's digest is checked before it is yielded, and the fingerprint was
+  checked against the authenticated file table, so a consumer only ever
+  sees authentic bytes.
+  """
+  src, h, keys, entries, dirs, _ = _open_authenticated(
+      package, identities, trusted, allow_unsigned)
+  del dirs
+  for i, e in enumerate(entries):
+    fd, offset, sc = _open_stream(src, h, keys, i)
+    try:
+      ct_size = h.payloads[i][0]
+      n = streaming.num_segments(e.size)
+      parts = []
+      ph = digest_lib.new_hash(h.hash_alg)
+      for s in range(n):
+        off, ln = streaming.ciphertext_segment(s, ct_size)
+        buf = bytearray(ln)
+        if _fsutil.read_into_exact(fd, buf, offset + off) != ln:
+          raise errors.TamperedPackageError(f'payload {i} is truncated')
+        pt = sc.decrypt(s, s == n - 1, buf)
+        ph.update(pt)
+        parts.append(pt)
+      if ph.hexdigest() != e.digest:
+        raise errors.TamperedPackageError(
+            f'{e.path}: plaintext digest does not match the file table')
+    finally:
+      os.close(fd)
+    yield e.path, b''.join(parts)
+
+
+def _write_header_only(src: _Source, h: Header) -> None:
+  """Atomically replace a package's header, keeping its payloads."""
+  hbytes = h.serialize()
+  if not src.bundle:
+    hpath = os.path.join(src.path, HEADER_NAME)
+    tmp = _fsutil.temp_sibling(hpath)
+    fd = _create(tmp, 0o644)
+    try:
+      _fsutil.write_all(fd, hbytes)
+      os.fsync(fd)
+    except BaseException:
+      os.close(fd)
+      os.unlink(tmp)
+      raise
+    os.close(fd)
+    os.replace(tmp, hpath)
+    return
+  tmp = _fsutil.temp_sibling(src.path)
+  out = _create(tmp, 0o644)
+  try:
+    _fsutil.write_all(out, hbytes)
+    fd = os.open(src.path, os.O_RDONLY | _O_CLOEXEC)
+    try:
+      _copy_fd(fd, out, h.ciphertext_bytes, src.header_len)
+    finally:
+      os.close(fd)
+    os.fsync(out)
+    os.close(out)
+    out = None
+    os.replace(tmp, src.path)
+  except BaseException:
+    if out is not None:
+      os.close(out)
+    _fsutil.remove_tree(tmp)
+    raise
+
+
+def rewrap_package(package, *, identities: Sequence[KeyLike],
+                   add_recipients: Sequence[KeyLike] = (),
+                   remove_recipients: Sequence[KeyLike] = (),
+                   signer: Optional[KeyLike] = None,
+                   trusted: Sequence[KeyLike] = (),
+                   allow_unsigned: bool = True) -> PackageInfo:
+  """Change who can decrypt, without touching the payload (O(header)).
+
+  The DEK is unwrapped with one identity (at most one KMS call), wrapped
+  once for each added recipient, and the header is rewritten atomically.
+  Removing a recipient does not revoke a DEK it has already seen; use
+  :func:`rotate_package` after a suspected leak.
+  """
+  src = _Source(os.fspath(package))
+  h = src.header
+  sign_with = _backend(signer) if signer is not None else None
+  if h.signature is not None and sign_with is None:
+    raise errors.UsageError(
+        f'package is signed by {h.signature.key_id}; rewrapping changes the '
+        'header, so pass --sign-with KEY to re-sign it')
+  if trusted or not allow_unsigned:
+    _verify_signature(h, _backends(trusted), allow_unsigned)
+  adds = _backends(add_recipients)
+  remove_ids = set()
+  for r in (remove_recipients or ()):
+    if isinstance(r, str) and (r.startswith('sha256:') or
+                               any(s.key_id == r for s in h.recipients)):
+      remove_ids.add(r)
+    else:
+      remove_ids.add(_backend(r).key_id)
+  unknown = remove_ids - {s.key_id for s in h.recipients}
+  if unknown:
+    raise errors.UsageError(
+        f'cannot remove {sorted(unknown)}: not a recipient of this package '
+        '(see "tfx-encrypt inspect")')
+  dek, keys = _unwrap(h, _backends(identities))
+  h.check_mac(keys.mac_key)
+  _decrypt_file_table(h, keys)  # full header authentication before changing
+  recipients = [s for s in h.recipients if s.key_id not in remove_ids]
+  existing = {s.key_id for s in recipients}
+  if adds:
+    wctx = WrapContext(h.package_id, h.context)
+    for a in adds:
+      if a.key_id not in existing:
+        recipients.append(a.wrap(dek, wctx))
+        existing.add(a.key_id)
+  del dek
+  if not recipients:
+    raise errors.UsageError(
+        'rewrap would leave the package with no recipient; add one with '
+        '--add-recipient')
+  if len(recipients) > header_lib.MAX_RECIPIENTS:
+    raise errors.UsageError(
+        f'a package can have at most {header_lib.MAX_RECIPIENTS} recipients')
+  h.recipients = recipients
+  h.invalidate()
+  h.mac = h.compute_mac(keys.mac_key)
+  _sign(h, sign_with)
+  _write_header_only(src, h)
+  return _info(h, src.path, src.bundle, len(h.serialize()),
+               verified=sign_with is not None)
+
+
+def rotate_package(package, out, *, identities: Sequence[KeyLike],
+                   recipients: Sequence[KeyLike],
+                   trusted: Sequence[KeyLike] = (),
+                   allow_unsigned: bool = False,
+                   signer: Optional[KeyLike] = None,
+                   context: Optional[Mapping[str, str]] = None,
+                   cipher: Optional[str] = None, bundle: Optional[bool] = None,
+                   force: bool = False, progress: Progress = None,
+                   workers: Optional[int] = None) -> PackageInfo:
+  """Re-encrypt under a fresh DEK (after a suspected DEK leak).
+
+  Streams each payload segment from the old package through decryption and
+  re-encryption in memory: plaintext never touches the disk.
+  """
+  out = os.path.abspath(os.fspath(out))
+  if os.path.lexists(out) and not force:
+    raise _fsutil._exists(out)  # pylint: disable=protected-access
+  src, h, old_keys, entries, dirs, _ = _open_authenticated(
+      package, identities, trusted, allow_unsigned)
+  suite = streaming.suite_for_cipher(cipher) if cipher else h.suite
+  ctx = h.context if context is None else _check_user_context(context)
+  recips = _backends(recipients)
+  if not recips:
+    raise errors.UsageError('at least one --recipient is required')
+  sign_with = _backend(signer) if signer is not None else None
+  bundle = src.bundle if bundle is None else bundle
+  dek = os.urandom(32)
+  package_id = os.urandom(16)
+  keys = header_lib.DerivedKeys(dek, package_id, suite)
+  wctx = WrapContext(package_id, ctx)
+  stanzas, seen = [], set()
+  for r in recips:
+    if r.key_id not in seen:
+      seen.add(r.key_id)
+      stanzas.append(r.wrap(dek, wctx))
+  del dek
+  ctx_digest = header_lib.context_digest(ctx)
+  tmp = _fsutil.temp_sibling(out)
+  os.mkdir(tmp, 0o700)
+  try:
+    pdir = os.path.join(tmp, PAYLOAD_DIR)
+    os.mkdir(pdir, 0o700)
+    results = {}
+
+    def rotate_one(i):
+      e = entries[i]
+      fd, offset, old_sc = _open_stream(src, h, old_keys, i)
+      try:
+        read_segment = _segment_opener(src, i, old_sc, fd, offset,
+                                       h.payloads[i][0])
+        outfd = _create(os.path.join(pdir, payload_name(i)), 0o644)
+        try:
+          sc = streaming.StreamCipher.new(
+              suite, keys.stream_key,
+              header_lib.payload_aad(package_id, i, ctx_digest))
+          results[i] = _seal_stream(read_segment, e.size, sc, outfd,
+                                    h.hash_alg, progress)
+        finally:
+          os.close(outfd)
+      finally:
+        os.close(fd)
+      if results[i][0] != e.digest:
+        raise errors.TamperedPackageError(
+            f'{e.path}: plaintext digest does not match the file table')
+
+    order = sorted(range(len(entries)), key=lambda i: -entries[i].size)
+    _run_parallel(rotate_one, order, workers or default_workers())
+    nh = Header(
+        suite=suite, hash_alg=h.hash_alg, package_id=package_id,
+        created=_now(), context=ctx, recipients=stanzas,
+        commitment=keys.commitment, fingerprint=h.fingerprint,
+        payloads=[(results[i][2], results[i][1]) for i in range(len(entries))],
+        file_table=streaming.encrypt_bytes(
+            suite, keys.stream_key,
+            header_lib.file_table_aad(package_id, ctx_digest),
+            header_lib.encode_file_table(entries, dirs)))
+    nh.mac = nh.compute_mac(keys.mac_key)
+    _sign(nh, sign_with)
+    hbytes = nh.serialize()
+    if bundle:
+      out_tmp = _fsutil.temp_sibling(out)
+      _write_bundle(out_tmp, hbytes, pdir, len(entries), False)
+      _fsutil.remove_tree(tmp)
+      tmp = out_tmp
+    else:
+      hfd = _create(os.path.join(tmp, HEADER_NAME), 0o644)
+      try:
+        _fsutil.write_all(hfd, hbytes)
+      finally:
+        os.close(hfd)
+      os.chmod(pdir, 0o755)
+      os.chmod(tmp, 0o755)
+    _fsutil.publish(tmp, out, force=force)
+  except BaseException:
+    _fsutil.remove_tree(tmp)
+    raise
+  return _info(nh, out, bundle, len(hbytes), verified=sign_with is not None,
+               plaintext_bytes=sum(e.size for e in entries))
