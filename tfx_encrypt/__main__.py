@@ -1,0 +1,3 @@
+from tfx_encrypt.cli import main
+
+main()  # pylint: disable=no-value-for-parameter

@@ -1,0 +1,253 @@
+"""The `tfx-encrypt` command line: thin wrappers over the Python API.
+
+Every failure becomes one line on stderr (`tfx-encrypt: error: ...`) and a
+non-zero exit code taken from the error class (see tfx_encrypt.errors).
+"""
+
+import contextlib
+import json
+import os
+import sys
+import threading
+from typing import Dict, Optional, Sequence
+
+import click
+
+from tfx_encrypt import errors
+from tfx_encrypt import package as pkg
+from tfx_encrypt.__about__ import __version__
+from tfx_encrypt.keys import local as local_keys
+
+PROGRESS_THRESHOLD = 64 << 20  # show a bar for models above 64 MiB
+
+
+def _parse_context(pairs: Sequence[str]) -> Dict[str, str]:
+  ctx = {}
+  for p in pairs:
+    k, sep, v = p.partition('=')
+    if not sep or not k:
+      raise errors.UsageError(f'--context expects KEY=VALUE, got {p!r}')
+    if k in ctx:
+      raise errors.UsageError(f'--context key {k!r} given twice')
+    ctx[k] = v
+  return ctx
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: Optional[int]):
+  """A thread-safe progress callback; a bar only on a terminal."""
+  if not total or total < PROGRESS_THRESHOLD or not sys.stderr.isatty():
+    yield None
+    return
+  lock = threading.Lock()
+  with click.progressbar(length=total, label=label, file=sys.stderr,
+                         show_pos=False, show_percent=True) as bar:
+    def update(n):
+      with lock:
+        bar.update(n)
+    yield update
+
+
+def _dir_size(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.lstat(os.path.join(root, f)).st_size
+      except OSError:
+        pass
+  return total
+
+
+def _summary(info: pkg.PackageInfo) -> str:
+  signer = info.signer or 'unsigned'
+  return (f'{info.path}: {info.file_count} files, {info.cipher}, '
+          f'{len(info.recipients)} recipient(s), signer {signer}, '
+          f'fingerprint {info.fingerprint}')
+
+
+class _Group(click.Group):
+  """Turns TfxEncryptError (and OS errors) into one-line errors."""
+
+  def invoke(self, ctx):
+    try:
+      return super().invoke(ctx)
+    except errors.TfxEncryptError as e:
+      click.echo(f'tfx-encrypt: error: {e}', err=True)
+      ctx.exit(e.exit_code)
+    except OSError as e:
+      where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
+      click.echo(f'tfx-encrypt: error: {e.strerror or e}{where}', err=True)
+      ctx.exit(9)
+
+
+@click.group(cls=_Group, context_settings={'help_option_names': ['-h', '--help']})
+@click.version_option(__version__, prog_name='tfx-encrypt')
+def main():
+  """Encrypt, sign and verify TensorFlow model packages."""
+
+
+@main.command()
+@click.argument('kind', type=click.Choice(local_keys.KEY_KINDS))
+@click.argument('out_prefix')
+@click.option('--force', is_flag=True, help='Overwrite existing key files.')
+def keygen(kind, out_prefix, force):
+  """Write OUT_PREFIX.key.pem (mode 0600) and OUT_PREFIX.pub.pem."""
+  priv, pub = local_keys.keygen(kind, out_prefix, force=force)
+  key_id = local_keys.LocalKey(pub).key_id
+  click.echo(f'wrote {priv} (private, 0600) and {pub} (public); key id {key_id}')
+
+
+@main.command()
+@click.argument('src_dir', type=click.Path(file_okay=False))
+@click.argument('package')
+@click.option('--recipient', '-r', 'recipients', multiple=True, required=True,
+              metavar='KEY_URI', help='Who can decrypt (repeatable).')
+@click.option('--sign-with', metavar='KEY_URI',
+              help='Ed25519/ECDSA P-256 private key to sign the header.')
+@click.option('--context', 'context', multiple=True, metavar='K=V',
+              help='Encryption context entry bound to the package.')
+@click.option('--cipher', type=click.Choice(['aes-256-gcm', 'chacha20-poly1305']),
+              default='aes-256-gcm', show_default=True)
+@click.option('--hash', 'hash_alg', type=click.Choice(['sha256', 'blake3']),
+              default='sha256', show_default=True,
+              help='Digest for fingerprint and ciphertext digests.')
+@click.option('--bundle', is_flag=True, help='Write a single .tfxe file.')
+@click.option('--force', is_flag=True, help='Replace PACKAGE atomically.')
+@click.option('--fsync', is_flag=True, help='fsync before publishing.')
+def encrypt(src_dir, package, recipients, sign_with, context, cipher,
+            hash_alg, bundle, force, fsync):
+  """Encrypt SRC_DIR (a SavedModel) into PACKAGE."""
+  ctx = _parse_context(context)
+  with _progress('encrypting', _dir_size(src_dir)) as progress:
+    info = pkg.encrypt_model(src_dir, package, recipients=list(recipients),
+                             signer=sign_with, context=ctx, cipher=cipher,
+                             hash_alg=hash_alg, bundle=bundle, force=force,
+                             progress=progress, fsync=fsync)
+  click.echo(f'encrypted {_summary(info)}')
+
+
+@main.command()
+@click.argument('package')
+@click.argument('out_dir')
+@click.option('--identity', '-i', 'identities', multiple=True, required=True,
+              metavar='KEY_URI', help='Private or KMS key (repeatable).')
+@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
+              help='Public key of a trusted publisher (repeatable).')
+@click.option('--allow-unsigned', is_flag=True,
+              help='Accept a package without a signature.')
+@click.option('--force', is_flag=True, help='Replace OUT_DIR atomically.')
+@click.option('--fsync', is_flag=True, help='fsync before publishing.')
+def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
+            fsync):
+  """Verify and decrypt PACKAGE into OUT_DIR."""
+  if not trusted and not allow_unsigned:
+    raise errors.UsageError(
+        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  total = pkg.inspect_package(package).ciphertext_bytes
+  with _progress('decrypting', total) as progress:
+    info = pkg.decrypt_model(package, out_dir, identities=list(identities),
+                             trusted=list(trusted),
+                             allow_unsigned=allow_unsigned, force=force,
+                             progress=progress, fsync=fsync)
+  who = (f'signed by trusted {info.signer}' if info.signature_verified else
+         'UNSIGNED (accepted by --allow-unsigned)')
+  click.echo(f'decrypted {info.file_count} files into {out_dir}; {who}; '
+             f'fingerprint {info.fingerprint}')
+
+
+@main.command()
+@click.argument('package')
+@click.option('--json', 'as_json', is_flag=True, help='Machine-readable output.')
+def inspect(package, as_json):
+  """Show what PACKAGE says about itself (no key needed, signer NOT verified)."""
+  info = pkg.inspect_package(package)
+  if as_json:
+    click.echo(json.dumps(info.to_dict(), indent=2, sort_keys=True))
+    return
+  click.echo(f'package:     {info.path} ({"bundle" if info.bundle else "directory"})')
+  click.echo(f'format:      tfx-encrypt/{info.format_version}, {info.suite}, '
+             f'hash {info.hash_alg}')
+  click.echo(f'package id:  {info.package_id}')
+  click.echo(f'created:     {info.created}')
+  click.echo(f'files:       {info.file_count} ({info.ciphertext_bytes} bytes '
+             'encrypted)')
+  click.echo(f'fingerprint: {info.fingerprint}')
+  click.echo(f'ciphertext:  {info.payload_digest}')
+  click.echo(f'signer:      {info.signer or "unsigned"}'
+             + (f' ({info.signature_alg}, not verified)' if info.signer else ''))
+  click.echo('recipients:')
+  for r in info.recipients:
+    click.echo(f'  - {r["type"]}: {r["key_id"]}')
+  click.echo('context:')
+  for k, v in sorted(info.context.items()):
+    click.echo(f'  {k} = {v}')
+
+
+@main.command()
+@click.argument('package')
+@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI')
+@click.option('--allow-unsigned', is_flag=True)
+def verify(package, trusted, allow_unsigned):
+  """Check the signature and every ciphertext digest, without any key."""
+  info = pkg.verify_package(package, trusted=list(trusted),
+                            allow_unsigned=allow_unsigned)
+  who = f'signed by trusted {info.signer}' if info.signature_verified else 'UNSIGNED'
+  click.echo(f'OK: {info.file_count} payloads match their digests; {who}')
+
+
+@main.command()
+@click.argument('package')
+@click.option('--identity', '-i', 'identities', multiple=True, required=True,
+              metavar='KEY_URI')
+@click.option('--add-recipient', 'adds', multiple=True, metavar='KEY_URI')
+@click.option('--remove-recipient', 'removes', multiple=True,
+              metavar='KEY_URI_OR_ID')
+@click.option('--sign-with', metavar='KEY_URI',
+              help='Re-sign the new header (required if PACKAGE is signed).')
+@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
+              help='Verify the current signature before changing anything.')
+def rewrap(package, identities, adds, removes, sign_with, trusted):
+  """Change PACKAGE's recipients without re-encrypting the payload."""
+  if not adds and not removes:
+    raise errors.UsageError('nothing to do: pass --add-recipient and/or '
+                            '--remove-recipient')
+  info = pkg.rewrap_package(package, identities=list(identities),
+                            add_recipients=list(adds),
+                            remove_recipients=list(removes), signer=sign_with,
+                            trusted=list(trusted))
+  click.echo(f'rewrapped {_summary(info)}')
+
+
+@main.command()
+@click.argument('package')
+@click.argument('out')
+@click.option('--identity', '-i', 'identities', multiple=True, required=True,
+              metavar='KEY_URI')
+@click.option('--recipient', '-r', 'recipients', multiple=True, required=True,
+              metavar='KEY_URI')
+@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI')
+@click.option('--allow-unsigned', is_flag=True)
+@click.option('--sign-with', metavar='KEY_URI')
+@click.option('--cipher', type=click.Choice(['aes-256-gcm', 'chacha20-poly1305']))
+@click.option('--bundle/--directory', 'bundle', default=None,
+              help='Output form (default: same as PACKAGE).')
+@click.option('--force', is_flag=True)
+def rotate(package, out, identities, recipients, trusted, allow_unsigned,
+           sign_with, cipher, bundle, force):
+  """Re-encrypt PACKAGE under a fresh data key into OUT (no plaintext on disk)."""
+  if not trusted and not allow_unsigned:
+    raise errors.UsageError(
+        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  with _progress('rotating', pkg.inspect_package(package).ciphertext_bytes) as p:
+    info = pkg.rotate_package(package, out, identities=list(identities),
+                              recipients=list(recipients),
+                              trusted=list(trusted),
+                              allow_unsigned=allow_unsigned, signer=sign_with,
+                              cipher=cipher, bundle=bundle, force=force,
+                              progress=p)
+  click.echo(f'rotated into {_summary(info)}')
+
+
+if __name__ == '__main__':
+  main()  # pylint: disable=no-value-for-parameter
