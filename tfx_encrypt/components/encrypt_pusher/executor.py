@@ -1,0 +1,403 @@
+"""EncryptPusher executor: encrypt a blessed model and push the package.
+
+Mirrors `tfx/components/pusher/executor.py` and subclasses its Executor, so
+blessing checks (`CheckBlessing`), the model location (`GetModelPath`) and the
+`pushed` / `pushed_destination` / `pushed_version` custom properties
+(`_MarkPushed`, `_MarkNotPushed`) behave exactly as the TFX Pusher's.
+
+What differs: the model is encrypted (and optionally signed) with
+`tfx_encrypt.package.encrypt_model` into the `EncryptedModel` output artifact,
+and that package, never the plaintext model, is what is pushed to
+`<push_destination>/<version>/`. The executor holds no cryptography; it never
+sees key material, only key URIs, and it logs URIs and key ids only.
+
+Push semantics:
+* The version is a Unix timestamp, as in Pusher (`str(int(time.time()))`).
+* The package is copied into a hidden temporary sibling inside the
+  destination base directory (`<base>/.tmp-<version>-<random>/`) and then
+  renamed to `<base>/<version>` with an atomic create-if-absent rename
+  (`renameat2(RENAME_NOREPLACE)` on Linux, through `tfx_encrypt._fsutil`). An existing version is never overwritten:
+  on collision, e.g. two runs pushing in the same second, the version is
+  bumped (`<ts>+1`, ...) so version names stay integers that sort in push
+  order, as TF Serving style consumers expect.
+* On object stores (`gs://`, `s3://`, ...) reached through `tf.io.gfile`
+  there is no atomic directory rename; the same protocol is followed on a
+  best-effort basis (existence check, then rename with overwrite=False).
+* If anything fails, temporary directories are removed and the execution
+  fails; nothing is left at the destination.
+"""
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from absl import logging
+from tfx import types
+from tfx.components.pusher import executor as pusher_executor
+from tfx.dsl.io import fileio
+from tfx.types import artifact_utils
+from tfx.utils import io_utils
+
+from tfx_encrypt import _fsutil
+from tfx_encrypt import errors
+from tfx_encrypt.components.encrypt_pusher import spec
+
+# Default file name of a bundle package inside the artifact / version dir.
+BUNDLE_FILE_NAME = 'model.tfxe'
+# How many consecutive versions to try after a collision.
+_MAX_VERSION_ATTEMPTS = 1000
+_TMP_PREFIX = '.tmp-'
+
+
+# --------------------------------------------------------------------------
+# Filesystem helpers.
+# --------------------------------------------------------------------------
+
+
+_URL_SCHEME_RE = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
+
+
+def is_local_path(path: str) -> bool:
+  """True for a plain path or a file:// URI (a POSIX filesystem)."""
+  m = _URL_SCHEME_RE.match(path)
+  return not m or m.group(1).lower() == 'file'
+
+
+def local_path(path: str) -> str:
+  return path[len('file://'):] if path.startswith('file://') else path
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+  """Renames src to dst, failing with FileExistsError if dst exists.
+
+  Atomic on Linux (renameat2 with RENAME_NOREPLACE, via
+  `tfx_encrypt._fsutil.publish`). Elsewhere it falls back to an existence
+  check and rename(2), which still never replaces a non-empty directory.
+
+  Raises:
+    FileExistsError: dst exists.
+  """
+  try:
+    _fsutil.publish(src, dst, force=False)
+  except errors.OutputExistsError as e:
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from e
+  except OSError as e:
+    if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+      raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST),
+                            dst) from e
+    raise
+
+
+def _copy_tree(src: str, dst: str) -> None:
+  """Copies a file or directory tree `src` to the new path `dst`."""
+  if is_local_path(src) and is_local_path(dst):
+    src, dst = local_path(src), local_path(dst)
+    if os.path.isdir(src):
+      shutil.copytree(src, dst, symlinks=False, copy_function=shutil.copyfile)
+    else:
+      os.makedirs(os.path.dirname(dst) or '.', exist_ok=True)
+      shutil.copyfile(src, dst)
+    return
+  if fileio.isdir(src):
+    io_utils.copy_dir(src, dst)
+  else:
+    io_utils.copy_file(src, dst)
+
+
+def _remove_tree(path: str) -> None:
+  try:
+    if is_local_path(path):
+      p = local_path(path)
+      if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p)
+      elif os.path.lexists(p):
+        os.unlink(p)
+    elif fileio.exists(path):
+      if fileio.isdir(path):
+        fileio.rmtree(path)
+      else:
+        fileio.remove(path)
+  except Exception:  # pylint: disable=broad-except
+    logging.warning('Could not remove temporary path %s', path, exc_info=True)
+
+
+def push_package(package_path: str,
+                 base_directory: str,
+                 version: Optional[str] = None) -> Tuple[str, str]:
+  """Pushes a package to `<base_directory>/<version>/` without overwriting.
+
+  Args:
+    package_path: the package directory (or a directory holding a bundle).
+    base_directory: destination base dir, local or any tf.io.gfile scheme.
+    version: integer version to try first; default the current Unix time.
+
+  Returns:
+    (destination path, version string).
+
+  Raises:
+    OSError / errors.TfxEncryptError: the push failed; nothing was left at the
+      destination.
+  """
+  start = int(version) if version is not None else int(time.time())
+  tmp = os.path.join(base_directory,
+                     f'{_TMP_PREFIX}{start}-{uuid.uuid4().hex[:12]}')
+  local = is_local_path(base_directory)
+  if local:
+    os.makedirs(local_path(base_directory), exist_ok=True)
+  else:
+    fileio.makedirs(base_directory)
+  try:
+    _copy_tree(package_path, tmp)
+    for v in range(start, start + _MAX_VERSION_ATTEMPTS):
+      target = os.path.join(base_directory, str(v))
+      try:
+        if local:
+          rename_noreplace(local_path(tmp), local_path(target))
+        else:
+          if fileio.exists(target):
+            raise FileExistsError(target)
+          fileio.rename(tmp, target, overwrite=False)
+      except (FileExistsError, _already_exists_error()):
+        logging.info('Version %s already exists under %s; trying %s.', v,
+                     base_directory, v + 1)
+        continue
+      return target, str(v)
+    raise errors.OutputExistsError(
+        f'could not find a free version under {base_directory} after '
+        f'{_MAX_VERSION_ATTEMPTS} attempts starting at {start}')
+  except BaseException:
+    _remove_tree(tmp)
+    raise
+
+
+def _already_exists_error():
+  """The exception type tf.io.gfile raises for an existing target."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf.errors.AlreadyExistsError
+  except ImportError:  # pragma: no cover
+    return FileExistsError
+
+
+# --------------------------------------------------------------------------
+# The executor.
+# --------------------------------------------------------------------------
+
+
+def _info_get(info: Any, name: str, default=None):
+  if isinstance(info, Mapping):
+    return info.get(name, default)
+  return getattr(info, name, default)
+
+
+class Executor(pusher_executor.Executor):
+  """Encrypts a blessed model into an EncryptedModel artifact and pushes it.
+
+  Execution properties (see `spec.EncryptPusherSpec`): `recipients` (JSON list
+  of key URIs), `signer`, `cipher`, `hash_alg`, `encryption_context` (JSON
+  object), `push_destination` (base directory), `custom_config` (JSON),
+  `bundle`.
+  """
+
+  def Do(self, input_dict: Dict[str, List[types.Artifact]],
+         output_dict: Dict[str, List[types.Artifact]],
+         exec_properties: Dict[str, Any]) -> None:
+    """Encrypts the model if blessed, and pushes the package.
+
+    Args:
+      input_dict: `model`, and optionally `model_blessing`, `infra_blessing`.
+      output_dict: `encrypted_model` and `pushed_model`, one artifact each.
+      exec_properties: see the class docstring.
+
+    Raises:
+      KeyMaterialInParameterError: a parameter carries key material.
+      TfxEncryptError: encryption or push failed (the execution fails).
+    """
+    self._log_startup(input_dict, output_dict, exec_properties)
+    params = spec.Params(exec_properties)
+    encrypted_model = artifact_utils.get_single_instance(
+        output_dict[spec.ENCRYPTED_MODEL_KEY])
+    model_push = artifact_utils.get_single_instance(
+        output_dict[spec.PUSHED_MODEL_KEY])
+
+    if not self.CheckBlessing(input_dict):
+      logging.info('Model is not blessed: not encrypting, not pushing.')
+      self._MarkNotPushed(model_push)
+      self._MarkNotPushed(encrypted_model)
+      return
+
+    model_path = self.GetModelPath(input_dict)
+    context = self.EncryptionContext(input_dict, params)
+    logging.info(
+        'Encrypting %s for recipients %s (signer: %s, cipher: %s).',
+        model_path, params.recipients, params.signer or 'none',
+        params.cipher or 'default')
+
+    info = self._EncryptToArtifact(model_path, encrypted_model.uri, params,
+                                   context)
+    for artifact in (encrypted_model, model_push):
+      self._MarkEncrypted(artifact, info, params, context)
+    model_push.set_string_custom_property(spec.ENCRYPTED_MODEL_URI_PROPERTY,
+                                          encrypted_model.uri)
+
+    if not params.push_destination:
+      logging.info('No push_destination: the package is only recorded as '
+                   'the EncryptedModel artifact at %s.', encrypted_model.uri)
+      self._MarkNotPushed(model_push)
+      self._MarkNotPushed(encrypted_model)
+      return
+
+    destination, version = push_package(encrypted_model.uri,
+                                        params.push_destination)
+    logging.info('Encrypted model pushed to %s (version %s).', destination,
+                 version)
+    for artifact in (encrypted_model, model_push):
+      self._MarkPushed(artifact, pushed_destination=destination,
+                       pushed_version=version)
+
+  # -- pieces a subclass (the Beam executor) can override ------------------
+
+  def EncryptionContext(self, input_dict: Dict[str, List[types.Artifact]],
+                        params: spec.Params) -> Dict[str, str]:
+    """The user's encryption context plus pipeline and model provenance."""
+    context = dict(params.encryption_context)
+    auto = {}
+    ctx = self._context
+    pipeline_info = getattr(ctx, 'pipeline_info', None) if ctx else None
+    if pipeline_info is not None and pipeline_info.id:
+      auto[spec.CONTEXT_PIPELINE_NAME] = pipeline_info.id
+    run_id = getattr(ctx, 'pipeline_run_id', None) if ctx else None
+    if run_id:
+      auto[spec.CONTEXT_PIPELINE_RUN_ID] = str(run_id)
+    node = getattr(ctx, 'pipeline_node', None) if ctx else None
+    if node is not None and node.node_info.id:
+      auto[spec.CONTEXT_COMPONENT_ID] = node.node_info.id
+    unique_id = getattr(ctx, '_unique_id', None) if ctx else None
+    if unique_id:
+      auto[spec.CONTEXT_EXECUTION_ID] = str(unique_id)
+    models = input_dict.get(spec.MODEL_KEY) or input_dict.get(
+        spec.INFRA_BLESSING_KEY)
+    if models:
+      model = artifact_utils.get_single_instance(models)
+      auto[spec.CONTEXT_MODEL_URI] = model.uri
+      if model.id:
+        auto[spec.CONTEXT_MODEL_ARTIFACT_ID] = str(model.id)
+      name = model.name or ''
+      for key in ('model_name', 'name'):
+        if not name and model.has_custom_property(key):
+          name = str(model.get_custom_property(key))
+      if name:
+        auto[spec.CONTEXT_MODEL_NAME] = name
+      for key in ('model_version', 'version'):
+        if model.has_custom_property(key):
+          auto[spec.CONTEXT_MODEL_VERSION] = str(model.get_custom_property(key))
+          break
+    context.update(auto)
+    return context
+
+  def _EncryptToArtifact(self, model_path: str, artifact_uri: str,
+                         params: spec.Params,
+                         context: Mapping[str, str]) -> Any:
+    """Encrypts `model_path` so that `artifact_uri` holds the package.
+
+    The package is written into a temporary sibling of the artifact directory
+    and renamed into place, so a failed run never leaves a partial package.
+
+    Returns:
+      The PackageInfo of the new package.
+    """
+    local_artifact = is_local_path(artifact_uri)
+    if local_artifact:
+      uri = local_path(artifact_uri)
+      parent = os.path.dirname(uri.rstrip('/'))
+      os.makedirs(parent, exist_ok=True)
+      staging_root = tempfile.mkdtemp(
+          prefix=f'.{os.path.basename(uri.rstrip("/"))}{_TMP_PREFIX}',
+          dir=parent)
+    else:
+      staging_root = tempfile.mkdtemp(prefix='tfx-encrypt-staging-')
+    try:
+      src = model_path
+      if not is_local_path(model_path):
+        # encrypt_model reads a local directory: fetch the model first.
+        src = os.path.join(staging_root, 'plaintext-model')
+        io_utils.copy_dir(model_path, src)
+      else:
+        src = local_path(model_path)
+      pkg_root = os.path.join(staging_root, 'package')
+      if params.bundle:
+        os.makedirs(pkg_root)
+        package = os.path.join(pkg_root, BUNDLE_FILE_NAME)
+      else:
+        package = pkg_root
+      info = self.EncryptModel(src, package, params, context)
+      if src != model_path and os.path.isdir(src):
+        shutil.rmtree(src)
+      if local_artifact:
+        uri = local_path(artifact_uri).rstrip('/')
+        if os.path.isdir(uri) and not os.listdir(uri):
+          os.rmdir(uri)  # TFX pre-creates output dirs; replace the empty one.
+        rename_noreplace(pkg_root, uri)
+      else:
+        if fileio.exists(artifact_uri):
+          fileio.rmtree(artifact_uri)
+        io_utils.copy_dir(pkg_root, artifact_uri)
+      return info
+    finally:
+      shutil.rmtree(staging_root, ignore_errors=True)
+
+  def EncryptModel(self, model_dir: str, package: str, params: spec.Params,
+                   context: Mapping[str, str]) -> Any:
+    """Encrypts the local SavedModel directory `model_dir` into `package`."""
+    from tfx_encrypt import package as package_lib  # pylint: disable=g-import-not-at-top
+    kwargs = {}
+    if params.cipher:
+      kwargs['cipher'] = params.cipher
+    if params.hash_alg:
+      kwargs['hash_alg'] = params.hash_alg
+    return package_lib.encrypt_model(
+        model_dir, package,
+        recipients=list(params.recipients),
+        signer=params.signer,
+        context=dict(context),
+        bundle=params.bundle,
+        **kwargs)
+
+  def _MarkEncrypted(self, artifact: types.Artifact, info: Any,
+                     params: spec.Params, context: Mapping[str, str]) -> None:
+    """Records the package facts (never secrets) as custom properties."""
+    def set_int(key, value):
+      if value is not None:
+        artifact.set_int_custom_property(key, int(value))
+
+    def set_str(key, value):
+      if value is not None:
+        artifact.set_string_custom_property(key, str(value))
+
+    set_int(spec.FORMAT_VERSION_PROPERTY, _info_get(info, 'format_version'))
+    set_str(spec.CIPHER_PROPERTY, _info_get(info, 'cipher'))
+    set_str(spec.HASH_ALG_PROPERTY, _info_get(info, 'hash_alg'))
+    set_str(spec.PACKAGE_ID_PROPERTY, _info_get(info, 'package_id'))
+    key_ids = [r['key_id'] if isinstance(r, Mapping) else str(r)
+               for r in (_info_get(info, 'recipients') or [])]
+    set_str(spec.RECIPIENT_KEY_IDS_PROPERTY, json.dumps(key_ids))
+    set_str(spec.RECIPIENT_URIS_PROPERTY, json.dumps(params.recipients))
+    set_str(spec.SIGNER_ID_PROPERTY, _info_get(info, 'signer') or '')
+    set_str(spec.SIGNATURE_ALG_PROPERTY, _info_get(info, 'signature_alg') or '')
+    set_str(spec.MODEL_FINGERPRINT_PROPERTY, _info_get(info, 'fingerprint'))
+    set_str(spec.CIPHERTEXT_DIGEST_PROPERTY,
+            _info_get(info, 'payload_digest'))
+    set_int(spec.FILE_COUNT_PROPERTY, _info_get(info, 'file_count'))
+    set_int(spec.PLAINTEXT_BYTES_PROPERTY, _info_get(info, 'plaintext_bytes'))
+    set_int(spec.CIPHERTEXT_BYTES_PROPERTY,
+            _info_get(info, 'ciphertext_bytes'))
+    set_int(spec.BUNDLE_PROPERTY, bool(_info_get(info, 'bundle',
+                                                 params.bundle)))
+    set_str(spec.ENCRYPTION_CONTEXT_PROPERTY,
+            json.dumps(dict(context), sort_keys=True))
