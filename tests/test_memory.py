@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r'''
-import json, os, resource, sys
+import json, os, sys
 import tfx_encrypt as te
 from tfx_encrypt.keys import local
 
@@ -28,11 +28,16 @@ with open(os.path.join(work, 'm', 'saved_model.pb'), 'wb') as f:
 pub = local.keygen('x25519', os.path.join(work, 'k'))[1]
 priv = os.path.join(work, 'k.key.pem')
 
-def rss_kib():
+def status(key):
+  # VmHWM (peak RSS of this process image) is reset by exec, unlike
+  # ru_maxrss, which inherits the parent's peak across fork+exec.
   with open('/proc/self/status') as f:
     for line in f:
-      if line.startswith('VmRSS:'):
+      if line.startswith(key + ':'):
         return int(line.split()[1])
+
+def rss_kib():
+  return status('VmRSS')
 
 # Warm up code paths (imports, thread pool, buffers) on a tiny model.
 os.makedirs(os.path.join(work, 'w'))
@@ -43,10 +48,10 @@ te.decrypt_model(os.path.join(work, 'wp'), os.path.join(work, 'wo'),
                  identities=[priv], allow_unsigned=True)
 base = rss_kib()
 te.encrypt_model(os.path.join(work, 'm'), os.path.join(work, 'p'), recipients=[pub])
-after_enc = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after_enc = status('VmHWM')
 te.decrypt_model(os.path.join(work, 'p'), os.path.join(work, 'o'),
                  identities=[priv], allow_unsigned=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status('VmHWM')
 print(json.dumps({'base_kib': base, 'peak_after_encrypt_kib': after_enc,
                   'peak_kib': peak}))
 '''
