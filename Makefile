@@ -1,0 +1,32 @@
+# The README's two commands are `make demo` and `make test`; both set up the
+# environment first (a fast no-op when nothing changed).
+
+SHELL := /bin/bash
+VENV_PY := .venv/bin/python
+# Extra arguments for pytest, e.g. make test PYTEST_ARGS='-k packaging -x'
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+# .venv (Python 3.10, TFX 1.16, every extra, pinned by constraints/) and
+# .venv-tink (tink for the interop tests). PYTHON=/path/to/python3.10 overrides
+# the search for Python 3.10.
+setup:
+	bash scripts/setup_env.sh
+	bash scripts/setup_tink_env.sh
+
+demo: setup
+	$(VENV_PY) -m tfx_encrypt.demo
+
+# The whole suite, slow and integration tests included. TFXE_NO_SKIP=1 makes
+# any skipped test fail the run (see tests/conftest.py).
+test: setup
+	TFXE_NO_SKIP=1 $(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VENV_PY) benchmarks/run.py
+
+clean:
+	rm -rf .venv .venv-tink build dist .pytest_cache .hypothesis demo-out bench-out
+	rm -rf *.egg-info
+	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
