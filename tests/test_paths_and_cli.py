@@ -178,3 +178,32 @@ def test_cli_rewrap_and_rotate(tmp_path):
           tmp_path / 'a.key.pem', '--trust', tmp_path / 's.pub.pem')
   assert r.returncode == 0, r.stderr
   assert _util.read_tree(tmp_path / 'o') == _util.read_tree(src)
+
+
+def test_cli_progress_bar_on_a_terminal(tmp_path):
+  """Large models get a progress bar when stderr is a terminal (a pty)."""
+  import pty
+  src = _util.make_tree(tmp_path / 'm', {'variables/data': 70 << 20})
+  assert cli('keygen', 'x25519', tmp_path / 'k').returncode == 0
+  master, slave = pty.openpty()
+  env = dict(os.environ, PYTHONPATH=ROOT, COLUMNS='80')
+  p = subprocess.Popen(
+      [sys.executable, '-m', 'tfx_encrypt', 'encrypt', str(src),
+       str(tmp_path / 'p'), '-r', str(tmp_path / 'k.pub.pem')],
+      stdout=subprocess.PIPE, stderr=slave, env=env)
+  os.close(slave)
+  out = b''
+  while True:
+    try:
+      chunk = os.read(master, 4096)
+    except OSError:  # EIO: the child closed the pty
+      break
+    if not chunk:
+      break
+    out += chunk
+  assert p.wait(timeout=120) == 0
+  os.close(master)
+  assert b'encrypting' in out and b'100%' in out, out[-500:]
+  # Not a terminal: no bar.
+  r = cli('encrypt', src, tmp_path / 'q', '-r', tmp_path / 'k.pub.pem')
+  assert r.returncode == 0 and 'encrypting' not in r.stderr
