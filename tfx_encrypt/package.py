@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import hashlib
 import os
+import queue
 import stat
 import threading
 import unicodedata
@@ -282,41 +283,82 @@ class _Buffers(threading.local):
 _BUFS = _Buffers()
 
 
+# Files with at least this many segments are sealed by a two-stage pipeline:
+# this thread reads, hashes the plaintext and encrypts; a second thread hashes
+# the ciphertext and writes. The two SHA passes then run on two cores even
+# when the model is a single large variables shard.
+PIPELINE_MIN_SEGMENTS = 8
+_PIPELINE_DEPTH = 3
+
+
 def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
                  sc: streaming.StreamCipher, out_fd: int, hash_alg: str,
-                 progress: Progress, out_offset: Optional[int] = None
-                 ) -> Tuple[str, str, int]:
+                 progress: Progress) -> Tuple[str, str, int]:
   """Encrypt one stream. Returns (plaintext digest, ciphertext digest, size)."""
   ph = digest_lib.new_hash(hash_alg)
   ch = digest_lib.new_hash(hash_alg)
-  plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
+  plain = memoryview(_BUFS.plain)
   n = streaming.num_segments(size)
   ch.update(sc.header)
-  pos = out_offset
-
-  def emit(data):
-    nonlocal pos
-    if pos is None:
-      _fsutil.write_all(out_fd, data)
-    else:
-      mv = memoryview(data)
-      while mv:
-        k = os.pwrite(out_fd, mv, pos)
-        mv, pos = mv[k:], pos + k
-
-  emit(sc.header)
+  _fsutil.write_all(out_fd, sc.header)
   total = len(sc.header)
-  for i in range(n):
-    _, ln = streaming.plaintext_segment(i, size)
-    seg = plain[:ln]
-    read_segment(i, seg)
-    ph.update(seg)
-    k = sc.encrypt_into(i, i == n - 1, seg, cipher)
-    ch.update(cipher[:k])
-    emit(cipher[:k])
-    total += k
-    if progress:
-      progress(ln)
+  if n < PIPELINE_MIN_SEGMENTS:
+    cipher = memoryview(_BUFS.cipher)
+    for i in range(n):
+      _, ln = streaming.plaintext_segment(i, size)
+      seg = plain[:ln]
+      read_segment(i, seg)
+      ph.update(seg)
+      k = sc.encrypt_into(i, i == n - 1, seg, cipher)
+      ch.update(cipher[:k])
+      _fsutil.write_all(out_fd, cipher[:k])
+      total += k
+      if progress:
+        progress(ln)
+    return ph.hexdigest(), ch.hexdigest(), total
+
+  free: 'queue.Queue' = queue.Queue()
+  for _ in range(_PIPELINE_DEPTH):
+    free.put(bytearray(streaming.SEGMENT_SIZE))
+  work: 'queue.Queue' = queue.Queue()
+  failed: List[BaseException] = []
+
+  def sink():
+    while True:
+      item = work.get()
+      if item is None:
+        return
+      buf, k = item
+      if not failed:
+        try:
+          mv = memoryview(buf)[:k]
+          ch.update(mv)
+          _fsutil.write_all(out_fd, mv)
+        except BaseException as e:  # pylint: disable=broad-except
+          failed.append(e)
+      free.put(buf)
+
+  writer = threading.Thread(target=sink, name='tfxe-seal-writer', daemon=True)
+  writer.start()
+  try:
+    for i in range(n):
+      if failed:
+        break
+      _, ln = streaming.plaintext_segment(i, size)
+      seg = plain[:ln]
+      read_segment(i, seg)
+      ph.update(seg)
+      buf = free.get()
+      k = sc.encrypt_into(i, i == n - 1, seg, buf)
+      work.put((buf, k))
+      total += k
+      if progress:
+        progress(ln)
+  finally:
+    work.put(None)
+    writer.join()
+  if failed:
+    raise failed[0]
   return ph.hexdigest(), ch.hexdigest(), total
 
 
