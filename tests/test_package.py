@@ -325,3 +325,31 @@ def test_file_uri_keys(tmp_path, keys):
   with pytest.raises(errors.InvalidKeyUriError):
     te.encrypt_model(src, tmp_path / 'q',
                      recipients=['file://otherhost' + keys.pub('x')])
+
+
+@pytest.mark.parametrize('size_mib', [3, 12], ids=['sequential', 'pipelined'])
+def test_disk_full_mid_encrypt_leaves_nothing(tmp_path, keys, size_mib):
+  """RLIMIT_FSIZE makes payload writes fail (EFBIG) part way through."""
+  import subprocess
+  import sys
+  src = _util.make_tree(tmp_path / 'm', {'variables/data': size_mib * MiB,
+                                         'saved_model.pb': 100})
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = f'''
+import resource, signal, sys
+sys.path.insert(0, {root!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({2 * MiB}, {2 * MiB}))
+import tfx_encrypt as te
+try:
+  te.encrypt_model({src!r}, {str(tmp_path / 'p')!r},
+                   recipients=[{keys.pub('x')!r}])
+except OSError as e:
+  print('OSERROR', e.errno)
+  sys.exit(3)
+'''
+  r = subprocess.run([sys.executable, '-c', script], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 3 and 'OSERROR' in r.stdout, r.stdout + r.stderr
+  assert not os.path.exists(tmp_path / 'p')
+  assert _util.leftovers(tmp_path, 'p') == []
