@@ -81,3 +81,110 @@ class AwsEnv:
 
   def close(self) -> None:
     self.proxy.close()
+
+
+# -- PKCS#11: SoftHSM2 --------------------------------------------------------
+
+SOFTHSM_MODULE = '/usr/lib/softhsm/libsofthsm2.so'
+
+
+class SoftHsm:
+  """A SoftHSM2 token directory for this test process (real PKCS#11).
+
+  SoftHSM reads SOFTHSM2_CONF once, when the module is initialised, and the
+  backend keeps one initialised module per path for the whole process. So
+  there is one SoftHsm per process (:meth:`shared`); tests add tokens to it
+  and the backend's modules are re-initialised to see them.
+  """
+
+  _shared = None
+
+  @classmethod
+  def shared(cls) -> 'SoftHsm':
+    if cls._shared is None:
+      import atexit  # pylint: disable=g-import-not-at-top
+      import tempfile  # pylint: disable=g-import-not-at-top
+      cls._shared = cls(tempfile.mkdtemp(prefix='tfxe-softhsm-'))
+      atexit.register(cls._shared.close)
+    return cls._shared
+
+  def __init__(self, root: str):
+    import shutil  # pylint: disable=g-import-not-at-top
+    if shutil.which('softhsm2-util') is None or not os.path.exists(
+        SOFTHSM_MODULE):
+      raise RuntimeError('SoftHSM2 is not installed: apt-get install softhsm2')
+    self.root = root
+    self.module = SOFTHSM_MODULE
+    token_dir = os.path.join(root, 'tokens')
+    os.makedirs(token_dir, exist_ok=True)
+    self.conf = os.path.join(root, 'softhsm2.conf')
+    with open(self.conf, 'w') as f:
+      f.write(f'directories.tokendir = {token_dir}\n'
+              'objectstore.backend = file\n'
+              'log.level = ERROR\n'
+              'slots.removable = false\n')
+    os.environ['SOFTHSM2_CONF'] = self.conf
+    self._n = 0
+
+  def init_token(self, label: str, pin: str) -> None:
+    import subprocess  # pylint: disable=g-import-not-at-top
+    from tfx_encrypt.keys import pkcs11 as backend  # pylint: disable=g-import-not-at-top
+    subprocess.run(
+        ['softhsm2-util', '--init-token', '--free', '--label', label,
+         '--pin', pin, '--so-pin', 'so-' + pin],
+        check=True, capture_output=True,
+        env=dict(os.environ, SOFTHSM2_CONF=self.conf))
+    backend.refresh_modules()
+
+  def new_token(self, pin: str = '1234') -> str:
+    """Initialises a fresh token; returns its label."""
+    self._n += 1
+    label = f'tfxe-test-{os.getpid()}-{self._n}'
+    self.init_token(label, pin)
+    return label
+
+  def _session(self, token_label: str, pin: str):
+    from tfx_encrypt.keys import pkcs11 as backend  # pylint: disable=g-import-not-at-top
+    lib = backend.load_module(self.module)
+    return lib.get_token(token_label=token_label).open(rw=True, user_pin=pin)
+
+  def generate_aes(self, token_label: str, pin: str, label: str,
+                   key_id: bytes = b'') -> None:
+    """A sensitive, non-extractable AES-256 key inside the token."""
+    from pkcs11 import Attribute, KeyType  # pylint: disable=g-import-not-at-top
+    template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                Attribute.ENCRYPT: True, Attribute.DECRYPT: True}
+    with self._session(token_label, pin) as s:
+      s.generate_key(KeyType.AES, 256, label=label, id=key_id or None,
+                     store=True, template=template)
+
+  def generate_rsa(self, token_label: str, pin: str, label: str,
+                   bits: int = 2048) -> None:
+    """An RSA key pair; the private half is sensitive and non-extractable."""
+    from pkcs11 import Attribute, KeyType  # pylint: disable=g-import-not-at-top
+    with self._session(token_label, pin) as s:
+      s.generate_keypair(
+          KeyType.RSA, bits, label=label, store=True,
+          private_template={Attribute.SENSITIVE: True,
+                            Attribute.EXTRACTABLE: False})
+
+  def write_pin_file(self, pin: str) -> str:
+    self._n += 1
+    path = os.path.join(self.root, f'pin-{self._n}')
+    with open(path, 'w') as f:
+      f.write(pin + '\n')
+    os.chmod(path, 0o600)
+    return path
+
+  def uri(self, token: str, obj: str, *, pin_file: str = None,
+          pin_value: str = None) -> str:
+    q = [f'module-path={self.module}']
+    if pin_file:
+      q.append(f'pin-source=file:{pin_file}')
+    if pin_value:
+      q.append(f'pin-value={pin_value}')
+    return f'pkcs11:token={token};object={obj}?' + '&'.join(q)
+
+  def close(self) -> None:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(self.root, ignore_errors=True)

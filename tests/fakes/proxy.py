@@ -58,9 +58,11 @@ class CountingProxy:
         body = self.rfile.read(length) if length else b''
         op = proxy.op_of(self.headers, self.path)
         fault = proxy._take_fault(op)
+        # Record before answering, so a client that got its answer always
+        # sees the request counted.
         if fault is not None:
-          self._reply(fault.status, fault.headers, fault.body)
           proxy._record(op, fault.status)
+          self._reply(fault.status, fault.headers, fault.body)
           return
         try:
           conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
@@ -80,8 +82,8 @@ class CountingProxy:
         except OSError:
           status, headers, data = 502, {'Content-Type': 'text/plain'}, (
               b'upstream unreachable')
-        self._reply(status, headers, data)
         proxy._record(op, status)
+        self._reply(status, headers, data)
 
       def _reply(self, status, headers, body):
         self.send_response(status)
@@ -98,6 +100,7 @@ class CountingProxy:
     self.port = self._server.server_address[1]
     self.url = f'http://127.0.0.1:{self.port}'
     self._thread = threading.Thread(target=self._server.serve_forever,
+                                    kwargs={'poll_interval': 0.05},
                                     name='counting-proxy', daemon=True)
     self._thread.start()
 

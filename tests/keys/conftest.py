@@ -7,17 +7,9 @@
   tests/fakes (test-only), reached by the real client libraries.
 """
 
-import os
-import sys
-
 import pytest
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.fakes import backends as fx
 
 
 @pytest.fixture
@@ -44,3 +36,9 @@ def aws(moto, monkeypatch):
     monkeypatch.delenv(k, raising=False)
   yield env
   env.close()
+
+
+@pytest.fixture(scope='session')
+def softhsm():
+  """The process's SoftHSM2 token directory (temporary SOFTHSM2_CONF)."""
+  return fx.SoftHsm.shared()

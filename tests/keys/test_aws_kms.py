@@ -17,6 +17,9 @@ from tfx_encrypt.keys import _retry
 from tfx_encrypt.keys.aws_kms import AwsKmsKey, parse_uri
 from tfx_encrypt.keys.base import Stanza, WrapContext
 
+# Every test here talks to a moto_server started by a fixture.
+pytestmark = pytest.mark.integration
+
 DEK = bytes(range(32))
 CTX = WrapContext(b'\x01' * 16, {'model': 'demo', 'stage': 'prod'})
 
