@@ -162,7 +162,7 @@ main() {
   tfxe_log "checking dependencies (pip check)"
   tfxe_pip "$venv" check
   echo "$fp" > "$stamp"
-  tfxe_log "done in ${SECONDS}s: $venv ($("$venv/bin/python" -m pip freeze | wc -l) packages)"
+  tfxe_log "done in ${SECONDS}s: $venv ($("$venv/bin/python" -m pip list --format=freeze 2>/dev/null | wc -l) distributions)"
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
