@@ -42,3 +42,14 @@ def aws(moto, monkeypatch):
 def softhsm():
   """The process's SoftHSM2 token directory (temporary SOFTHSM2_CONF)."""
   return fx.SoftHsm.shared()
+
+
+@pytest.fixture
+def gcp(monkeypatch):
+  """The loopback Cloud KMS gRPC fake (tests/fakes/gcp_kms.py)."""
+  from tests.fakes.gcp_kms import FakeGcpKms  # pylint: disable=g-import-not-at-top
+  server = FakeGcpKms()
+  monkeypatch.setenv('TFXE_GCP_KMS_ENDPOINT', server.endpoint)
+  monkeypatch.setenv('TFXE_GCP_KMS_INSECURE', '1')
+  yield server
+  server.stop()
