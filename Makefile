@@ -16,7 +16,7 @@ setup:
 	bash scripts/setup_tink_env.sh
 
 demo: setup
-	$(VENV_PY) -m tfx_encrypt.demo
+	$(VENV_PY) -m pipelines.local_pipeline --workdir demo-out
 
 # The whole suite, slow and integration tests included. TFXE_NO_SKIP=1 makes
 # any skipped test fail the run (see tests/conftest.py).
