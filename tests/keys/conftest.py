@@ -53,3 +53,31 @@ def gcp(monkeypatch):
   monkeypatch.setenv('TFXE_GCP_KMS_INSECURE', '1')
   yield server
   server.stop()
+
+
+@pytest.fixture(scope='session')
+def tls_cert(tmp_path_factory):
+  """(cert_path, key_path) of a throwaway self-signed loopback certificate."""
+  from tests.fakes import tls  # pylint: disable=g-import-not-at-top
+  return tls.make_self_signed(str(tmp_path_factory.mktemp('tls')))
+
+
+VAULT_TOKEN = 'hvs.TESTONLY-s3cr3t-vault-token-0123456789'
+
+
+@pytest.fixture
+def vault(tls_cert, monkeypatch, tmp_path):
+  """The loopback HTTPS fake of Vault transit (tests/fakes/vault.py)."""
+  from tests.fakes import tls  # pylint: disable=g-import-not-at-top
+  from tests.fakes.vault import FakeVault  # pylint: disable=g-import-not-at-top
+  server = FakeVault(tls.server_context(*tls_cert))
+  server.add_token(VAULT_TOKEN)
+  for k in ('VAULT_CAPATH', 'VAULT_NAMESPACE', 'TFXE_VAULT_HTTP',
+            'VAULT_CLIENT_CERT', 'VAULT_CLIENT_KEY', 'VAULT_ADDR'):
+    monkeypatch.delenv(k, raising=False)
+  monkeypatch.setenv('HOME', str(tmp_path))   # no ~/.vault-token
+  monkeypatch.setenv('VAULT_TOKEN', VAULT_TOKEN)
+  monkeypatch.setenv('VAULT_CACERT', tls_cert[0])
+  server.token = VAULT_TOKEN
+  yield server
+  server.stop()
