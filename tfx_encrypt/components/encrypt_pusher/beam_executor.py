@@ -44,18 +44,18 @@ import os
 import shutil
 import stat
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import apache_beam as beam
-from tfx.dsl.components.base import base_beam_executor
 
+# Only light imports at module level: Beam workers import this module to
+# unpickle the DoFns, and should not pay for importing TFX and TensorFlow.
+# The TFX executor class is built on first access (see __getattr__ below).
 from tfx_encrypt import _fsutil
 from tfx_encrypt import errors
 from tfx_encrypt import keys as keys_lib
 from tfx_encrypt import package as package_lib
-from tfx_encrypt.components.encrypt_pusher import executor
-from tfx_encrypt.components.encrypt_pusher import spec
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import streaming
@@ -508,45 +508,67 @@ def _model_bytes(model_dir: str) -> int:
   return total
 
 
-class Executor(executor.Executor, base_beam_executor.BaseBeamExecutor):
-  """EncryptPusher executor that fans encryption out to Beam workers.
+def _make_executor_class():
+  """Builds the TFX Beam executor class (imports TFX on first use)."""
+  # pylint: disable=g-import-not-at-top
+  from tfx.dsl.components.base import base_beam_executor
+  from tfx_encrypt.components.encrypt_pusher import executor
+  # pylint: enable=g-import-not-at-top
 
-  Honours `beam_pipeline_args` (pipeline-level and
-  `BeamEncryptPusher(...).with_beam_pipeline_args([...])`), e.g.
-  `--direct_num_workers=2 --direct_running_mode=multi_processing`.
-  Models smaller than `beam_min_bytes` are encrypted in-process.
-  """
+  class Executor(executor.Executor, base_beam_executor.BaseBeamExecutor):
+    """EncryptPusher executor that fans encryption out to Beam workers.
 
-  #: Filled in after each Beam encryption (for logs and tests).
-  last_beam_stats: Optional[BeamStats] = None
+    Honours `beam_pipeline_args` (pipeline-level and
+    `BeamEncryptPusher(...).with_beam_pipeline_args([...])`), e.g.
+    `--direct_num_workers=2 --direct_running_mode=multi_processing`.
+    Models smaller than `beam_min_bytes` are encrypted in-process.
+    """
 
-  def EncryptModel(self, model_dir: str, package: str, params: spec.Params,
-                   context: Mapping[str, str]) -> Any:
-    size = _model_bytes(model_dir)
-    if size < params.beam_min_bytes:
-      logging.info('Model is %d bytes (< beam_min_bytes=%d): encrypting '
-                   'in-process.', size, params.beam_min_bytes)
-      return super().EncryptModel(model_dir, package, params, context)
-    stats = BeamStats()
-    kwargs = {}
-    if params.cipher:
-      kwargs['cipher'] = params.cipher
-    if params.hash_alg:
-      kwargs['hash_alg'] = params.hash_alg
-    info = encrypt_model_with_beam(
-        model_dir, package,
-        recipients=list(params.recipients),
-        make_pipeline=self._make_beam_pipeline,
-        worker_identity=params.beam_worker_identity,
-        signer=params.signer,
-        context=dict(context),
-        bundle=params.bundle,
-        segment_bytes=params.beam_segment_bytes or DEFAULT_SEGMENT_BYTES,
-        stats=stats,
-        **kwargs)
-    self.last_beam_stats = stats
-    logging.info(
-        'Beam encryption: %d files, %d work items, %d segments, worker '
-        'processes %s, DEK unwraps %s, %.1f s.', stats.files, stats.work_items,
-        stats.segments, stats.worker_pids, stats.dek_unwraps, stats.seconds)
-    return info
+    #: Filled in after each Beam encryption (for logs and tests).
+    last_beam_stats: Optional[BeamStats] = None
+
+    def EncryptModel(self, model_dir: str, package: str, params: Any,
+                     context: Mapping[str, str]) -> Any:
+      size = _model_bytes(model_dir)
+      if size < params.beam_min_bytes:
+        logging.info('Model is %d bytes (< beam_min_bytes=%d): encrypting '
+                     'in-process.', size, params.beam_min_bytes)
+        return super().EncryptModel(model_dir, package, params, context)
+      stats = BeamStats()
+      kwargs = {}
+      if params.cipher:
+        kwargs['cipher'] = params.cipher
+      if params.hash_alg:
+        kwargs['hash_alg'] = params.hash_alg
+      info = encrypt_model_with_beam(
+          model_dir, package,
+          recipients=list(params.recipients),
+          make_pipeline=self._make_beam_pipeline,
+          worker_identity=params.beam_worker_identity,
+          signer=params.signer,
+          context=dict(context),
+          bundle=params.bundle,
+          segment_bytes=params.beam_segment_bytes or DEFAULT_SEGMENT_BYTES,
+          stats=stats,
+          **kwargs)
+      self.last_beam_stats = stats
+      logging.info(
+          'Beam encryption: %d files, %d work items, %d segments, worker '
+          'processes %s, DEK unwraps %s, %.1f s.', stats.files,
+          stats.work_items, stats.segments, stats.worker_pids,
+          stats.dek_unwraps, stats.seconds)
+      return info
+
+  Executor.__module__ = __name__
+  Executor.__qualname__ = 'Executor'
+  return Executor
+
+
+def __getattr__(name):
+  # `Executor` (the TFX executor class) is created on first access, so that
+  # Beam workers, which import this module only for the DoFns, stay light.
+  if name == 'Executor':
+    cls = _make_executor_class()
+    globals()['Executor'] = cls
+    return cls
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
