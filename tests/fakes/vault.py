@@ -10,17 +10,17 @@ bodies (``{"errors": [...]}``) and status codes, and nothing else.
 import base64
 import binascii
 import collections
-import http.server
 import json
 import os
 import re
-import socket
 import ssl
 import threading
 from typing import Dict, List, Optional, Set
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tests.fakes.httpserver import LoopbackServer
 
 _PATH_RE = re.compile(r'^/v1/(?P<mount>.+)/(?P<op>encrypt|decrypt)/'
                       r'(?P<name>[^/]+)$')
@@ -49,48 +49,15 @@ class FakeVault:
     self.seen_tokens: List[str] = []
     self.seen_namespaces: List[Optional[str]] = []
     self._lock = threading.Lock()
-    self._conns = set()
-    fake = self
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-      protocol_version = 'HTTP/1.1'
+    def handle(method, path, headers, raw):
+      del method  # transit encrypt/decrypt accept POST and PUT alike
+      status, body = self._handle(path, headers, raw)
+      return status, {'Content-Type': 'application/json'}, json.dumps(
+          body).encode()
 
-      def log_message(self, *args):
-        pass
-
-      def setup(self):
-        super().setup()
-        with fake._lock:
-          fake._conns.add(self.connection)
-
-      def finish(self):
-        with fake._lock:
-          fake._conns.discard(self.connection)
-        super().finish()
-
-      def do_POST(self):  # pylint: disable=invalid-name
-        length = int(self.headers.get('Content-Length') or 0)
-        raw = self.rfile.read(length) if length else b''
-        status, body = fake._handle(self.path, self.headers, raw)
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-      do_PUT = do_POST
-
-    self._server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    self._server.daemon_threads = True
-    if ssl_context is not None:
-      self._server.socket = ssl_context.wrap_socket(self._server.socket,
-                                                    server_side=True)
-    self.port = self._server.server_address[1]
-    self._thread = threading.Thread(
-        target=self._server.serve_forever, kwargs={'poll_interval': 0.05},
-        name='fake-vault', daemon=True)
-    self._thread.start()
+    self._http = LoopbackServer(handle, ssl_context, 'fake-vault')
+    self.port = self._http.port
 
   # -- test API ---------------------------------------------------------------
   def add_key(self, name: str, mount: str = 'transit') -> TransitKey:
@@ -109,18 +76,7 @@ class FakeVault:
       self.faults.append([count, status, list(errs)])
 
   def stop(self) -> None:
-    """Stops serving and drops open keep-alive connections, like a crash."""
-    self._server.shutdown()
-    self._server.server_close()
-    with self._lock:
-      conns, self._conns = list(self._conns), set()
-    for c in conns:
-      try:
-        c.shutdown(socket.SHUT_RDWR)
-      except OSError:
-        pass
-      c.close()
-    self._thread.join(timeout=10)
+    self._http.stop()
 
   # -- service ----------------------------------------------------------------
   def _handle(self, path: str, headers, raw: bytes):

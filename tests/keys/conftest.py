@@ -81,3 +81,40 @@ def vault(tls_cert, monkeypatch, tmp_path):
   server.token = VAULT_TOKEN
   yield server
   server.stop()
+
+
+AZURE_TOKEN = 'eyTESTONLY.azure-bearer-token.s3cr3t'
+
+
+class FakeAzureCredential:
+  """A TokenCredential handing out the fake vault's bearer token."""
+
+  def __init__(self, token=AZURE_TOKEN, fail=False):
+    self.token = token
+    self.fail = fail
+    self.requests = []
+
+  def get_token(self, *scopes, claims=None, tenant_id=None, enable_cae=False,
+                **kwargs):
+    del claims, enable_cae, kwargs
+    from azure.core.credentials import AccessToken  # pylint: disable=g-import-not-at-top
+    from azure.core.exceptions import ClientAuthenticationError  # pylint: disable=g-import-not-at-top
+    self.requests.append((scopes, tenant_id))
+    if self.fail:
+      raise ClientAuthenticationError('DefaultAzureCredential failed to '
+                                      'retrieve a token (test)')
+    import time  # pylint: disable=g-import-not-at-top
+    return AccessToken(self.token, int(time.time()) + 3600)
+
+
+@pytest.fixture
+def azure(tls_cert, monkeypatch):
+  """The loopback HTTPS fake of Azure Key Vault (tests/fakes/azure_kv.py)."""
+  from tests.fakes import tls  # pylint: disable=g-import-not-at-top
+  from tests.fakes.azure_kv import FakeAzureKeyVault  # pylint: disable=g-import-not-at-top
+  server = FakeAzureKeyVault(tls.server_context(*tls_cert), AZURE_TOKEN)
+  monkeypatch.setenv('TFXE_AZURE_KV_ENDPOINT', server.endpoint)
+  monkeypatch.setenv('TFXE_AZURE_KV_CA_BUNDLE', tls_cert[0])
+  server.credential = FakeAzureCredential()
+  yield server
+  server.stop()
