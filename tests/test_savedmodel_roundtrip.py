@@ -59,3 +59,24 @@ def test_savedmodel_round_trip_identical_predictions(tmp_path, keys,
   assert set(got) == set(want)
   for k in want:
     assert (got[k].numpy() == want[k].numpy()).all()
+
+
+def test_runtime_load_model_in_memory(tmp_path, keys, saved_model):
+  from tfx_encrypt import errors
+  from tfx_encrypt import runtime
+  x = tf.random.stateless_normal([3, 64], seed=[3, 4])
+  want = tf.saved_model.load(saved_model).signatures['serving_default'](x=x)
+  te.encrypt_model(saved_model, tmp_path / 'p', recipients=[keys.pub('x')],
+                   signer=keys.priv('ed'))
+  before = set(os.listdir(tmp_path))
+  m = runtime.load_model(tmp_path / 'p', identities=[keys.priv('x')],
+                         trusted=[keys.pub('ed')])
+  got = m.signatures['serving_default'](x=x)
+  for k in want:
+    assert (got[k].numpy() == want[k].numpy()).all()
+  assert set(os.listdir(tmp_path)) == before  # nothing written to disk
+  assert not tf.io.gfile.exists('ram://tfx-encrypt') or not tf.io.gfile.listdir(
+      'ram://tfx-encrypt')
+  with pytest.raises(errors.UntrustedSignerError):
+    runtime.load_model(tmp_path / 'p', identities=[keys.priv('x')],
+                       trusted=[keys.pub('evil')])
