@@ -54,6 +54,7 @@ class FakeAzureKey:
   def __init__(self, bits: int = 2048):
     self.versions: Dict[str, rsa.RSAPrivateKey] = {}
     self.enabled = True
+    self.expires = None      # unix time, or None
     self.key_ops = ['encrypt', 'decrypt', 'wrapKey', 'unwrapKey']
     self.rotate(bits)
 
@@ -146,14 +147,16 @@ class FakeAzureKeyVault:
     if op == 'get':
       nums = priv.public_key().public_numbers()
       now = int(time.time())
+      attributes = {'enabled': key.enabled, 'created': now, 'updated': now,
+                    'recoveryLevel': 'Recoverable+Purgeable',
+                    'recoverableDays': 90}
+      if key.expires is not None:
+        attributes['exp'] = key.expires
       return self._reply(200, {
           'key': {'kid': kid, 'kty': 'RSA', 'key_ops': key.key_ops,
                   'n': _b64url(_int_to_bytes(nums.n)),
                   'e': _b64url(_int_to_bytes(nums.e))},
-          'attributes': {'enabled': key.enabled, 'created': now,
-                         'updated': now,
-                         'recoveryLevel': 'Recoverable+Purgeable',
-                         'recoverableDays': 90}})
+          'attributes': attributes})
     try:
       req = json.loads(raw or b'{}')
       value = _unb64url(req['value'])

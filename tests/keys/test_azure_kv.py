@@ -121,6 +121,11 @@ def test_typed_errors(azure):
   azure.denied.add('unwrapkey')
   with pytest.raises(errors.KeyAccessDeniedError, match='keys/unwrapKey'):
     _key(azure).unwrap(stanza, CTX)
+  azure.denied.clear()
+  fk.expires = 1000000000   # 2001
+  with pytest.raises(errors.KeyDisabledError, match='expired'):
+    _key(azure).wrap(DEK, CTX)
+  fk.expires = None
   fk.key_ops = ['sign', 'verify']
   with pytest.raises(errors.UsageError, match='wrapKey'):
     _key(azure).wrap(DEK, CTX)

@@ -31,6 +31,7 @@ The SDK's retry policy is disabled (``retry_total=0``); throttling (429),
 5xx and connection failures are retried by :mod:`tfx_encrypt.keys._retry`.
 """
 
+import datetime
 import os
 import re
 from typing import Any, Callable, Dict, Optional
@@ -202,10 +203,20 @@ class AzureKeyVaultKey(KeyBackend):
       raise errors.UsageError(
           f'{self.key_id} does not permit wrapKey and unwrapKey (it allows '
           f'{", ".join(ops)}); update the key\'s permitted operations')
-    if key.properties.enabled is False:
+    props = key.properties
+    if props.enabled is False:
       raise errors.KeyDisabledError(
           f'{self.key_id} is disabled in Key Vault; enable it or use '
           'another recipient')
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if props.expires_on is not None and props.expires_on <= now:
+      raise errors.KeyDisabledError(
+          f'{self.key_id} expired on {props.expires_on.isoformat()}; extend '
+          'its expiry or use another recipient')
+    if props.not_before is not None and props.not_before > now:
+      raise errors.KeyDisabledError(
+          f'{self.key_id} is not valid before '
+          f'{props.not_before.isoformat()}')
     return version
 
   def unwrap(self, stanza: Stanza, context: WrapContext) -> bytes:
