@@ -199,3 +199,14 @@ def test_beam_encrypt_pusher_on_local_dag_runner(tmp_path, model_uri, keys,
   assert (predict_fn(out) == expected_predictions).all()
   assert package_lib.inspect_package(enc.uri).fingerprint == (
       props['model_fingerprint'])
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path, worker_env):
+  del worker_env
+  from pipelines import beam_benchmark  # pylint: disable=g-import-not-at-top
+  result = beam_benchmark.run(str(tmp_path / 'bench'), size_mb=3,
+                              workers=2, segment_mb=1)
+  assert result['same_fingerprint']
+  assert result['beam_worker_pids'] == 2
+  assert result['beam_work_items'] > 3

@@ -317,3 +317,57 @@ def test_executor_rejects_key_material(tmp_path, model_uri, keys):
     executor_lib.Executor().Do(
         inputs, outputs, _props(keys, str(tmp_path / 'd'),
                                 **{spec.SIGNER_KEY: pem}))
+
+
+def test_remote_filesystems(tmp_path, model_uri, keys, predict_fn,
+                            expected_predictions):
+  """Model, artifact and destination on a non-local tf.io.gfile scheme."""
+  from tfx.dsl.io import fileio  # pylint: disable=g-import-not-at-top
+  from tfx.utils import io_utils  # pylint: disable=g-import-not-at-top
+  root = f'ram://encrypt-pusher-{os.getpid()}-{time.monotonic_ns()}'
+  remote_model = f'{root}/model'
+  io_utils.copy_dir(model_uri, remote_model)
+  inputs, outputs, encrypted, pushed = _artifacts(tmp_path, remote_model)
+  encrypted.uri = f'{root}/out/encrypted_model/7'
+  fileio.makedirs(encrypted.uri)
+  dest = f'{root}/serving'
+  staging_before = _staging_dirs()
+  executor_lib.Executor().Do(inputs, outputs, _props(keys, dest))
+  executor_lib.Executor().Do(inputs, outputs, _props(keys, dest))
+  versions = sorted(fileio.listdir(dest))
+  assert len(versions) == 2
+  version = pushed.get_string_custom_property('pushed_version')
+  assert version == versions[1].rstrip('/')
+  local = str(tmp_path / 'fetched')
+  io_utils.copy_dir(f'{dest}/{version}', local)
+  out = str(tmp_path / 'decrypted')
+  package_lib.decrypt_model(local, out, identities=[keys.recipient_key],
+                            trusted=[keys.signer_pub])
+  assert (predict_fn(out) == expected_predictions).all()
+  fetched = str(tmp_path / 'fetched-artifact')
+  io_utils.copy_dir(encrypted.uri, fetched)
+  assert package_lib.inspect_package(fetched).fingerprint == (
+      encrypted.get_string_custom_property('model_fingerprint'))
+  # Nothing plaintext or temporary is left in the local staging area.
+  assert _staging_dirs() <= staging_before
+
+
+def _staging_dirs():
+  import glob  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  return set(glob.glob(os.path.join(tempfile.gettempdir(),
+                                    'tfx-encrypt-staging-*')))
+
+
+def test_file_uri_model_is_read_not_moved(tmp_path, model_uri, keys):
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = str(tmp_path / 'model_copy')
+  shutil.copytree(model_uri, copy)
+  before = _snapshot(copy)
+  inputs, outputs, encrypted, _ = _artifacts(tmp_path, 'file://' + copy)
+  executor_lib.Executor().Do(inputs, outputs,
+                             _props(keys, 'file://' + str(tmp_path / 'dest')))
+  assert _snapshot(copy) == before
+  assert encrypted.get_int_custom_property('pushed') == 1
+  assert encrypted.get_string_custom_property(
+      'pushed_destination').startswith('file://')

@@ -21,12 +21,14 @@ Push semantics:
   bumped (`<ts>+1`, ...) so version names stay integers that sort in push
   order, as TF Serving style consumers expect.
 * On object stores (`gs://`, `s3://`, ...) reached through `tf.io.gfile`
-  there is no atomic directory rename; the same protocol is followed on a
-  best-effort basis (existence check, then rename with overwrite=False).
+  there is no atomic directory rename or create-if-absent: the first free
+  version is chosen by an existence check and the package is copied into it,
+  payload first and header last (best effort; see `_push_remote`).
 * If anything fails, temporary directories are removed and the execution
   fails; nothing is left at the destination.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -35,7 +37,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from absl import logging
 from tfx import types
@@ -95,19 +97,12 @@ def rename_noreplace(src: str, dst: str) -> None:
 
 
 def _copy_tree(src: str, dst: str) -> None:
-  """Copies a file or directory tree `src` to the new path `dst`."""
-  if is_local_path(src) and is_local_path(dst):
-    src, dst = local_path(src), local_path(dst)
-    if os.path.isdir(src):
-      shutil.copytree(src, dst, symlinks=False, copy_function=shutil.copyfile)
-    else:
-      os.makedirs(os.path.dirname(dst) or '.', exist_ok=True)
-      shutil.copyfile(src, dst)
-    return
-  if fileio.isdir(src):
-    io_utils.copy_dir(src, dst)
+  """Copies a local file or directory tree `src` to the new path `dst`."""
+  if os.path.isdir(src):
+    shutil.copytree(src, dst, symlinks=False, copy_function=shutil.copyfile)
   else:
-    io_utils.copy_file(src, dst)
+    os.makedirs(os.path.dirname(dst) or '.', exist_ok=True)
+    shutil.copyfile(src, dst)
 
 
 def _remove_tree(path: str) -> None:
@@ -133,7 +128,8 @@ def push_package(package_path: str,
   """Pushes a package to `<base_directory>/<version>/` without overwriting.
 
   Args:
-    package_path: the package directory (or a directory holding a bundle).
+    package_path: the local package directory (or a directory holding a
+      bundle).
     base_directory: destination base dir, local or any tf.io.gfile scheme.
     version: integer version to try first; default the current Unix time.
 
@@ -145,44 +141,74 @@ def push_package(package_path: str,
       destination.
   """
   start = int(version) if version is not None else int(time.time())
-  tmp = os.path.join(base_directory,
-                     f'{_TMP_PREFIX}{start}-{uuid.uuid4().hex[:12]}')
-  local = is_local_path(base_directory)
-  if local:
-    os.makedirs(local_path(base_directory), exist_ok=True)
-  else:
-    fileio.makedirs(base_directory)
+  if is_local_path(base_directory):
+    _, v = _push_local(package_path, local_path(base_directory), start)
+    return os.path.join(base_directory, v), v  # as the user spelled it
+  return _push_remote(package_path, base_directory, start)
+
+
+def _push_local(package_path: str, base: str, start: int) -> Tuple[str, str]:
+  """Temp sibling in `base`, then an atomic no-replace rename per version."""
+  os.makedirs(base, exist_ok=True)
+  tmp = os.path.join(base, f'{_TMP_PREFIX}{start}-{uuid.uuid4().hex[:12]}')
   try:
     _copy_tree(package_path, tmp)
     for v in range(start, start + _MAX_VERSION_ATTEMPTS):
-      target = os.path.join(base_directory, str(v))
+      target = os.path.join(base, str(v))
       try:
-        if local:
-          rename_noreplace(local_path(tmp), local_path(target))
-        else:
-          if fileio.exists(target):
-            raise FileExistsError(target)
-          fileio.rename(tmp, target, overwrite=False)
-      except (FileExistsError, _already_exists_error()):
+        rename_noreplace(tmp, target)
+      except FileExistsError:
         logging.info('Version %s already exists under %s; trying %s.', v,
-                     base_directory, v + 1)
+                     base, v + 1)
         continue
       return target, str(v)
     raise errors.OutputExistsError(
-        f'could not find a free version under {base_directory} after '
+        f'could not find a free version under {base} after '
         f'{_MAX_VERSION_ATTEMPTS} attempts starting at {start}')
   except BaseException:
     _remove_tree(tmp)
     raise
 
 
-def _already_exists_error():
-  """The exception type tf.io.gfile raises for an existing target."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.errors.AlreadyExistsError
-  except ImportError:  # pragma: no cover
-    return FileExistsError
+def _push_remote(package_path: str, base: str, start: int
+                 ) -> Tuple[str, str]:
+  """Best effort on object stores: no atomic rename or create-if-absent.
+
+  Picks the first version that does not exist and copies the package into
+  it, the payload files first and the header (or the single bundle object)
+  last: one object write is atomic on GCS and S3, so a reader that waits for
+  the header never sees a partial package. Two writers checking the same
+  version at the same instant are not excluded; use a local or mounted
+  destination when concurrent pushes must be strictly serialised.
+  """
+  fileio.makedirs(base)
+  for v in range(start, start + _MAX_VERSION_ATTEMPTS):
+    target = os.path.join(base, str(v))
+    if fileio.exists(target):
+      logging.info('Version %s already exists under %s; trying %s.', v, base,
+                   v + 1)
+      continue
+    try:
+      last = []
+      for root, _, names in os.walk(package_path):
+        rel = os.path.relpath(root, package_path)
+        for name in sorted(names):
+          src = os.path.join(root, name)
+          dst = os.path.join(target, name) if rel == '.' else os.path.join(
+              target, rel, name)
+          if rel == '.':
+            last.append((src, dst))  # header / bundle: written last
+          else:
+            io_utils.copy_file(src, dst)
+      for src, dst in last:
+        io_utils.copy_file(src, dst)
+    except BaseException:
+      _remove_tree(target)
+      raise
+    return target, str(v)
+  raise errors.OutputExistsError(
+      f'could not find a free version under {base} after '
+      f'{_MAX_VERSION_ATTEMPTS} attempts starting at {start}')
 
 
 # --------------------------------------------------------------------------
@@ -239,22 +265,23 @@ class Executor(pusher_executor.Executor):
         model_path, params.recipients, params.signer or 'none',
         params.cipher or 'default')
 
-    info = self._EncryptToArtifact(model_path, encrypted_model.uri, params,
-                                   context)
-    for artifact in (encrypted_model, model_push):
-      self._MarkEncrypted(artifact, info, params, context)
-    model_push.set_string_custom_property(spec.ENCRYPTED_MODEL_URI_PROPERTY,
-                                          encrypted_model.uri)
+    with self._EncryptToArtifact(model_path, encrypted_model.uri, params,
+                                 context) as (info, local_package):
+      for artifact in (encrypted_model, model_push):
+        self._MarkEncrypted(artifact, info, params, context)
+      model_push.set_string_custom_property(
+          spec.ENCRYPTED_MODEL_URI_PROPERTY, encrypted_model.uri)
 
-    if not params.push_destination:
-      logging.info('No push_destination: the package is only recorded as '
-                   'the EncryptedModel artifact at %s.', encrypted_model.uri)
-      self._MarkNotPushed(model_push)
-      self._MarkNotPushed(encrypted_model)
-      return
+      if not params.push_destination:
+        logging.info('No push_destination: the package is only recorded as '
+                     'the EncryptedModel artifact at %s.',
+                     encrypted_model.uri)
+        self._MarkNotPushed(model_push)
+        self._MarkNotPushed(encrypted_model)
+        return
 
-    destination, version = push_package(encrypted_model.uri,
-                                        params.push_destination)
+      destination, version = push_package(local_package,
+                                          params.push_destination)
     logging.info('Encrypted model pushed to %s (version %s).', destination,
                  version)
     for artifact in (encrypted_model, model_push):
@@ -301,54 +328,58 @@ class Executor(pusher_executor.Executor):
     context.update(auto)
     return context
 
+  @contextlib.contextmanager
   def _EncryptToArtifact(self, model_path: str, artifact_uri: str,
-                         params: spec.Params,
-                         context: Mapping[str, str]) -> Any:
+                         params: spec.Params, context: Mapping[str, str]
+                         ) -> Iterator[Tuple[Any, str]]:
     """Encrypts `model_path` so that `artifact_uri` holds the package.
 
     The package is written into a temporary sibling of the artifact directory
-    and renamed into place, so a failed run never leaves a partial package.
+    and renamed into place (or, for a remote pipeline root, staged locally
+    and copied), so a failed run never leaves a partial package.
 
-    Returns:
-      The PackageInfo of the new package.
+    Yields:
+      (PackageInfo, path of a local copy of the package to push from); the
+      local staging is removed when the context exits.
     """
     local_artifact = is_local_path(artifact_uri)
     if local_artifact:
-      uri = local_path(artifact_uri)
-      parent = os.path.dirname(uri.rstrip('/'))
+      uri = local_path(artifact_uri).rstrip('/')
+      parent = os.path.dirname(uri)
       os.makedirs(parent, exist_ok=True)
       staging_root = tempfile.mkdtemp(
-          prefix=f'.{os.path.basename(uri.rstrip("/"))}{_TMP_PREFIX}',
-          dir=parent)
+          prefix=f'.{os.path.basename(uri)}{_TMP_PREFIX}', dir=parent)
     else:
       staging_root = tempfile.mkdtemp(prefix='tfx-encrypt-staging-')
     try:
-      src = model_path
-      if not is_local_path(model_path):
-        # encrypt_model reads a local directory: fetch the model first.
+      if is_local_path(model_path):
+        src = local_path(model_path)
+      else:
+        # encrypt_model reads a local directory: fetch the model first, into
+        # the private (0700) staging directory, and delete it right after.
         src = os.path.join(staging_root, 'plaintext-model')
         io_utils.copy_dir(model_path, src)
-      else:
-        src = local_path(model_path)
       pkg_root = os.path.join(staging_root, 'package')
       if params.bundle:
         os.makedirs(pkg_root)
         package = os.path.join(pkg_root, BUNDLE_FILE_NAME)
       else:
         package = pkg_root
-      info = self.EncryptModel(src, package, params, context)
-      if src != model_path and os.path.isdir(src):
-        shutil.rmtree(src)
+      try:
+        info = self.EncryptModel(src, package, params, context)
+      finally:
+        if src.startswith(staging_root + os.sep):
+          shutil.rmtree(src, ignore_errors=True)
       if local_artifact:
-        uri = local_path(artifact_uri).rstrip('/')
         if os.path.isdir(uri) and not os.listdir(uri):
           os.rmdir(uri)  # TFX pre-creates output dirs; replace the empty one.
         rename_noreplace(pkg_root, uri)
+        yield info, uri
       else:
         if fileio.exists(artifact_uri):
           fileio.rmtree(artifact_uri)
         io_utils.copy_dir(pkg_root, artifact_uri)
-      return info
+        yield info, pkg_root
     finally:
       shutil.rmtree(staging_root, ignore_errors=True)
 
