@@ -210,3 +210,31 @@ def test_benchmark_smoke(tmp_path, worker_env):
   assert result['same_fingerprint']
   assert result['beam_worker_pids'] == 2
   assert result['beam_work_items'] > 3
+
+
+@pytest.mark.parametrize('min_bytes,uses_beam', [(0, True), (1 << 40, False)])
+def test_beam_executor_threshold(tmp_path, model_uri, keys, min_bytes,
+                                 uses_beam):
+  from tfx.dsl.components.base import base_beam_executor  # pylint: disable=g-import-not-at-top
+  from tfx.types import standard_artifacts  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt import types as tfxe_types  # pylint: disable=g-import-not-at-top
+  model = standard_artifacts.Model()
+  model.uri = model_uri
+  encrypted = tfxe_types.EncryptedModel()
+  encrypted.uri = str(tmp_path / 'encrypted' / '1')
+  pushed = standard_artifacts.PushedModel()
+  pushed.uri = str(tmp_path / 'pushed' / '1')
+  ex = beam_executor.Executor(base_beam_executor.BaseBeamExecutor.Context(
+      beam_pipeline_args=['--runner=DirectRunner']))
+  ex.Do({'model': [model]},
+        {'encrypted_model': [encrypted], 'pushed_model': [pushed]},
+        {'recipients': json.dumps([keys.recipient]),
+         'beam_worker_identity': keys.recipient_key,
+         'beam_min_bytes': min_bytes,
+         'push_destination': str(tmp_path / 'serving')})
+  assert (ex.last_beam_stats is not None) == uses_beam
+  assert encrypted.get_int_custom_property('pushed') == 1
+  out = str(tmp_path / 'out')
+  package_lib.decrypt_model(
+      encrypted.get_string_custom_property('pushed_destination'), out,
+      identities=[keys.recipient_key], allow_unsigned=True)

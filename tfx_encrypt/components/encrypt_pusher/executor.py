@@ -55,6 +55,8 @@ BUNDLE_FILE_NAME = 'model.tfxe'
 # How many consecutive versions to try after a collision.
 _MAX_VERSION_ATTEMPTS = 1000
 _TMP_PREFIX = '.tmp-'
+# tfx_encrypt.format.header.MAX_CONTEXT_VALUE
+_MAX_CONTEXT_VALUE = 1024
 
 
 # --------------------------------------------------------------------------
@@ -325,7 +327,12 @@ class Executor(pusher_executor.Executor):
         if model.has_custom_property(key):
           auto[spec.CONTEXT_MODEL_VERSION] = str(model.get_custom_property(key))
           break
-    context.update(auto)
+    for key, value in auto.items():
+      if len(value) > _MAX_CONTEXT_VALUE:
+        logging.warning('Not adding %s to the encryption context: longer than '
+                        '%d characters.', key, _MAX_CONTEXT_VALUE)
+        continue
+      context[key] = value
     return context
 
   @contextlib.contextmanager
