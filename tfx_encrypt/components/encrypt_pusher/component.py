@@ -44,6 +44,8 @@ from tfx_encrypt import types as tfxe_types
 from tfx_encrypt.components.encrypt_pusher import beam_executor
 from tfx_encrypt.components.encrypt_pusher import executor
 from tfx_encrypt.components.encrypt_pusher import spec
+from tfx_encrypt.format import digest as digest_lib
+from tfx_encrypt.format import streaming
 
 KeyUri = Union[str, Any]  # a key URI, or a KeyBackend (its .uri is used)
 
@@ -97,12 +99,12 @@ def _build_spec(model, model_blessing, infra_blessing, recipients, signer,
       [_uri_of(r, f'{spec.RECIPIENTS_KEY}[{i}]')
        for i, r in enumerate(recipients)])
   signer_uri = _uri_of(signer, spec.SIGNER_KEY) if signer is not None else None
-  for name, value in ((spec.CIPHER_KEY, cipher),
-                      (spec.HASH_ALG_KEY, hash_alg)):
-    if value is not None:
-      if not isinstance(value, str):
-        raise errors.UsageError(f'{name} must be a string')
-      spec.check_text(value, name)
+  for name, value, known in (
+      (spec.CIPHER_KEY, cipher, tuple(streaming.CIPHERS)),
+      (spec.HASH_ALG_KEY, hash_alg, tuple(digest_lib.HASHES))):
+    if value is not None and value not in known:
+      raise errors.UsageError(
+          f'unknown {name} {value!r}; choose one of {", ".join(known)}')
   context = spec.normalize_context(encryption_context)
   if custom_config is not None and not isinstance(custom_config, dict):
     raise errors.UsageError('custom_config must be a dict')
