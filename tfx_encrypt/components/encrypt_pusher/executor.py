@@ -11,6 +11,12 @@ and that package, never the plaintext model, is what is pushed to
 `<push_destination>/<version>/`. The executor holds no cryptography; it never
 sees key material, only key URIs, and it logs URIs and key ids only.
 
+Artifacts: the `EncryptedModel` directory holds the package; the ciphertext
+that is pushed is byte-identical to it. Unlike Pusher, no archive copy is
+written into the `PushedModel` directory (it would be a third copy of a
+possibly large model); its `encrypted_model_uri` custom property points at the
+package instead. Both artifacts carry the same custom properties.
+
 Push semantics:
 * The version is a Unix timestamp, as in Pusher (`str(int(time.time()))`).
 * The package is copied into a hidden temporary sibling inside the
