@@ -13,3 +13,14 @@ from tfx_encrypt.errors import (  # noqa: F401
 from tfx_encrypt.package import (  # noqa: F401
     PackageInfo, decrypt_model, encrypt_model, inspect_package,
     iter_decrypted_files, rewrap_package, rotate_package, verify_package)
+
+
+def __getattr__(name):
+  # `tfx_encrypt.EncryptedModel` must be importable from its TYPE_NAME
+  # ('tfx_encrypt.EncryptedModel') for Vertex / KubeflowV2 to resolve the
+  # artifact class at run time. Imported lazily: it needs TFX, the core does
+  # not.
+  if name == 'EncryptedModel':
+    from tfx_encrypt.types import EncryptedModel  # pylint: disable=g-import-not-at-top
+    return EncryptedModel
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

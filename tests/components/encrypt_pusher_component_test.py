@@ -225,11 +225,9 @@ def test_beam_component(model):
                       beam_worker_identity=_PEM)
 
 
-@pytest.mark.xfail(
-    not hasattr(__import__('tfx_encrypt'), 'EncryptedModel'),
-    reason='tfx_encrypt/__init__.py must export EncryptedModel (lazily) so '
-    'the Vertex container can import the type by its TYPE_NAME', strict=False)
 def test_top_level_type_is_importable_for_vertex():
+  # tfx_encrypt/__init__.py exports EncryptedModel lazily so the Vertex
+  # container can import the type by its TYPE_NAME.
   from tfx.utils import import_utils  # pylint: disable=g-import-not-at-top
   cls = import_utils.import_class_by_path(tfxe_types.EncryptedModel.TYPE_NAME)
   assert cls is tfxe_types.EncryptedModel
