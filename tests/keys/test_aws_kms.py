@@ -5,7 +5,6 @@ Encrypt per wrap, one Decrypt per unwrap" is checked on the wire.
 """
 
 import logging
-import os
 import time
 
 import pytest
