@@ -223,7 +223,14 @@ def test_failing_kms_leaves_nothing_behind(monkeypatch, hsm, model, tmp_path):
     kms = env.create_key()
     package = str(tmp_path / 'pkg')
     pkg_lib.encrypt_model(model, package, recipients=[kms])
+    dual = str(tmp_path / 'dual')
+    pkg_lib.encrypt_model(model, dual, recipients=[kms, hsm.aes])
     server.stop()
+    # KMS down: the recovery identity (HSM) still opens the dual package.
+    recovered = str(tmp_path / 'recovered')
+    pkg_lib.decrypt_model(dual, recovered, identities=[kms, hsm.aes],
+                          allow_unsigned=True)
+    assert _read_tree(recovered) == MODEL
     before = sorted(os.listdir(tmp_path))
 
     out = str(tmp_path / 'out')

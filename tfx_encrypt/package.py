@@ -16,7 +16,7 @@ independent of model size.
 import concurrent.futures
 import dataclasses
 import datetime
-import hashlib
+import hmac
 import os
 import queue
 import stat
@@ -162,19 +162,22 @@ def _verify_signature(h: Header, trusted: Sequence[KeyBackend],
       'trust it')
 
 
-def _unwrap(h: Header, identities: Sequence[KeyBackend]
-            ) -> Tuple[bytes, header_lib.DerivedKeys]:
-  """Find the DEK with the first identity that can unwrap a stanza.
+def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
+                    package_id: bytes, context: Mapping[str, str], suite: str,
+                    commitment: bytes
+                    ) -> Tuple[bytes, header_lib.DerivedKeys]:
+  """Find the DEK with the first identity that can unwrap one of `stanzas`.
 
-  Returns (dek, derived keys). Stanzas an identity does not `match` are
-  skipped without any call, so a KMS identity costs at most one call.
+  Returns (dek, derived keys), after checking the key commitment. Stanzas an
+  identity does not `match` are skipped without any call, so a KMS identity
+  costs at most one call.
   """
   if not identities:
     raise errors.UsageError('no identity given; pass --identity KEY_URI')
-  wctx = WrapContext(h.package_id, h.context)
-  tampered = None
+  wctx = WrapContext(package_id, context)
+  tampered = backend_error = None
   for ident in identities:
-    for stanza in h.recipients:
+    for stanza in stanzas:
       if not ident.matches(stanza):
         continue
       try:
@@ -184,8 +187,13 @@ def _unwrap(h: Header, identities: Sequence[KeyBackend]
         continue
       except errors.NoMatchingKeyError:
         continue
-      keys = header_lib.DerivedKeys(dek, h.package_id, h.suite)
-      if not h.check_commitment(keys):
+      except errors.KeyBackendError as e:
+        # e.g. the production KMS is down: let a recovery identity (an
+        # offline HSM key) open the package; report the failure otherwise.
+        backend_error = backend_error or e
+        break
+      keys = header_lib.DerivedKeys(dek, package_id, suite)
+      if not hmac.compare_digest(keys.commitment, commitment):
         tampered = errors.TamperedPackageError(
             f'the data key unwrapped with {ident.key_id} does not match the '
             'package\'s key commitment: the recipient stanza was modified')
@@ -193,11 +201,19 @@ def _unwrap(h: Header, identities: Sequence[KeyBackend]
       return dek, keys
   if tampered is not None:
     raise tampered
+  if backend_error is not None:
+    raise backend_error
   have = ', '.join(i.key_id for i in identities)
-  want = ', '.join(s.key_id for s in h.recipients)
+  want = ', '.join(s.key_id for s in stanzas)
   raise errors.NoMatchingKeyError(
       f'none of the identities ({have}) can decrypt this package; it is '
       f'encrypted for: {want}')
+
+
+def _unwrap(h: Header, identities: Sequence[KeyBackend]
+            ) -> Tuple[bytes, header_lib.DerivedKeys]:
+  return unwrap_data_key(identities, h.recipients, h.package_id, h.context,
+                         h.suite, h.commitment)
 
 
 # --- walking the source model -------------------------------------------------
@@ -620,6 +636,142 @@ def verify_package(package, *, trusted: Sequence[KeyLike] = (),
   return _info(h, src.path, src.bundle, src.header_len, verified)
 
 
+# --- building blocks for package writers (encrypt, rotate, Beam) -----------------
+
+class Envelope:
+  """A new package's keys and recipient stanzas, ready for payload streams.
+
+  Made by :func:`prepare_envelope` before any payload work, so a failing KMS
+  costs nothing. It keeps the keys derived from the DEK (the raw DEK is
+  discarded right after wrapping) and refuses to be pickled: it must never
+  reach a job graph, a log or MLMD.
+  """
+
+  def __init__(self, suite: str, hash_alg: str, package_id: bytes,
+               context: Dict[str, str], stanzas: List, keys):
+    self.suite = suite
+    self.hash_alg = hash_alg
+    self.package_id = package_id
+    self.context = context
+    self.stanzas = stanzas
+    self.keys = keys
+    self.ctx_digest = header_lib.context_digest(context)
+
+  def payload_aad(self, index: int) -> bytes:
+    return header_lib.payload_aad(self.package_id, index, self.ctx_digest)
+
+  def new_stream(self, index: int) -> streaming.StreamCipher:
+    """A fresh stream (random salt and nonce prefix) for payload `index`."""
+    return streaming.StreamCipher.new(self.suite, self.keys.stream_key,
+                                      self.payload_aad(index))
+
+  def __reduce__(self):
+    raise TypeError('an Envelope holds key material and must not be pickled')
+
+
+def prepare_envelope(recipients: Sequence[KeyLike], *,
+                     context: Optional[Mapping[str, str]] = None,
+                     cipher: str = 'aes-256-gcm', hash_alg: str = 'sha256',
+                     suite: Optional[str] = None) -> Envelope:
+  """Fresh DEK and package id; wrap the DEK once per distinct recipient."""
+  suite = suite or streaming.suite_for_cipher(cipher)
+  digest_lib.new_hash(hash_alg)  # fail early if unavailable
+  ctx = _check_user_context(context)
+  recips = _backends(recipients)
+  if not recips:
+    raise errors.UsageError('at least one --recipient is required')
+  dek = os.urandom(32)
+  package_id = os.urandom(16)
+  keys = header_lib.DerivedKeys(dek, package_id, suite)
+  wctx = WrapContext(package_id, ctx)
+  stanzas, seen = [], set()
+  for r in recips:
+    if r.key_id not in seen:
+      seen.add(r.key_id)
+      stanzas.append(r.wrap(dek, wctx))  # exactly one call per recipient
+  del dek
+  return Envelope(suite, hash_alg, package_id, ctx, stanzas, keys)
+
+
+def resolve_signer(signer: Optional[KeyLike]) -> Optional[KeyBackend]:
+  """The signing backend, checked to be able to sign, or None."""
+  if signer is None:
+    return None
+  sign_with = _backend(signer)
+  if not sign_with.signature_alg:
+    sign_with.sign(b'')  # raises a UsageError naming the right key types
+  return sign_with
+
+
+def start_package(package: str, force: bool = False) -> str:
+  """Create the private temporary sibling `tmp/payload/` for a new package."""
+  if os.path.lexists(package) and not force:
+    raise _fsutil._exists(package)  # pylint: disable=protected-access
+  tmp = _fsutil.temp_sibling(package)
+  os.mkdir(tmp, 0o700)
+  try:
+    os.mkdir(os.path.join(tmp, PAYLOAD_DIR), 0o700)
+  except BaseException:
+    _fsutil.remove_tree(tmp)
+    raise
+  return tmp
+
+
+def finish_package(env: Envelope, tmp: str, package: str, *,
+                   entries: Sequence[FileEntry], dirs: Sequence[str],
+                   payloads: Sequence[Tuple[int, str]],
+                   signer: Optional[KeyBackend], bundle: bool,
+                   force: bool = False, fsync: bool = False
+                   ) -> Tuple[Header, int]:
+  """Build, MAC and sign the header over the sealed payloads in `tmp`, then
+  publish the package atomically (directory form, or a bundle).
+
+  Returns (header, header length). On failure the caller removes `tmp`;
+  anything this function created besides it is removed here.
+  """
+  h = Header(
+      suite=env.suite, hash_alg=env.hash_alg, package_id=env.package_id,
+      created=_now(), context=env.context, recipients=env.stanzas,
+      commitment=env.keys.commitment,
+      fingerprint=digest_lib.root_digest(env.hash_alg,
+                                         (e.digest for e in entries)),
+      payloads=list(payloads),
+      file_table=streaming.encrypt_bytes(
+          env.suite, env.keys.stream_key,
+          header_lib.file_table_aad(env.package_id, env.ctx_digest),
+          header_lib.encode_file_table(entries, dirs)))
+  h.mac = h.compute_mac(env.keys.mac_key)
+  _sign(h, signer)
+  hbytes = h.serialize()
+  pdir = os.path.join(tmp, PAYLOAD_DIR)
+  if bundle:
+    out_tmp = _fsutil.temp_sibling(package)
+    try:
+      _write_bundle(out_tmp, hbytes, pdir, len(payloads), fsync)
+      _fsutil.publish(out_tmp, package, force=force)
+    except BaseException:
+      _fsutil.remove_tree(out_tmp)
+      raise
+    _fsutil.remove_tree(tmp)
+  else:
+    hfd = _create(os.path.join(tmp, HEADER_NAME), 0o644)
+    try:
+      _fsutil.write_all(hfd, hbytes)
+      if fsync:
+        os.fsync(hfd)
+    finally:
+      os.close(hfd)
+    os.chmod(pdir, 0o755)
+    os.chmod(tmp, 0o755)
+    if fsync:
+      _fsutil.fsync_dir(pdir)
+      _fsutil.fsync_dir(tmp)
+    _fsutil.publish(tmp, package, force=force)
+  if fsync:
+    _fsutil.fsync_dir(os.path.dirname(package))
+  return h, len(hbytes)
+
+
 def encrypt_model(src_dir, package, *, recipients: Sequence[KeyLike],
                   signer: Optional[KeyLike] = None,
                   context: Optional[Mapping[str, str]] = None,
@@ -634,38 +786,18 @@ def encrypt_model(src_dir, package, *, recipients: Sequence[KeyLike],
   renamed into place; on any error nothing is left behind.
   """
   package = os.path.abspath(os.fspath(package))
-  suite = streaming.suite_for_cipher(cipher)
-  digest_lib.new_hash(hash_alg)  # fail early if unavailable
-  ctx = _check_user_context(context)
-  recips = _backends(recipients)
-  if not recips:
-    raise errors.UsageError('at least one --recipient is required')
-  sign_with = _backend(signer) if signer is not None else None
-  if sign_with is not None and not sign_with.signature_alg:
-    sign_with.sign(b'')  # raises a UsageError naming the right key types
+  streaming.suite_for_cipher(cipher)
+  digest_lib.new_hash(hash_alg)
+  _check_user_context(context)
+  sign_with = resolve_signer(signer)
   if os.path.lexists(package) and not force:
     raise _fsutil._exists(package)  # pylint: disable=protected-access
   files, dirs = scan_model(os.fspath(src_dir))
-
-  dek = os.urandom(32)
-  package_id = os.urandom(16)
-  keys = header_lib.DerivedKeys(dek, package_id, suite)
-  wctx = WrapContext(package_id, ctx)
-  stanzas = []
-  seen_ids = set()
-  for r in recips:
-    if r.key_id in seen_ids:
-      continue
-    seen_ids.add(r.key_id)
-    stanzas.append(r.wrap(dek, wctx))  # exactly one call per recipient
-  del dek
-  ctx_digest = header_lib.context_digest(ctx)
-
-  tmp = _fsutil.temp_sibling(package)
-  os.mkdir(tmp, 0o700)
+  env = prepare_envelope(recipients, context=context, cipher=cipher,
+                         hash_alg=hash_alg)
+  tmp = start_package(package, force)
   try:
     pdir = os.path.join(tmp, PAYLOAD_DIR)
-    os.mkdir(pdir, 0o700)
     results: Dict[int, Tuple[str, str, int]] = {}
 
     def encrypt_one(i):
@@ -675,11 +807,8 @@ def encrypt_model(src_dir, package, *, recipients: Sequence[KeyLike],
         out = _create(os.path.join(pdir, payload_name(i)), 0o644)
         try:
           read_segment, check_eof = _file_reader(fd, f.path, f.size)
-          sc = streaming.StreamCipher.new(
-              suite, keys.stream_key,
-              header_lib.payload_aad(package_id, i, ctx_digest))
-          results[i] = _seal_stream(read_segment, f.size, sc, out, hash_alg,
-                                    progress)
+          results[i] = _seal_stream(read_segment, f.size, env.new_stream(i),
+                                    out, hash_alg, progress)
           check_eof()
           if fsync:
             os.fsync(out)
@@ -690,48 +819,17 @@ def encrypt_model(src_dir, package, *, recipients: Sequence[KeyLike],
 
     order = sorted(range(len(files)), key=lambda i: -files[i].size)
     _run_parallel(encrypt_one, order, workers or default_workers())
-    entries = [FileEntry(f.path, f.size, results[i][0])
-               for i, f in enumerate(files)]
-    h = Header(
-        suite=suite, hash_alg=hash_alg, package_id=package_id,
-        created=_now(), context=ctx, recipients=stanzas,
-        commitment=keys.commitment,
-        fingerprint=digest_lib.root_digest(hash_alg,
-                                           (e.digest for e in entries)),
+    h, hlen = finish_package(
+        env, tmp, package,
+        entries=[FileEntry(f.path, f.size, results[i][0])
+                 for i, f in enumerate(files)],
+        dirs=dirs,
         payloads=[(results[i][2], results[i][1]) for i in range(len(files))],
-        file_table=streaming.encrypt_bytes(
-            suite, keys.stream_key,
-            header_lib.file_table_aad(package_id, ctx_digest),
-            header_lib.encode_file_table(entries, dirs)))
-    h.mac = h.compute_mac(keys.mac_key)
-    _sign(h, sign_with)
-    hbytes = h.serialize()
-    if bundle:
-      out_tmp = _fsutil.temp_sibling(package)
-      _write_bundle(out_tmp, hbytes, pdir, len(files), fsync)
-      _fsutil.remove_tree(tmp)
-      tmp = out_tmp
-    else:
-      hfd = _create(os.path.join(tmp, HEADER_NAME), 0o644)
-      try:
-        _fsutil.write_all(hfd, hbytes)
-        if fsync:
-          os.fsync(hfd)
-      finally:
-        os.close(hfd)
-      os.chmod(pdir, 0o755)
-      os.chmod(tmp, 0o755)
-      if fsync:
-        _fsutil.fsync_dir(pdir)
-        _fsutil.fsync_dir(tmp)
-    _fsutil.publish(tmp, package, force=force)
-    if fsync:
-      _fsutil.fsync_dir(os.path.dirname(package))
+        signer=sign_with, bundle=bundle, force=force, fsync=fsync)
   except BaseException:
     _fsutil.remove_tree(tmp)
     raise
-  return _info(h, package, bundle, len(hbytes),
-               verified=sign_with is not None,
+  return _info(h, package, bundle, hlen, verified=sign_with is not None,
                plaintext_bytes=sum(f.size for f in files))
 
 
@@ -979,31 +1077,17 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
   out = os.path.abspath(os.fspath(out))
   if os.path.lexists(out) and not force:
     raise _fsutil._exists(out)  # pylint: disable=protected-access
+  sign_with = resolve_signer(signer)
   src, h, old_keys, entries, dirs, _ = _open_authenticated(
       package, identities, trusted, allow_unsigned)
-  suite = streaming.suite_for_cipher(cipher) if cipher else h.suite
-  ctx = h.context if context is None else _check_user_context(context)
-  recips = _backends(recipients)
-  if not recips:
-    raise errors.UsageError('at least one --recipient is required')
-  sign_with = _backend(signer) if signer is not None else None
+  env = prepare_envelope(
+      recipients, context=h.context if context is None else context,
+      hash_alg=h.hash_alg,
+      suite=streaming.suite_for_cipher(cipher) if cipher else h.suite)
   bundle = src.bundle if bundle is None else bundle
-  dek = os.urandom(32)
-  package_id = os.urandom(16)
-  keys = header_lib.DerivedKeys(dek, package_id, suite)
-  wctx = WrapContext(package_id, ctx)
-  stanzas, seen = [], set()
-  for r in recips:
-    if r.key_id not in seen:
-      seen.add(r.key_id)
-      stanzas.append(r.wrap(dek, wctx))
-  del dek
-  ctx_digest = header_lib.context_digest(ctx)
-  tmp = _fsutil.temp_sibling(out)
-  os.mkdir(tmp, 0o700)
+  tmp = start_package(out, force)
   try:
     pdir = os.path.join(tmp, PAYLOAD_DIR)
-    os.mkdir(pdir, 0o700)
     results = {}
 
     def rotate_one(i):
@@ -1014,11 +1098,8 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
                                        h.payloads[i][0])
         outfd = _create(os.path.join(pdir, payload_name(i)), 0o644)
         try:
-          sc = streaming.StreamCipher.new(
-              suite, keys.stream_key,
-              header_lib.payload_aad(package_id, i, ctx_digest))
-          results[i] = _seal_stream(read_segment, e.size, sc, outfd,
-                                    h.hash_alg, progress)
+          results[i] = _seal_stream(read_segment, e.size, env.new_stream(i),
+                                    outfd, h.hash_alg, progress)
         finally:
           os.close(outfd)
       finally:
@@ -1029,34 +1110,12 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
 
     order = sorted(range(len(entries)), key=lambda i: -entries[i].size)
     _run_parallel(rotate_one, order, workers or default_workers())
-    nh = Header(
-        suite=suite, hash_alg=h.hash_alg, package_id=package_id,
-        created=_now(), context=ctx, recipients=stanzas,
-        commitment=keys.commitment, fingerprint=h.fingerprint,
+    nh, hlen = finish_package(
+        env, tmp, out, entries=entries, dirs=dirs,
         payloads=[(results[i][2], results[i][1]) for i in range(len(entries))],
-        file_table=streaming.encrypt_bytes(
-            suite, keys.stream_key,
-            header_lib.file_table_aad(package_id, ctx_digest),
-            header_lib.encode_file_table(entries, dirs)))
-    nh.mac = nh.compute_mac(keys.mac_key)
-    _sign(nh, sign_with)
-    hbytes = nh.serialize()
-    if bundle:
-      out_tmp = _fsutil.temp_sibling(out)
-      _write_bundle(out_tmp, hbytes, pdir, len(entries), False)
-      _fsutil.remove_tree(tmp)
-      tmp = out_tmp
-    else:
-      hfd = _create(os.path.join(tmp, HEADER_NAME), 0o644)
-      try:
-        _fsutil.write_all(hfd, hbytes)
-      finally:
-        os.close(hfd)
-      os.chmod(pdir, 0o755)
-      os.chmod(tmp, 0o755)
-    _fsutil.publish(tmp, out, force=force)
+        signer=sign_with, bundle=bundle, force=force)
   except BaseException:
     _fsutil.remove_tree(tmp)
     raise
-  return _info(nh, out, bundle, len(hbytes), verified=sign_with is not None,
+  return _info(nh, out, bundle, hlen, verified=sign_with is not None,
                plaintext_bytes=sum(e.size for e in entries))

@@ -266,9 +266,6 @@ class Header:
           'recipients, context or file list were modified. Fetch a fresh '
           'copy from the publisher.')
 
-  def check_commitment(self, keys: DerivedKeys) -> bool:
-    return hmac.compare_digest(keys.commitment, self.commitment)
-
   def serialize(self) -> bytes:
     if len(self.mac) != MAC_SIZE:
       raise ValueError('header MAC not set')

@@ -37,11 +37,8 @@ Work is done in two Beam stages:
 """
 
 import dataclasses
-import datetime
-import hmac
 import json
 import os
-import shutil
 import stat
 import time
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
@@ -59,7 +56,7 @@ from tfx_encrypt import package as package_lib
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import streaming
-from tfx_encrypt.keys.base import Stanza, WrapContext
+from tfx_encrypt.keys.base import Stanza
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
 _READ_CHUNK = 4 << 20
@@ -74,31 +71,17 @@ _METRICS_NAMESPACE = 'tfx_encrypt'
 def _worker_stream_key(job: Mapping[str, Any]) -> bytes:
   """Unwraps the DEK with the worker identity and derives the payload key."""
   identity = keys_lib.resolve(job['identity'])
-  package_id = bytes.fromhex(job['package_id'])
-  wctx = WrapContext(package_id, job['context'])
-  commitment = bytes.fromhex(job['commitment'])
-  last_error = None
-  for obj in job['stanzas']:
-    stanza = Stanza.from_json(obj)
-    if not identity.matches(stanza):
-      continue
-    try:
-      dek = identity.unwrap(stanza, wctx)
-    except errors.TfxEncryptError as e:
-      last_error = e
-      continue
-    keys = header_lib.DerivedKeys(dek, package_id, job['suite'])
-    del dek
-    if not hmac.compare_digest(keys.commitment, commitment):
-      raise errors.TamperedPackageError(
-          f'the data key unwrapped with {identity.key_id} does not match the '
-          'key commitment of the package being written')
-    return keys.stream_key
-  if last_error is not None:
-    raise last_error
-  raise errors.NoMatchingKeyError(
-      f'the Beam worker identity {identity.key_id} cannot unwrap the data '
-      'key: it must be a recipient (a KMS key) or the private key of one')
+  try:
+    _, keys = package_lib.unwrap_data_key(
+        [identity], [Stanza.from_json(o) for o in job['stanzas']],
+        bytes.fromhex(job['package_id']), job['context'], job['suite'],
+        bytes.fromhex(job['commitment']))
+  except errors.NoMatchingKeyError:
+    raise errors.NoMatchingKeyError(
+        f'the Beam worker identity {identity.key_id} cannot unwrap the data '
+        'key: it must be a recipient (a KMS key) or the private key of one'
+    ) from None
+  return keys.stream_key
 
 
 class EncryptRangesFn(beam.DoFn):
@@ -261,39 +244,24 @@ class BeamStats:
   worker_identity: str = ''
 
 
-def _pick_identity(candidates: Sequence[str], stanzas: Sequence[Stanza],
-                   package_id: bytes, context: Mapping[str, str], suite: str,
-                   commitment: bytes) -> str:
+def _pick_identity(candidates: Sequence[str],
+                   env: package_lib.Envelope) -> str:
   """First candidate URI that can unwrap the DEK (checked once, up front)."""
-  wctx = WrapContext(package_id, context)
   tried = []
   for uri in candidates:
     try:
       backend = keys_lib.resolve(uri)
-    except errors.TfxEncryptError:
-      continue
-    for stanza in stanzas:
-      if not backend.matches(stanza):
-        continue
-      try:
-        dek = backend.unwrap(stanza, wctx)
-      except errors.UsageError:
-        break  # e.g. a public key: cannot unwrap
-      keys = header_lib.DerivedKeys(dek, package_id, suite)
-      del dek
-      if hmac.compare_digest(keys.commitment, commitment):
-        return uri
-    tried.append(backend.key_id)
+      package_lib.unwrap_data_key([backend], env.stanzas, env.package_id,
+                                  env.context, env.suite,
+                                  env.keys.commitment)
+      return uri
+    except (errors.NoMatchingKeyError, errors.UsageError):
+      tried.append(uri)
   raise errors.UsageError(
       'Beam workers must unwrap the data key themselves, but none of '
       f'{", ".join(tried) or "the given keys"} can: pass '
       'beam_worker_identity=<a KMS recipient key URI, or the URI of the '
       'private key of a recipient that every worker can read>')
-
-
-def _now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).strftime(
-      '%Y-%m-%dT%H:%M:%SZ')
 
 
 def _create(path: str, mode: int = 0o644) -> int:
@@ -339,48 +307,23 @@ def encrypt_model_with_beam(
   started = time.monotonic()
   stats = stats if stats is not None else BeamStats()
   package = os.path.abspath(os.fspath(package))
-  suite = streaming.suite_for_cipher(cipher)
-  digest_lib.new_hash(hash_alg)
-  ctx = header_lib.check_context(dict(context) if context else {})
-  if any(k.startswith(package_lib.RESERVED_CONTEXT_PREFIX) for k in ctx):
-    raise errors.UsageError(
-        f'encryption context keys may not start with '
-        f'{package_lib.RESERVED_CONTEXT_PREFIX!r}')
   recipient_uris = [recipients] if isinstance(recipients, str) else list(
       recipients)
-  if not recipient_uris:
-    raise errors.UsageError('at least one recipient is required')
-  recips = [keys_lib.resolve(r) for r in recipient_uris]
-  sign_with = keys_lib.resolve(signer) if signer is not None else None
-  if sign_with is not None and not sign_with.signature_alg:
-    sign_with.sign(b'')  # raises a UsageError naming the right key types
+  sign_with = package_lib.resolve_signer(signer)
   if os.path.lexists(package):
     raise errors.OutputExistsError(f'{package} already exists')
   files, dirs = package_lib.scan_model(os.fspath(src_dir))
-
-  dek = os.urandom(32)
-  package_id = os.urandom(16)
-  keys = header_lib.DerivedKeys(dek, package_id, suite)
-  wctx = WrapContext(package_id, ctx)
-  stanzas, seen = [], set()
-  for r in recips:
-    if r.key_id not in seen:
-      seen.add(r.key_id)
-      stanzas.append(r.wrap(dek, wctx))
-  del dek
-  ctx_digest = header_lib.context_digest(ctx)
+  env = package_lib.prepare_envelope(recipient_uris, context=context,
+                                     cipher=cipher, hash_alg=hash_alg)
   identity = _pick_identity(
-      [worker_identity] if worker_identity else recipient_uris, stanzas,
-      package_id, ctx, suite, keys.commitment)
+      [worker_identity] if worker_identity else recipient_uris, env)
   stats.worker_identity = identity
 
-  tmp = _fsutil.temp_sibling(package)
+  tmp = package_lib.start_package(package)
   results_dir = _fsutil.temp_sibling(package, 'beam')
-  os.mkdir(tmp, 0o700)
   try:
     os.mkdir(results_dir, 0o700)
     pdir = os.path.join(tmp, package_lib.PAYLOAD_DIR)
-    os.mkdir(pdir, 0o700)
     segs_per_item = max(1, int(segment_bytes) //
                         streaming.PLAINTEXT_SEGMENT_SIZE)
     items, file_specs = [], {}
@@ -402,14 +345,14 @@ def encrypt_model_with_beam(
                           nonce_prefix=prefix.hex(), seg_start=start,
                           seg_end=min(n, start + segs_per_item)))
     items.sort(key=lambda x: -x['size'])  # big files first
-    job = {
+    job = {  # public values only: URIs, ids, wrapped keys, commitment
         'identity': identity,
-        'suite': suite,
-        'package_id': package_id.hex(),
-        'context': dict(ctx),
-        'ctx_digest': ctx_digest.hex(),
-        'stanzas': [s.to_json() for s in stanzas],
-        'commitment': keys.commitment.hex(),
+        'suite': env.suite,
+        'package_id': env.package_id.hex(),
+        'context': dict(env.context),
+        'ctx_digest': env.ctx_digest.hex(),
+        'stanzas': [st.to_json() for st in env.stanzas],
+        'commitment': env.keys.commitment.hex(),
     }
     logging.info('Encrypting %d files as %d Beam work items; workers unwrap '
                  'the data key with %s.', len(files), len(items), identity)
@@ -428,40 +371,16 @@ def encrypt_model_with_beam(
     if sorted(records) != list(range(len(files))):
       raise errors.TfxEncryptError(
           f'the Beam job finished {len(records)} of {len(files)} files')
-    entries = [header_lib.FileEntry(f.path, f.size, records[i]['plain_digest'])
-               for i, f in enumerate(files)]
-    h = header_lib.Header(
-        suite=suite, hash_alg=hash_alg, package_id=package_id,
-        created=_now(), context=ctx, recipients=stanzas,
-        commitment=keys.commitment,
-        fingerprint=digest_lib.root_digest(hash_alg,
-                                           (e.digest for e in entries)),
+    _, hlen = package_lib.finish_package(
+        env, tmp, package,
+        entries=[header_lib.FileEntry(f.path, f.size,
+                                      records[i]['plain_digest'])
+                 for i, f in enumerate(files)],
+        dirs=dirs,
         payloads=[(records[i]['ct_size'], records[i]['cipher_digest'])
                   for i in range(len(files))],
-        file_table=streaming.encrypt_bytes(
-            suite, keys.stream_key,
-            header_lib.file_table_aad(package_id, ctx_digest),
-            header_lib.encode_file_table(entries, dirs)))
-    h.mac = h.compute_mac(keys.mac_key)
-    if sign_with is not None:
-      h.signature = header_lib.SignatureBlock(
-          sign_with.signature_alg, sign_with.signer_id,
-          sign_with.sign(h.signature_message()))
-    hbytes = h.serialize()
-    if bundle:
-      out_tmp = _fsutil.temp_sibling(package)
-      _write_bundle(out_tmp, hbytes, pdir, len(files))
-      _fsutil.remove_tree(tmp)
-      tmp = out_tmp
-    else:
-      fd = _create(os.path.join(tmp, package_lib.HEADER_NAME))
-      try:
-        _fsutil.write_all(fd, hbytes)
-      finally:
-        os.close(fd)
-      os.chmod(pdir, 0o755)
-      os.chmod(tmp, 0o755)
-    _fsutil.publish(tmp, package, force=False)
+        signer=sign_with, bundle=bundle)
+    del hlen
     stats.files = len(files)
     stats.work_items = len(items)
     stats.segments = sum(streaming.num_segments(f.size) for f in files)
@@ -487,15 +406,6 @@ def _counter(result, name: str) -> Optional[int]:
     return sum(c.committed or c.attempted or 0 for c in counters)
   except Exception:  # pylint: disable=broad-except
     return None
-
-
-def _write_bundle(path: str, hbytes: bytes, pdir: str, count: int) -> None:
-  fd = _create(path)
-  with os.fdopen(fd, 'wb') as out:
-    out.write(hbytes)
-    for i in range(count):
-      with open(os.path.join(pdir, package_lib.payload_name(i)), 'rb') as src:
-        shutil.copyfileobj(src, out, _READ_CHUNK)
 
 
 def _model_bytes(model_dir: str) -> int:
