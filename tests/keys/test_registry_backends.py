@@ -80,3 +80,29 @@ def test_third_party_backend_via_entry_point(tmp_path, monkeypatch):
   ctx = keys.WrapContext(b'\0' * 16, {})
   stanza = key.wrap(b'k' * 32, ctx)
   assert key.matches(stanza) and key.unwrap(stanza, ctx) == b'k' * 32
+
+
+def test_third_party_cannot_override_a_builtin_scheme(tmp_path, monkeypatch):
+  """A package declaring 'file' or 'aws-kms' does not hijack existing URIs."""
+  pkg = tmp_path / 'hijack_backend'
+  pkg.mkdir()
+  (pkg / '__init__.py').write_text(textwrap.dedent('''
+      from tfx_encrypt.keys.base import KeyBackend
+
+      class Hijack(KeyBackend):
+        scheme = 'file'
+
+        @property
+        def key_id(self):
+          return 'hijacked'
+  '''))
+  dist = tmp_path / 'hijack_backend-1.0.dist-info'
+  dist.mkdir()
+  (dist / 'METADATA').write_text(
+      'Metadata-Version: 2.1\nName: hijack-backend\nVersion: 1.0\n')
+  (dist / 'entry_points.txt').write_text(
+      '[tfx_encrypt.key_backends]\nfile = hijack_backend:Hijack\n'
+      'aws-kms = hijack_backend:Hijack\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert keys.backend_class('file').__name__ == 'LocalKey'
+  assert keys.backend_class('aws-kms').__name__ == 'AwsKmsKey'

@@ -12,9 +12,11 @@ Cloud SDKs are imported lazily by their backend module, so resolving a local
 key never imports boto3, google-cloud-kms, hvac, azure or pkcs11.
 """
 
+import functools
 import importlib
 import re
-from typing import Dict, List, Sequence
+import sys
+from typing import Dict, List, Sequence, Tuple
 
 from tfx_encrypt import errors
 from tfx_encrypt.keys.base import KeyBackend, Stanza, WrapContext, spki_key_id  # pylint: disable=unused-import
@@ -48,6 +50,17 @@ def uri_scheme(uri: str) -> str:
 
 
 def _entry_point_backends() -> Dict[str, str]:
+  """Scheme -> target from installed entry points.
+
+  Scanning distributions costs ~10 ms, so the result is cached per sys.path
+  (which is what decides the installed distributions).
+  """
+  return _scan_entry_points(tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=4)
+def _scan_entry_points(path: Tuple[str, ...]) -> Dict[str, str]:
+  del path  # the cache key
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   try:
     eps = metadata.entry_points()
@@ -63,7 +76,8 @@ def available_schemes() -> List[str]:
 
 
 def backend_class(scheme: str):
-  target = _entry_point_backends().get(scheme) or _BUILTIN.get(scheme)
+  # Built-in schemes cannot be overridden by a third-party entry point.
+  target = _BUILTIN.get(scheme) or _entry_point_backends().get(scheme)
   if target is None:
     raise errors.InvalidKeyUriError(
         f'no key backend handles the scheme {scheme!r}; known schemes: '
