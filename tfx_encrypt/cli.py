@@ -59,11 +59,36 @@ def _dir_size(path: str) -> int:
   return total
 
 
+def _key_groups(groups: Sequence[str], threshold: Optional[int]):
+  """--key-group URI,URI ... and --threshold K into API arguments."""
+  if not groups:
+    if threshold is not None:
+      raise errors.UsageError(
+          '--threshold needs --key-group (at least two); with --recipient any '
+          'one recipient decrypts')
+    return None, None
+  parsed = []
+  for g in groups:
+    uris = [u.strip() for u in g.split(',')]
+    if not all(uris):
+      raise errors.UsageError(
+          f'--key-group expects a comma-separated list of key URIs, got {g!r}')
+    parsed.append(uris)
+  if threshold is None:
+    raise errors.UsageError(
+        f'--key-group needs --threshold K: how many of the {len(parsed)} '
+        'groups must take part in decryption')
+  return parsed, threshold
+
+
 def _summary(info: pkg.PackageInfo) -> str:
   signer = info.signer or 'unsigned'
+  who = f'{len(info.recipients)} recipient(s)'
+  if info.threshold:
+    who += (f' in {len(info.threshold["groups"])} key groups, '
+            f'{info.threshold["k"]} needed')
   return (f'{info.path}: {info.file_count} files, {info.cipher}, '
-          f'{len(info.recipients)} recipient(s), signer {signer}, '
-          f'fingerprint {info.fingerprint}')
+          f'{who}, signer {signer}, fingerprint {info.fingerprint}')
 
 
 class _Group(click.Group):
@@ -101,8 +126,16 @@ def keygen(kind, out_prefix, force):
 @main.command()
 @click.argument('src_dir', type=click.Path(file_okay=False))
 @click.argument('package')
-@click.option('--recipient', '-r', 'recipients', multiple=True, required=True,
-              metavar='KEY_URI', help='Who can decrypt (repeatable).')
+@click.option('--recipient', '-r', 'recipients', multiple=True,
+              metavar='KEY_URI',
+              help='Who can decrypt, any one alone (repeatable).')
+@click.option('--key-group', 'key_groups', multiple=True,
+              metavar='KEY_URI[,KEY_URI...]',
+              help='A key group (repeatable; groups are numbered 0, 1, ... in '
+              'order). Instead of --recipient: recipients from --threshold '
+              'distinct groups are needed to decrypt.')
+@click.option('--threshold', type=int, metavar='K',
+              help='With --key-group: how many groups must take part.')
 @click.option('--sign-with', metavar='KEY_URI',
               help='Ed25519/ECDSA P-256 private key to sign the header.')
 @click.option('--context', 'context', multiple=True, metavar='K=V',
@@ -115,12 +148,22 @@ def keygen(kind, out_prefix, force):
 @click.option('--bundle', is_flag=True, help='Write a single .tfxe file.')
 @click.option('--force', is_flag=True, help='Replace PACKAGE atomically.')
 @click.option('--fsync', is_flag=True, help='fsync before publishing.')
-def encrypt(src_dir, package, recipients, sign_with, context, cipher,
-            hash_alg, bundle, force, fsync):
+def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
+            context, cipher, hash_alg, bundle, force, fsync):
   """Encrypt SRC_DIR (a SavedModel) into PACKAGE."""
   ctx = _parse_context(context)
+  groups, k = _key_groups(key_groups, threshold)
+  if groups and recipients:
+    raise errors.UsageError(
+        'pass either --recipient (any one decrypts) or --key-group with '
+        '--threshold (k of n groups decrypt), not both')
+  if not groups and not recipients:
+    raise errors.UsageError(
+        'say who can decrypt: --recipient KEY_URI, or --key-group URI[,URI] '
+        '(at least two) with --threshold K')
   with _progress('encrypting', _dir_size(src_dir)) as progress:
     info = pkg.encrypt_model(src_dir, package, recipients=list(recipients),
+                             key_groups=groups, threshold=k,
                              signer=sign_with, context=ctx, cipher=cipher,
                              hash_alg=hash_alg, bundle=bundle, force=force,
                              progress=progress, fsync=fsync)
@@ -176,9 +219,21 @@ def inspect(package, as_json):
   click.echo(f'ciphertext:  {info.payload_digest}')
   click.echo(f'signer:      {info.signer or "unsigned"}'
              + (f' ({info.signature_alg}, not verified)' if info.signer else ''))
-  click.echo('recipients:')
-  for r in info.recipients:
-    click.echo(f'  - {r["type"]}: {r["key_id"]}')
+  if info.threshold:
+    groups = info.threshold['groups']
+    click.echo(f'threshold:   {info.threshold["k"]} of {len(groups)} key '
+               'groups needed to decrypt')
+    types = {r['key_id']: r['type'] for r in info.recipients}
+    click.echo('key groups:')
+    for gi, g in enumerate(groups):
+      click.echo(f'  group {gi}:')
+      for key_id in g:
+        click.echo(f'    - {types.get(key_id, "?")}: {key_id}')
+  else:
+    click.echo('threshold:   none (any one recipient decrypts)')
+    click.echo('recipients:')
+    for r in info.recipients:
+      click.echo(f'  - {r["type"]}: {r["key_id"]}')
   click.echo('context:')
   for k, v in sorted(info.context.items()):
     click.echo(f'  {k} = {v}')
@@ -203,18 +258,23 @@ def verify(package, trusted, allow_unsigned):
 @click.option('--add-recipient', 'adds', multiple=True, metavar='KEY_URI')
 @click.option('--remove-recipient', 'removes', multiple=True,
               metavar='KEY_URI_OR_ID')
+@click.option('--add-to-group', type=int, metavar='N',
+              help='Key group (0, 1, ...) the added recipients join; '
+              'required for a package with key groups.')
 @click.option('--sign-with', metavar='KEY_URI',
               help='Re-sign the new header (required if PACKAGE is signed).')
 @click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
               help='Verify the current signature before changing anything.')
-def rewrap(package, identities, adds, removes, sign_with, trusted):
+def rewrap(package, identities, adds, removes, add_to_group, sign_with,
+           trusted):
   """Change PACKAGE's recipients without re-encrypting the payload."""
   if not adds and not removes:
     raise errors.UsageError('nothing to do: pass --add-recipient and/or '
                             '--remove-recipient')
   info = pkg.rewrap_package(package, identities=list(identities),
                             add_recipients=list(adds),
-                            remove_recipients=list(removes), signer=sign_with,
+                            remove_recipients=list(removes),
+                            add_to_group=add_to_group, signer=sign_with,
                             trusted=list(trusted))
   click.echo(f'rewrapped {_summary(info)}')
 
@@ -224,8 +284,12 @@ def rewrap(package, identities, adds, removes, sign_with, trusted):
 @click.argument('out')
 @click.option('--identity', '-i', 'identities', multiple=True, required=True,
               metavar='KEY_URI')
-@click.option('--recipient', '-r', 'recipients', multiple=True, required=True,
+@click.option('--recipient', '-r', 'recipients', multiple=True,
               metavar='KEY_URI')
+@click.option('--key-group', 'key_groups', multiple=True,
+              metavar='KEY_URI[,KEY_URI...]',
+              help='As for encrypt: new key groups instead of --recipient.')
+@click.option('--threshold', type=int, metavar='K')
 @click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI')
 @click.option('--allow-unsigned', is_flag=True)
 @click.option('--sign-with', metavar='KEY_URI')
@@ -233,15 +297,21 @@ def rewrap(package, identities, adds, removes, sign_with, trusted):
 @click.option('--bundle/--directory', 'bundle', default=None,
               help='Output form (default: same as PACKAGE).')
 @click.option('--force', is_flag=True)
-def rotate(package, out, identities, recipients, trusted, allow_unsigned,
-           sign_with, cipher, bundle, force):
+def rotate(package, out, identities, recipients, key_groups, threshold,
+           trusted, allow_unsigned, sign_with, cipher, bundle, force):
   """Re-encrypt PACKAGE under a fresh data key into OUT (no plaintext on disk)."""
   if not trusted and not allow_unsigned:
     raise errors.UsageError(
         'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  groups, k = _key_groups(key_groups, threshold)
+  if bool(groups) == bool(recipients):
+    raise errors.UsageError(
+        'say who can decrypt the new package: --recipient KEY_URI, or '
+        '--key-group URI[,URI] (at least two) with --threshold K, not both')
   with _progress('rotating', pkg.inspect_package(package).ciphertext_bytes) as p:
     info = pkg.rotate_package(package, out, identities=list(identities),
                               recipients=list(recipients),
+                              key_groups=groups, threshold=k,
                               trusted=list(trusted),
                               allow_unsigned=allow_unsigned, signer=sign_with,
                               cipher=cipher, bundle=bundle, force=force,

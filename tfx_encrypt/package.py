@@ -31,8 +31,10 @@ from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import paths as paths_lib
 from tfx_encrypt.format import streaming
-from tfx_encrypt.format.header import FileEntry, Header, SignatureBlock
-from tfx_encrypt.keys.base import KeyBackend, WrapContext
+from tfx_encrypt.format.header import FileEntry, Header, KeyGroups
+from tfx_encrypt.format.header import SignatureBlock
+from tfx_encrypt.keys import shamir
+from tfx_encrypt.keys.base import KeyBackend, Stanza, WrapContext
 
 KeyLike = Union[str, KeyBackend]
 Progress = Optional[Callable[[int], None]]
@@ -41,6 +43,10 @@ HEADER_NAME = 'tfxe.header'
 PAYLOAD_DIR = 'payload'
 BUNDLE_SUFFIX = '.tfxe'
 RESERVED_CONTEXT_PREFIX = 'tfxe:'
+#: Wrap-context key binding a Shamir share's stanza to its key group (§7.1).
+SHARE_GROUP_KEY = 'tfxe:share-group'
+#: Bytes of one key share: the 32-byte DEK's share values plus its x.
+SHARE_SIZE = 32 + shamir.SHARE_OVERHEAD
 _O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)
 _O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
 
@@ -75,6 +81,9 @@ class PackageInfo:
   ciphertext_bytes: int
   plaintext_bytes: Optional[int] = None
   header_bytes: int = 0
+  #: None (any one recipient decrypts), or {'k': k, 'groups': [[key_id, ...],
+  #: ...]}: recipients from k distinct groups are needed.
+  threshold: Optional[Dict] = None
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -94,7 +103,11 @@ def _info(h: Header, path: str, bundle: bool, header_len: int,
       signature_verified=verified, fingerprint=h.fingerprint,
       payload_digest=h.payload_digest(), file_count=len(h.payloads),
       ciphertext_bytes=h.ciphertext_bytes + header_len,
-      plaintext_bytes=plaintext_bytes, header_bytes=header_len)
+      plaintext_bytes=plaintext_bytes, header_bytes=header_len,
+      threshold=None if h.threshold is None else {
+          'k': h.threshold.k,
+          'groups': [[h.recipients[i].key_id for i in g]
+                     for g in h.threshold.groups]})
 
 
 # --- keys ---------------------------------------------------------------------
@@ -164,16 +177,21 @@ def _verify_signature(h: Header, trusted: Sequence[KeyBackend],
 
 def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
                     package_id: bytes, context: Mapping[str, str], suite: str,
-                    commitment: bytes
+                    commitment: bytes, threshold: Optional[KeyGroups] = None
                     ) -> Tuple[bytes, header_lib.DerivedKeys]:
   """Find the DEK with the first identity that can unwrap one of `stanzas`.
 
   Returns (dek, derived keys), after checking the key commitment. Stanzas an
   identity does not `match` are skipped without any call, so a KMS identity
-  costs at most one call.
+  costs at most one call. With key groups (`threshold`), shares of k groups
+  are unwrapped and combined instead (see :func:`open_key_groups`).
   """
   if not identities:
     raise errors.UsageError('no identity given; pass --identity KEY_URI')
+  if threshold is not None:
+    dek, keys, _ = open_key_groups(identities, stanzas, package_id, context,
+                                   suite, commitment, threshold)
+    return dek, keys
   wctx = WrapContext(package_id, context)
   tampered = backend_error = None
   for ident in identities:
@@ -213,7 +231,193 @@ def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
 def _unwrap(h: Header, identities: Sequence[KeyBackend]
             ) -> Tuple[bytes, header_lib.DerivedKeys]:
   return unwrap_data_key(identities, h.recipients, h.package_id, h.context,
-                         h.suite, h.commitment)
+                         h.suite, h.commitment, h.threshold)
+
+
+# --- key groups: k of n, Shamir-split DEK (FORMAT.md §7.1) ------------------
+
+def share_context(package_id: bytes, context: Mapping[str, str],
+                  group: int) -> WrapContext:
+  """Wrap context of the stanzas of key group `group`: binds the share."""
+  pairs = dict(context)
+  pairs[SHARE_GROUP_KEY] = str(group)
+  return WrapContext(package_id, pairs)
+
+
+def _gf_poly(coeffs: Sequence[int], x: int) -> int:
+  acc = 0
+  for c in reversed(coeffs):
+    acc = shamir.gf_mul(acc, x) ^ c
+  return acc
+
+
+def split_key(secret: bytes, parts: int, threshold: int, *,
+              randbytes: Callable[[int], bytes] = os.urandom) -> List[bytes]:
+  """Shamir-split `secret` into `parts` shares, share i at x = i + 1.
+
+  Same field, polynomials and share layout (values || x) as
+  :func:`tfx_encrypt.keys.shamir.split` (HashiCorp Vault's), so
+  :func:`shamir.combine` rebuilds the secret; only the x coordinates are
+  fixed instead of random, so that `rewrap` can compute the share of any
+  group from any k shares (:func:`share_at`).
+  """
+  if not 2 <= threshold <= parts <= header_lib.MAX_KEY_GROUPS:
+    raise errors.UsageError(
+        f'key groups need 2 <= threshold <= groups <= '
+        f'{header_lib.MAX_KEY_GROUPS} (got threshold {threshold}, '
+        f'{parts} groups)')
+  shares = [bytearray() for _ in range(parts)]
+  for byte in bytes(secret):
+    coeffs = [byte] + list(randbytes(threshold - 1))
+    for i, share in enumerate(shares):
+      share.append(_gf_poly(coeffs, i + 1))
+  for i, share in enumerate(shares):
+    share.append(i + 1)
+  return [bytes(s) for s in shares]
+
+
+def share_at(shares: Sequence[bytes], x: int) -> bytes:
+  """The share at `x` of the polynomials through `shares` (Lagrange).
+
+  `shares` must be at least the split's threshold; `x = 0` gives the secret
+  followed by a zero byte.
+  """
+  shares = [bytes(s) for s in shares]
+  xs = [s[-1] for s in shares]
+  if (len(shares) < 2 or len(set(xs)) != len(xs) or 0 in xs or
+      any(len(s) != len(shares[0]) for s in shares) or not 0 <= x <= 255):
+    raise errors.UsageError('invalid Shamir shares to interpolate')
+  basis = []
+  for i, xi in enumerate(xs):
+    num, den = 1, 1
+    for j, xj in enumerate(xs):
+      if i != j:
+        num = shamir.gf_mul(num, x ^ xj)
+        den = shamir.gf_mul(den, xi ^ xj)
+    basis.append(shamir.gf_mul(num, shamir.gf_inv(den)))
+  out = bytearray()
+  for pos in range(len(shares[0]) - shamir.SHARE_OVERHEAD):
+    acc = 0
+    for share, li in zip(shares, basis):
+      acc ^= shamir.gf_mul(share[pos], li)
+    out.append(acc)
+  out.append(x)
+  return bytes(out)
+
+
+def open_key_groups(identities: Sequence[KeyBackend], stanzas: Sequence[Stanza],
+                    package_id: bytes, context: Mapping[str, str], suite: str,
+                    commitment: bytes, groups: KeyGroups
+                    ) -> Tuple[bytes, header_lib.DerivedKeys, Dict[int, bytes]]:
+  """Rebuild the DEK from the shares of k key groups (§7.1, §10 step 3).
+
+  Groups are tried in order; in each, every identity tries the stanzas it
+  `matches` (one call each) until one yields the group's share; it stops
+  after k shares. Returns (dek, derived keys, {group: share}) after checking
+  the key commitment, so a forged share ends in TamperedPackageError.
+  """
+  shares: Dict[int, bytes] = {}
+  tampered = backend_error = None
+  failed = set()  # identities whose backend failed: not called again
+  for gi, idxs in enumerate(groups.groups):
+    if len(shares) == groups.k:
+      break
+    wctx = share_context(package_id, context, gi)
+    for ni, ident in enumerate(identities):
+      if ni in failed or gi in shares:
+        continue
+      for si in idxs:
+        stanza = stanzas[si]
+        if not ident.matches(stanza):
+          continue
+        try:
+          share = ident.unwrap(stanza, wctx)
+        except errors.TamperedPackageError as e:
+          tampered = e
+          continue
+        except errors.NoMatchingKeyError:
+          continue
+        except errors.KeyBackendError as e:
+          backend_error = backend_error or e
+          failed.add(ni)
+          break
+        if len(share) != SHARE_SIZE or share[-1] != gi + 1:
+          tampered = errors.TamperedPackageError(
+              f'the key share unwrapped with {ident.key_id} for key group '
+              f'{gi} is malformed: the recipient stanza was modified')
+          continue
+        shares[gi] = share
+        break
+  if len(shares) < groups.k:
+    if tampered is not None:
+      raise tampered
+    if backend_error is not None:
+      raise backend_error
+    have = ', '.join(i.key_id for i in identities)
+    opened = ', '.join(str(g) for g in sorted(shares)) or 'none'
+    raise errors.NoMatchingKeyError(
+        f'{groups.k} of {groups.n} key groups needed, got {len(shares)}: the '
+        f'identities ({have}) open key groups: {opened}. Pass identities '
+        f'from {groups.k} different groups (see "tfx-encrypt inspect")')
+  dek = shamir.combine(list(shares.values()))
+  keys = header_lib.DerivedKeys(dek, package_id, suite)
+  if not hmac.compare_digest(keys.commitment, commitment):
+    raise errors.TamperedPackageError(
+        'the data key rebuilt from the shares of key groups '
+        f'{sorted(shares)} does not match the package\'s key commitment: a '
+        'recipient stanza or the key groups were modified')
+  return dek, keys, shares
+
+
+def _plan_recipients(recipients: Optional[Sequence[KeyLike]],
+                     key_groups: Optional[Sequence[Sequence[KeyLike]]],
+                     threshold: Optional[int]
+                     ) -> Tuple[List[KeyBackend],
+                                Optional[List[List[KeyBackend]]]]:
+  """Resolve and check recipients, or key groups and their threshold."""
+  if key_groups is None:
+    if threshold is not None:
+      raise errors.UsageError(
+          'a threshold needs key groups: pass --key-group (at least two) '
+          'instead of --recipient, or drop --threshold')
+    recips = _backends(recipients)
+    if not recips:
+      raise errors.UsageError('at least one --recipient is required')
+    return recips, None
+  if recipients:
+    raise errors.UsageError(
+        'pass either recipients (any one of them decrypts) or key groups '
+        'with a threshold (k of n groups decrypt), not both')
+  if isinstance(key_groups, (str, KeyBackend)):
+    raise errors.UsageError('key_groups must be a list of lists of keys')
+  groups = [_backends(g) for g in key_groups]
+  n = len(groups)
+  if not 2 <= n <= header_lib.MAX_KEY_GROUPS:
+    raise errors.UsageError(
+        f'key groups: pass 2 to {header_lib.MAX_KEY_GROUPS} groups '
+        f'(--key-group), got {n}')
+  if type(threshold) is not int or not 2 <= threshold <= n:  # pylint: disable=unidiomatic-typecheck
+    raise errors.UsageError(
+        f'with {n} key groups, --threshold must be an integer from 2 to {n} '
+        f'(got {threshold!r})')
+  out, where = [], {}
+  for gi, g in enumerate(groups):
+    if not g:
+      raise errors.UsageError(f'key group {gi} is empty; give it a key')
+    members = []
+    for r in g:
+      if r.key_id in where and where[r.key_id] != gi:
+        raise errors.UsageError(
+            f'key {r.key_id} is in key groups {where[r.key_id]} and {gi}; a '
+            'key may be in only one group (it would hold two shares)')
+      if r.key_id not in where:
+        where[r.key_id] = gi
+        members.append(r)
+    out.append(members)
+  if len(where) > header_lib.MAX_RECIPIENTS:
+    raise errors.UsageError(
+        f'a package can have at most {header_lib.MAX_RECIPIENTS} recipients')
+  return [], out
 
 
 # --- walking the source model -------------------------------------------------
@@ -648,8 +852,10 @@ class Envelope:
   """
 
   def __init__(self, suite: str, hash_alg: str, package_id: bytes,
-               context: Dict[str, str], stanzas: List, keys):
+               context: Dict[str, str], stanzas: List, keys,
+               threshold: Optional[KeyGroups] = None):
     self.suite = suite
+    self.threshold = threshold
     self.hash_alg = hash_alg
     self.package_id = package_id
     self.context = context
@@ -669,28 +875,45 @@ class Envelope:
     raise TypeError('an Envelope holds key material and must not be pickled')
 
 
-def prepare_envelope(recipients: Sequence[KeyLike], *,
+def prepare_envelope(recipients: Optional[Sequence[KeyLike]], *,
                      context: Optional[Mapping[str, str]] = None,
                      cipher: str = 'aes-256-gcm', hash_alg: str = 'sha256',
-                     suite: Optional[str] = None) -> Envelope:
-  """Fresh DEK and package id; wrap the DEK once per distinct recipient."""
+                     suite: Optional[str] = None,
+                     key_groups: Optional[Sequence[Sequence[KeyLike]]] = None,
+                     threshold: Optional[int] = None) -> Envelope:
+  """Fresh DEK and package id; wrap the DEK once per distinct recipient.
+
+  With `key_groups` (n groups) and `threshold` (k) instead of recipients,
+  the DEK is Shamir-split into n shares and share i is wrapped once for each
+  recipient of group i; any k groups together decrypt (FORMAT.md §7.1).
+  """
   suite = suite or streaming.suite_for_cipher(cipher)
   digest_lib.new_hash(hash_alg)  # fail early if unavailable
   ctx = _check_user_context(context)
-  recips = _backends(recipients)
-  if not recips:
-    raise errors.UsageError('at least one --recipient is required')
+  recips, groups = _plan_recipients(recipients, key_groups, threshold)
   dek = os.urandom(32)
   package_id = os.urandom(16)
   keys = header_lib.DerivedKeys(dek, package_id, suite)
-  wctx = WrapContext(package_id, ctx)
   stanzas, seen = [], set()
-  for r in recips:
-    if r.key_id not in seen:
-      seen.add(r.key_id)
-      stanzas.append(r.wrap(dek, wctx))  # exactly one call per recipient
+  kg = None
+  if groups is None:
+    wctx = WrapContext(package_id, ctx)
+    for r in recips:
+      if r.key_id not in seen:
+        seen.add(r.key_id)
+        stanzas.append(r.wrap(dek, wctx))  # exactly one call per recipient
+  else:
+    shares = split_key(dek, len(groups), threshold)
+    indices = []
+    for gi, members in enumerate(groups):
+      wctx = share_context(package_id, ctx, gi)
+      indices.append(list(range(len(stanzas), len(stanzas) + len(members))))
+      for r in members:
+        stanzas.append(r.wrap(shares[gi], wctx))  # one call per recipient
+    del shares
+    kg = KeyGroups(threshold, indices)
   del dek
-  return Envelope(suite, hash_alg, package_id, ctx, stanzas, keys)
+  return Envelope(suite, hash_alg, package_id, ctx, stanzas, keys, kg)
 
 
 def resolve_signer(signer: Optional[KeyLike]) -> Optional[KeyBackend]:
@@ -732,7 +955,7 @@ def finish_package(env: Envelope, tmp: str, package: str, *,
   h = Header(
       suite=env.suite, hash_alg=env.hash_alg, package_id=env.package_id,
       created=_now(), context=env.context, recipients=env.stanzas,
-      commitment=env.keys.commitment,
+      threshold=env.threshold, commitment=env.keys.commitment,
       fingerprint=digest_lib.root_digest(env.hash_alg,
                                          (e.digest for e in entries)),
       payloads=list(payloads),
@@ -772,7 +995,10 @@ def finish_package(env: Envelope, tmp: str, package: str, *,
   return h, len(hbytes)
 
 
-def encrypt_model(src_dir, package, *, recipients: Sequence[KeyLike],
+def encrypt_model(src_dir, package, *,
+                  recipients: Optional[Sequence[KeyLike]] = None,
+                  key_groups: Optional[Sequence[Sequence[KeyLike]]] = None,
+                  threshold: Optional[int] = None,
                   signer: Optional[KeyLike] = None,
                   context: Optional[Mapping[str, str]] = None,
                   cipher: str = 'aes-256-gcm', hash_alg: str = 'sha256',
@@ -784,6 +1010,10 @@ def encrypt_model(src_dir, package, *, recipients: Sequence[KeyLike],
   The data key is wrapped once per recipient (one KMS call each) before any
   payload is written. The package is written into a temporary sibling and
   renamed into place; on any error nothing is left behind.
+
+  Either `recipients` (any one of them decrypts), or `key_groups` (a list
+  of n lists of keys) and `threshold` k: the data key is Shamir-split so
+  that recipients from k distinct groups are needed (FORMAT.md §7.1).
   """
   package = os.path.abspath(os.fspath(package))
   streaming.suite_for_cipher(cipher)
@@ -794,7 +1024,8 @@ def encrypt_model(src_dir, package, *, recipients: Sequence[KeyLike],
     raise _fsutil._exists(package)  # pylint: disable=protected-access
   files, dirs = scan_model(os.fspath(src_dir))
   env = prepare_envelope(recipients, context=context, cipher=cipher,
-                         hash_alg=hash_alg)
+                         hash_alg=hash_alg, key_groups=key_groups,
+                         threshold=threshold)
   tmp = start_package(package, force)
   try:
     pdir = os.path.join(tmp, PAYLOAD_DIR)
@@ -1000,6 +1231,7 @@ def _write_header_only(src: _Source, h: Header) -> None:
 def rewrap_package(package, *, identities: Sequence[KeyLike],
                    add_recipients: Sequence[KeyLike] = (),
                    remove_recipients: Sequence[KeyLike] = (),
+                   add_to_group: Optional[int] = None,
                    signer: Optional[KeyLike] = None,
                    trusted: Sequence[KeyLike] = (),
                    allow_unsigned: bool = True) -> PackageInfo:
@@ -1009,6 +1241,11 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   once for each added recipient, and the header is rewritten atomically.
   Removing a recipient does not revoke a DEK it has already seen; use
   :func:`rotate_package` after a suspected leak.
+
+  For a package with key groups, the identities must open k groups; added
+  recipients join group `add_to_group` (they get that group's share), and
+  removals must leave every group non-empty. The threshold and the number
+  of groups never change here: use :func:`rotate_package` for that.
   """
   src = _Source(os.fspath(package))
   h = src.header
@@ -1032,6 +1269,14 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
     raise errors.UsageError(
         f'cannot remove {sorted(unknown)}: not a recipient of this package '
         '(see "tfx-encrypt inspect")')
+  if h.threshold is not None:
+    return _rewrap_groups(src, h, _backends(identities), adds, remove_ids,
+                          add_to_group, sign_with)
+  if add_to_group is not None:
+    raise errors.UsageError(
+        'this package has no key groups (any one recipient decrypts it), so '
+        'there is no group to add to; drop --add-to-group, or use rotate '
+        'with --key-group to create groups')
   dek, keys = _unwrap(h, _backends(identities))
   h.check_mac(keys.mac_key)
   _decrypt_file_table(h, keys)  # full header authentication before changing
@@ -1060,8 +1305,76 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
                verified=sign_with is not None)
 
 
+def _rewrap_groups(src: '_Source', h: Header, identities: List[KeyBackend],
+                   adds: List[KeyBackend], remove_ids: set,
+                   add_to_group: Optional[int],
+                   sign_with: Optional[KeyBackend]) -> PackageInfo:
+  """rewrap_package for a package with key groups (FORMAT.md §7.1)."""
+  kg = h.threshold
+  if adds and add_to_group is None:
+    raise errors.UsageError(
+        f'this package needs {kg.k} of {kg.n} key groups; say which group '
+        f'(0 to {kg.n - 1}) the new recipients join with --add-to-group N')
+  if add_to_group is not None and (
+      type(add_to_group) is not int or not 0 <= add_to_group < kg.n):  # pylint: disable=unidiomatic-typecheck
+    raise errors.UsageError(
+        f'--add-to-group must be a key group number from 0 to {kg.n - 1} '
+        f'(got {add_to_group!r}; see "tfx-encrypt inspect")')
+  # Plan everything before any key call.
+  members = [[h.recipients[i] for i in g if h.recipients[i].key_id
+              not in remove_ids] for g in kg.groups]
+  new = []
+  if adds:
+    where = {s.key_id: gi for gi, g in enumerate(members) for s in g}
+    for a in adds:
+      gi = where.get(a.key_id)
+      if gi is not None and gi != add_to_group:
+        raise errors.UsageError(
+            f'key {a.key_id} is already a recipient in key group {gi}; a key '
+            'may be in only one group (it would hold two shares)')
+      if gi is None:
+        where[a.key_id] = add_to_group
+        new.append(a)
+  for gi, g in enumerate(members):
+    if not g and not (new and gi == add_to_group):
+      raise errors.UsageError(
+          f'rewrap would leave key group {gi} with no recipient; add one with '
+          f'--add-recipient KEY --add-to-group {gi}, or use rotate to change '
+          'the key groups')
+  if sum(len(g) for g in members) + len(new) > header_lib.MAX_RECIPIENTS:
+    raise errors.UsageError(
+        f'a package can have at most {header_lib.MAX_RECIPIENTS} recipients')
+  dek, keys, shares = open_key_groups(
+      identities, h.recipients, h.package_id, h.context, h.suite,
+      h.commitment, kg)
+  del dek
+  h.check_mac(keys.mac_key)
+  _decrypt_file_table(h, keys)  # full header authentication before changing
+  if new:
+    share = share_at(list(shares.values()), add_to_group + 1)
+    wctx = share_context(h.package_id, h.context, add_to_group)
+    for a in new:
+      members[add_to_group].append(a.wrap(share, wctx))
+    del share
+  del shares
+  stanzas, indices = [], []
+  for g in members:
+    indices.append(list(range(len(stanzas), len(stanzas) + len(g))))
+    stanzas.extend(g)
+  h.recipients = stanzas
+  h.threshold = KeyGroups(kg.k, indices)
+  h.invalidate()
+  h.mac = h.compute_mac(keys.mac_key)
+  _sign(h, sign_with)
+  _write_header_only(src, h)
+  return _info(h, src.path, src.bundle, len(h.serialize()),
+               verified=sign_with is not None)
+
+
 def rotate_package(package, out, *, identities: Sequence[KeyLike],
-                   recipients: Sequence[KeyLike],
+                   recipients: Optional[Sequence[KeyLike]] = None,
+                   key_groups: Optional[Sequence[Sequence[KeyLike]]] = None,
+                   threshold: Optional[int] = None,
                    trusted: Sequence[KeyLike] = (),
                    allow_unsigned: bool = False,
                    signer: Optional[KeyLike] = None,
@@ -1072,18 +1385,22 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
   """Re-encrypt under a fresh DEK (after a suspected DEK leak).
 
   Streams each payload segment from the old package through decryption and
-  re-encryption in memory: plaintext never touches the disk.
+  re-encryption in memory: plaintext never touches the disk. The new
+  package is for `recipients`, or for `key_groups` with `threshold` (as in
+  :func:`encrypt_model`), whatever the old one had.
   """
   out = os.path.abspath(os.fspath(out))
   if os.path.lexists(out) and not force:
     raise _fsutil._exists(out)  # pylint: disable=protected-access
+  _plan_recipients(recipients, key_groups, threshold)  # fail before any call
   sign_with = resolve_signer(signer)
   src, h, old_keys, entries, dirs, _ = _open_authenticated(
       package, identities, trusted, allow_unsigned)
   env = prepare_envelope(
       recipients, context=h.context if context is None else context,
       hash_alg=h.hash_alg,
-      suite=streaming.suite_for_cipher(cipher) if cipher else h.suite)
+      suite=streaming.suite_for_cipher(cipher) if cipher else h.suite,
+      key_groups=key_groups, threshold=threshold)
   bundle = src.bundle if bundle is None else bundle
   tmp = start_package(out, force)
   try:

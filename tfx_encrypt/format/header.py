@@ -30,6 +30,7 @@ MAC_SIZE = 32
 PREFIX_SIZE = len(MAGIC) + 4
 MAX_HEADER = PREFIX_SIZE + MAX_BODY + MAC_SIZE + 4 + MAX_SIG
 MAX_RECIPIENTS = 64
+MAX_KEY_GROUPS = 16
 MAX_FILES = 100_000
 MAX_DIRS = 100_000
 MAX_CONTEXT = 64
@@ -39,8 +40,9 @@ MAX_FILE_SIZE = 1 << 50  # 1 PiB; far below the 2^32-segment stream limit
 MAX_FILE_TABLE = 12 << 20
 
 _BODY_KEYS = {'format', 'suite', 'hash', 'package_id', 'created', 'context',
-              'recipients', 'commitment', 'fingerprint', 'payloads',
-              'file_table'}
+              'recipients', 'threshold', 'commitment', 'fingerprint',
+              'payloads', 'file_table'}
+_THRESHOLD_KEYS = {'k', 'groups'}
 _SIG_KEYS = {'alg', 'key_id', 'sig'}
 SIGNATURE_ALGS = ('ed25519', 'ecdsa-p256-sha256')
 _HEX64 = re.compile(r'^[0-9a-f]{64}$')
@@ -192,6 +194,62 @@ class SignatureBlock:
                _b64(obj['sig'], 'signature', 4096))
 
 
+# --- key groups (k of n) ----------------------------------------------------
+
+class KeyGroups:
+  """The header's `threshold` field (§7.1): k of n groups of stanzas.
+
+  `groups[i]` lists the indices (ascending) of the recipient stanzas that
+  wrap Shamir share i of the DEK; every stanza is in exactly one group, and
+  shares from any `k` distinct groups rebuild the DEK.
+  """
+
+  __slots__ = ('k', 'groups')
+
+  def __init__(self, k: int, groups: Sequence[Sequence[int]]):
+    self.k = k
+    self.groups = [list(g) for g in groups]
+
+  @property
+  def n(self) -> int:
+    return len(self.groups)
+
+  def to_json(self) -> Dict[str, Any]:
+    return {'k': self.k, 'groups': [list(g) for g in self.groups]}
+
+  def __eq__(self, other):
+    return isinstance(other, KeyGroups) and self.to_json() == other.to_json()
+
+  def __repr__(self):
+    return f'KeyGroups(k={self.k}, groups={self.groups!r})'
+
+  @classmethod
+  def parse(cls, obj, stanza_count: int) -> Optional['KeyGroups']:
+    """Strictly validate a header `threshold` value (None stays None)."""
+    if obj is None:
+      return None
+    if not isinstance(obj, dict) or set(obj) != _THRESHOLD_KEYS:
+      raise _bad('threshold fields')
+    groups = obj['groups']
+    if not isinstance(groups, list) or not 2 <= len(groups) <= MAX_KEY_GROUPS:
+      raise _bad('key group count')
+    k = _int(obj['k'], 2, len(groups), 'key group threshold')
+    seen = []
+    for g in groups:
+      if not isinstance(g, list) or not g:
+        raise _bad('empty key group')
+      prev = -1
+      for idx in g:
+        idx = _int(idx, 0, stanza_count - 1, 'key group stanza index')
+        if idx <= prev:
+          raise _bad('key group stanza indices are not ascending')
+        prev = idx
+        seen.append(idx)
+    if sorted(seen) != list(range(stanza_count)):
+      raise _bad('every recipient stanza must be in exactly one key group')
+    return cls(k, groups)
+
+
 # --- header -------------------------------------------------------------------
 
 class Header:
@@ -202,13 +260,15 @@ class Header:
                recipients: List[Stanza], commitment: bytes, fingerprint: str,
                payloads: List[Tuple[int, str]], file_table: bytes,
                mac: bytes = b'', signature: Optional[SignatureBlock] = None,
-               body: Optional[bytes] = None):
+               body: Optional[bytes] = None,
+               threshold: Optional[KeyGroups] = None):
     self.suite = suite
     self.hash_alg = hash_alg
     self.package_id = package_id
     self.created = created
     self.context = context
     self.recipients = recipients
+    self.threshold = threshold  # None: any one recipient opens the package
     self.commitment = commitment
     self.fingerprint = fingerprint
     self.payloads = payloads
@@ -227,6 +287,8 @@ class Header:
         'created': self.created,
         'context': self.context,
         'recipients': [s.to_json() for s in self.recipients],
+        'threshold': (None if self.threshold is None else
+                      self.threshold.to_json()),
         'commitment': base64.b64encode(self.commitment).decode('ascii'),
         'fingerprint': self.fingerprint,
         'payloads': [[s, d] for s, d in self.payloads],
@@ -338,6 +400,7 @@ class Header:
     if not isinstance(recips, list) or not 0 < len(recips) <= MAX_RECIPIENTS:
       raise _bad('recipient count')
     recipients = [Stanza.from_json(r) for r in recips]
+    threshold = KeyGroups.parse(obj['threshold'], len(recipients))
     commitment = _b64(obj['commitment'], 'commitment', 32)
     if len(commitment) != 32:
       raise _bad('commitment length')
@@ -359,7 +422,8 @@ class Header:
     file_table = _b64(obj['file_table'], 'file table', MAX_FILE_TABLE)
     return cls(suite=suite, hash_alg=hash_alg, package_id=package_id,
                created=created, context=ctx, recipients=recipients,
-               commitment=commitment, fingerprint=fingerprint,
+               threshold=threshold, commitment=commitment,
+               fingerprint=fingerprint,
                payloads=payloads, file_table=file_table, body=body)
 
 
