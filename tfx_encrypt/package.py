@@ -244,65 +244,21 @@ def share_context(package_id: bytes, context: Mapping[str, str],
   return WrapContext(package_id, pairs)
 
 
-def _gf_poly(coeffs: Sequence[int], x: int) -> int:
-  acc = 0
-  for c in reversed(coeffs):
-    acc = shamir.gf_mul(acc, x) ^ c
-  return acc
-
-
 def split_key(secret: bytes, parts: int, threshold: int, *,
               randbytes: Callable[[int], bytes] = os.urandom) -> List[bytes]:
   """Shamir-split `secret` into `parts` shares, share i at x = i + 1.
 
-  Same field, polynomials and share layout (values || x) as
-  :func:`tfx_encrypt.keys.shamir.split` (HashiCorp Vault's), so
-  :func:`shamir.combine` rebuilds the secret; only the x coordinates are
-  fixed instead of random, so that `rewrap` can compute the share of any
-  group from any k shares (:func:`share_at`).
+  The x coordinates are fixed instead of random (:func:`shamir.split`'s
+  default) so that `rewrap` can compute the share of any group from any k
+  shares (:func:`shamir.interpolate`); the shares keep Vault's layout.
   """
   if not 2 <= threshold <= parts <= header_lib.MAX_KEY_GROUPS:
     raise errors.UsageError(
         f'key groups need 2 <= threshold <= groups <= '
         f'{header_lib.MAX_KEY_GROUPS} (got threshold {threshold}, '
         f'{parts} groups)')
-  shares = [bytearray() for _ in range(parts)]
-  for byte in bytes(secret):
-    coeffs = [byte] + list(randbytes(threshold - 1))
-    for i, share in enumerate(shares):
-      share.append(_gf_poly(coeffs, i + 1))
-  for i, share in enumerate(shares):
-    share.append(i + 1)
-  return [bytes(s) for s in shares]
-
-
-def share_at(shares: Sequence[bytes], x: int) -> bytes:
-  """The share at `x` of the polynomials through `shares` (Lagrange).
-
-  `shares` must be at least the split's threshold; `x = 0` gives the secret
-  followed by a zero byte.
-  """
-  shares = [bytes(s) for s in shares]
-  xs = [s[-1] for s in shares]
-  if (len(shares) < 2 or len(set(xs)) != len(xs) or 0 in xs or
-      any(len(s) != len(shares[0]) for s in shares) or not 0 <= x <= 255):
-    raise errors.UsageError('invalid Shamir shares to interpolate')
-  basis = []
-  for i, xi in enumerate(xs):
-    num, den = 1, 1
-    for j, xj in enumerate(xs):
-      if i != j:
-        num = shamir.gf_mul(num, x ^ xj)
-        den = shamir.gf_mul(den, xi ^ xj)
-    basis.append(shamir.gf_mul(num, shamir.gf_inv(den)))
-  out = bytearray()
-  for pos in range(len(shares[0]) - shamir.SHARE_OVERHEAD):
-    acc = 0
-    for share, li in zip(shares, basis):
-      acc ^= shamir.gf_mul(share[pos], li)
-    out.append(acc)
-  out.append(x)
-  return bytes(out)
+  return shamir.split(secret, parts, threshold, randbytes=randbytes,
+                      xs=range(1, parts + 1))
 
 
 def open_key_groups(identities: Sequence[KeyBackend], stanzas: Sequence[Stanza],
@@ -1351,7 +1307,7 @@ def _rewrap_groups(src: '_Source', h: Header, identities: List[KeyBackend],
   h.check_mac(keys.mac_key)
   _decrypt_file_table(h, keys)  # full header authentication before changing
   if new:
-    share = share_at(list(shares.values()), add_to_group + 1)
+    share = shamir.interpolate(list(shares.values()), add_to_group + 1)
     wctx = share_context(h.package_id, h.context, add_to_group)
     for a in new:
       members[add_to_group].append(a.wrap(share, wctx))

@@ -11,12 +11,14 @@ Combining fewer than ``threshold`` shares returns a wrong value without
 any error (that is the scheme's secrecy), so callers must check the
 result: the package format's key commitment does exactly that.
 
-Not wired into the package format yet; see docs/BACKENDS.md ("k of n").
+The package format's k-of-n key groups (docs/FORMAT.md §7.1) use this
+module with fixed x coordinates (share i at x = i + 1, ``xs=``) so that a
+share of any group can be recomputed from any k shares (`interpolate`).
 """
 
 import os
 import secrets
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from tfx_encrypt import errors
 
@@ -55,7 +57,8 @@ def _eval(coeffs: Sequence[int], x: int) -> int:
 
 
 def split(secret: bytes, parts: int, threshold: int, *,
-          randbytes: Callable[[int], bytes] = os.urandom) -> List[bytes]:
+          randbytes: Callable[[int], bytes] = os.urandom,
+          xs: Optional[Sequence[int]] = None) -> List[bytes]:
   """Splits `secret` into `parts` shares, any `threshold` of which rebuild it.
 
   Args:
@@ -63,6 +66,8 @@ def split(secret: bytes, parts: int, threshold: int, *,
     parts: number of shares, 2..255.
     threshold: shares needed, 2..parts.
     randbytes: source of randomness (tests pass a deterministic one).
+    xs: the shares' x coordinates (distinct, 1..255); by default distinct
+      random ones, as Vault does. Their secrecy is not needed for security.
 
   Returns:
     `parts` shares of ``len(secret) + 1`` bytes each.
@@ -73,9 +78,14 @@ def split(secret: bytes, parts: int, threshold: int, *,
     raise errors.UsageError(
         f'Shamir needs 2 <= threshold <= parts <= 255 (got threshold '
         f'{threshold}, parts {parts})')
-  xs = list(range(1, 256))
-  _shuffle(xs, randbytes)
-  xs = xs[:parts]
+  if xs is None:
+    xs = list(range(1, 256))
+    _shuffle(xs, randbytes)
+    xs = xs[:parts]
+  xs = list(xs)
+  if len(xs) != parts or len(set(xs)) != parts or not all(
+      1 <= x <= 255 for x in xs):
+    raise errors.UsageError('Shamir x coordinates must be distinct, 1..255')
   shares = [bytearray() for _ in range(parts)]
   for byte in bytes(secret):
     coeffs = [byte] + list(randbytes(threshold - 1))
@@ -92,6 +102,18 @@ def combine(shares: Sequence[bytes]) -> bytes:
   Raises:
     UsageError: fewer than two shares, unequal lengths, or repeated x.
   """
+  return interpolate(shares, 0)[:-SHARE_OVERHEAD]
+
+
+def interpolate(shares: Sequence[bytes], x: int) -> bytes:
+  """The share at `x` of the polynomials through `shares` (Lagrange).
+
+  `shares` must number at least the split's threshold. ``x = 0`` gives the
+  secret (followed by the zero x byte); any other x recomputes that share.
+
+  Raises:
+    UsageError: fewer than two shares, unequal lengths, or repeated x.
+  """
   shares = [bytes(s) for s in shares]
   if len(shares) < 2:
     raise errors.UsageError('at least two Shamir shares are needed')
@@ -101,15 +123,17 @@ def combine(shares: Sequence[bytes]) -> bytes:
   xs = [s[-1] for s in shares]
   if len(set(xs)) != len(xs) or 0 in xs:
     raise errors.UsageError('Shamir shares have repeated or zero x coordinates')
-  # Lagrange basis values at 0: l_i(0) = prod_{j != i} x_j / (x_j - x_i);
+  if not 0 <= x <= 255:
+    raise errors.UsageError('a Shamir x coordinate is a byte')
+  # Lagrange basis values at x: l_i(x) = prod_{j != i} (x - x_j) / (x_i - x_j);
   # in GF(2^8) subtraction is XOR.
   basis = []
   for i, xi in enumerate(xs):
     num, den = 1, 1
     for j, xj in enumerate(xs):
       if i != j:
-        num = gf_mul(num, xj)
-        den = gf_mul(den, xj ^ xi)
+        num = gf_mul(num, x ^ xj)
+        den = gf_mul(den, xi ^ xj)
     basis.append(gf_mul(num, gf_inv(den)))
   out = bytearray()
   for pos in range(length - SHARE_OVERHEAD):
@@ -117,6 +141,7 @@ def combine(shares: Sequence[bytes]) -> bytes:
     for share, li in zip(shares, basis):
       acc ^= gf_mul(share[pos], li)
     out.append(acc)
+  out.append(x)
   return bytes(out)
 
 
