@@ -53,6 +53,16 @@ def make_model(path, size_mib, shards):
       f.write(os.urandom(n))
 
 
+def _default_scratch(size_mib, out):
+  try:
+    st = os.statvfs('/dev/shm')
+    if st.f_bavail * st.f_frsize > 4 * size_mib * MiB:
+      return '/dev/shm'
+  except OSError:
+    pass
+  return out
+
+
 def warm(path):
   for root, _, files in os.walk(path):
     for f in files:
@@ -150,7 +160,14 @@ def main(argv=None):
   ap.add_argument('--size-mib', type=int, default=1024)
   ap.add_argument('--shards', type=int, default=4)
   ap.add_argument('--rounds', type=int, default=3)
-  ap.add_argument('--out', default=os.path.join(ROOT, 'bench-out'))
+  ap.add_argument('--out', default=os.path.join(ROOT, 'bench-out'),
+                  help='where the input model, keys and results.json live')
+  ap.add_argument('--scratch', default=None,
+                  help='where every operation writes its output (default: '
+                  '/dev/shm if it has room, else --out). A tmpfs takes disk '
+                  'writeback, which made cp -r swing 0.3-1.3 s, out of the '
+                  'measurement: all tools then pay the same page-cache '
+                  'copy, and the ratios compare their CPU work.')
   ap.add_argument('--only', default='',
                   help='comma list of: cp,encrypt,decrypt,blake3,naive,age,'
                   'rewrap,rss')
@@ -190,7 +207,10 @@ def main(argv=None):
   t = {k: [] for k in ('cp', 'encrypt', 'decrypt', 'encrypt_blake3',
                        'decrypt_blake3', 'naive_encrypt', 'age_encrypt',
                        'age_decrypt', 'rewrap')}
-  p = lambda n: os.path.join(out, n)  # noqa: E731
+  scratch = args.scratch or _default_scratch(args.size_mib, out)
+  scratch = os.path.join(scratch, f'tfxe-bench-{os.getpid()}')
+  os.makedirs(scratch, exist_ok=True)
+  p = lambda n: os.path.join(scratch, n)  # noqa: E731
   warm(model)
   for r in range(args.rounds):
     print(f'round {r + 1}/{args.rounds}', file=sys.stderr)
@@ -238,6 +258,7 @@ def main(argv=None):
       rm(p('m.age'), p('agedec'))
 
   med = {k: statistics.median(v) for k, v in t.items() if v}
+  best = {k: min(v) for k, v in t.items() if v}
   cp = med['cp']
   rows = [(k, v, v / cp) for k, v in med.items()]
   rss = {}
@@ -251,7 +272,10 @@ def main(argv=None):
       'size_mib': args.size_mib, 'shards': args.shards, 'rounds': args.rounds,
       'machine': {'cpus': os.cpu_count(), 'python': platform.python_version(),
                   'platform': platform.platform()},
+      'scratch': os.path.dirname(scratch),
       'median_seconds': med, 'ratio_to_cp': {k: v / cp for k, v in med.items()},
+      'best_seconds': best,
+      'best_ratio_to_cp': {k: v / best['cp'] for k, v in best.items()},
       'all_seconds': t,
       'peak_rss_over_baseline_mib': {k: v[1] for k, v in rss.items()},
   }
@@ -259,13 +283,16 @@ def main(argv=None):
     result['rewrap_fraction_of_encrypt'] = med['rewrap'] / med['encrypt']
   with open(os.path.join(out, 'results.json'), 'w') as f:
     json.dump(result, f, indent=2)
+  shutil.rmtree(scratch, ignore_errors=True)
   print(f'\nInput: {args.size_mib} MiB SavedModel-shaped directory, '
-        f'{args.shards} variable shards, page cache warm; median of '
-        f'{args.rounds} interleaved rounds; {os.cpu_count()} CPUs.\n')
-  print('| operation | median s | × cp -r |')
-  print('|---|---:|---:|')
+        f'{args.shards} variable shards, page cache warm; outputs to '
+        f'{os.path.dirname(scratch)}; median and best of {args.rounds} '
+        f'interleaved rounds; {os.cpu_count()} CPUs.\n')
+  print('| operation | median s | × cp -r (median) | best s | × cp -r (best) |')
+  print('|---|---:|---:|---:|---:|')
   for k, v, ratio in rows:
-    print(f'| {k} | {v:.3f} | {ratio:.2f} |')
+    print(f'| {k} | {v:.3f} | {ratio:.2f} | {best[k]:.3f} | '
+          f'{best[k] / best["cp"]:.2f} |')
   if 'rewrap_fraction_of_encrypt' in result:
     print(f'\nrewrap / full encryption: '
           f'{100 * result["rewrap_fraction_of_encrypt"]:.3f} %')
