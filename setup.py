@@ -53,7 +53,7 @@ _FEATURE_EXTRAS = {
         'dill',
     ],
     'aws': ['boto3'],
-    'gcp': ['google-cloud-kms'],
+    'gcp': ['google-cloud-kms', 'google-crc32c'],
     'vault': ['hvac'],
     'azure': ['azure-keyvault-keys', 'azure-identity'],
     'pkcs11': ['python-pkcs11'],
