@@ -47,7 +47,7 @@ BUILTIN_BACKENDS = {
 FEATURE_EXTRAS = {
     'tfx': {'tfx', 'tensorflow', 'apache-beam', 'ml-metadata', 'dill'},
     'aws': {'boto3'},
-    'gcp': {'google-cloud-kms'},
+    'gcp': {'google-cloud-kms', 'google-crc32c'},
     'vault': {'hvac'},
     'azure': {'azure-keyvault-keys', 'azure-identity'},
     'pkcs11': {'python-pkcs11'},
