@@ -278,8 +278,10 @@ def test_rewrap_changes_recipients_not_payload(tmp_path, keys, bundle):
   te.decrypt_model(pkg, tmp_path / 'o2', identities=[keys.priv('rsa')],
                    trusted=[keys.pub('ed')])
   assert _util.read_tree(tmp_path / 'o2') == _util.read_tree(src)
+  # Refused before any key is used: even a useless identity gets the
+  # usage error, not NoMatchingKeyError.
   with pytest.raises(errors.UsageError, match='no recipient'):
-    te.rewrap_package(pkg, identities=[keys.priv('rsa')],
+    te.rewrap_package(pkg, identities=[keys.priv('x2')],
                       remove_recipients=[keys.pub('rsa')],
                       signer=keys.priv('ed'))
 

@@ -1233,25 +1233,27 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
         'this package has no key groups (any one recipient decrypts it), so '
         'there is no group to add to; drop --add-to-group, or use rotate '
         'with --key-group to create groups')
-  dek, keys = _unwrap(h, _backends(identities))
-  h.check_mac(keys.mac_key)
-  _decrypt_file_table(h, keys)  # full header authentication before changing
+  # Plan everything before any key call.
   recipients = [s for s in h.recipients if s.key_id not in remove_ids]
   existing = {s.key_id for s in recipients}
-  if adds:
-    wctx = WrapContext(h.package_id, h.context)
-    for a in adds:
-      if a.key_id not in existing:
-        recipients.append(a.wrap(dek, wctx))
-        existing.add(a.key_id)
-  del dek
-  if not recipients:
+  new = []
+  for a in adds:
+    if a.key_id not in existing:
+      existing.add(a.key_id)
+      new.append(a)
+  if not recipients and not new:
     raise errors.UsageError(
         'rewrap would leave the package with no recipient; add one with '
         '--add-recipient')
-  if len(recipients) > header_lib.MAX_RECIPIENTS:
+  if len(recipients) + len(new) > header_lib.MAX_RECIPIENTS:
     raise errors.UsageError(
         f'a package can have at most {header_lib.MAX_RECIPIENTS} recipients')
+  dek, keys = _unwrap(h, _backends(identities))
+  h.check_mac(keys.mac_key)
+  _decrypt_file_table(h, keys)  # full header authentication before changing
+  wctx = WrapContext(h.package_id, h.context)
+  recipients.extend(a.wrap(dek, wctx) for a in new)  # one call per recipient
+  del dek
   h.recipients = recipients
   h.invalidate()
   h.mac = h.compute_mac(keys.mac_key)
