@@ -207,3 +207,25 @@ def test_cli_progress_bar_on_a_terminal(tmp_path):
   # Not a terminal: no bar.
   r = cli('encrypt', src, tmp_path / 'q', '-r', tmp_path / 'k.pub.pem')
   assert r.returncode == 0 and 'encrypting' not in r.stderr
+
+
+@pytest.mark.parametrize('args', [
+    ['decrypt', 'pkg', 'out'],                     # missing --identity
+    ['encrypt', 'a', 'b', '-r', 'k', '--cipher', 'rot13'],  # bad choice
+    ['keygen'],                                    # missing argument
+    ['nosuch'],                                    # unknown command
+])
+def test_cli_usage_errors_are_one_line(args):
+  r = cli(*args)
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr
+  assert lines[0].startswith('tfx-encrypt: error: ') and '--help' in lines[0]
+  assert r.stdout == ''
+
+
+def test_cli_help_and_version_exit_zero():
+  r = cli('--help')
+  assert r.returncode == 0 and 'encrypt' in r.stdout and r.stderr == ''
+  r = cli('--version')
+  assert r.returncode == 0 and 'tfx-encrypt' in r.stdout

@@ -1,3 +1,3 @@
 from tfx_encrypt.cli import main
 
-main()  # pylint: disable=no-value-for-parameter
+main(prog_name='tfx-encrypt')  # pylint: disable=no-value-for-parameter

@@ -92,7 +92,30 @@ def _summary(info: pkg.PackageInfo) -> str:
 
 
 class _Group(click.Group):
-  """Turns TfxEncryptError (and OS errors) into one-line errors."""
+  """Turns every failure into one line on stderr and a non-zero exit code.
+
+  TfxEncryptError and OSError are caught around each command; click's own
+  usage errors (a missing option, a bad choice) are caught in `main`, which
+  click would otherwise print as a multi-line usage block.
+  """
+
+  def main(self, args=None, prog_name=None, complete_var=None,
+           standalone_mode=True, **extra):
+    if not standalone_mode:
+      return super().main(args, prog_name, complete_var, False, **extra)
+    try:
+      rv = super().main(args, prog_name, complete_var, False, **extra)
+    except click.ClickException as e:
+      hint = ''
+      if isinstance(e, click.UsageError) and e.ctx is not None:
+        hint = f" (see '{e.ctx.command_path} --help')"
+      message = ' '.join(e.format_message().split())  # one line, always
+      click.echo(f'tfx-encrypt: error: {message}{hint}', err=True)
+      sys.exit(e.exit_code)
+    except click.Abort:
+      click.echo('tfx-encrypt: error: aborted', err=True)
+      sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
   def invoke(self, ctx):
     try:
