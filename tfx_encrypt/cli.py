@@ -342,5 +342,92 @@ def rotate(package, out, identities, recipients, key_groups, threshold,
   click.echo(f'rotated into {_summary(info)}')
 
 
+
+def _import_lineage():
+  """tfx_encrypt.lineage, or a UsageError when ML Metadata is missing."""
+  try:
+    from tfx_encrypt import lineage  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if (e.name or '').split('.')[0] not in ('ml_metadata', 'google'):
+      raise
+    raise errors.UsageError(
+        'tfx-encrypt lineage needs ML Metadata, which is not installed: '
+        "pip install 'tfx-encrypt[tfx]'") from e
+  return lineage
+
+
+def _lineage_row(t: dict) -> Sequence[str]:
+  em, ex = t['encrypted_model'], t['execution'] or {}
+  props = em['properties']
+  pipeline = ex.get('pipeline_name') or em.get('pipeline_name') or '?'
+  run = ex.get('pipeline_run_id') or em.get('pipeline_run_id') or '?'
+  model = ', '.join(m['uri'] for m in t['models']) or (
+      (props.get('encryption_context') or {}).get('tfx.model_uri', '?'))
+  pushed = t['pushed_model'] or props
+  if pushed.get('pushed'):
+    where = (f'{pushed.get("pushed_destination")} '
+             f'(version {pushed.get("pushed_version")})')
+  else:
+    where = 'not pushed'
+  return [str(em['id']), f'{pipeline} / {run}', model, where]
+
+
+@main.command()
+@click.option('--mlmd-sqlite', 'mlmd_sqlite', required=True, metavar='PATH',
+              help='SQLite ML Metadata store of the pipeline (opened '
+              'read-only; never created).')
+@click.option('--key-id', metavar='ID',
+              help='Only packages with this recipient or signer key id (or '
+              'recipient key URI).')
+@click.option('--fingerprint', metavar='FP',
+              help='Only this model fingerprint (sha256:<hex> or the hex).')
+@click.option('--package', 'package', metavar='PKG',
+              help="Only the artifact of this package (its header's package "
+              'id; no key needed).')
+@click.option('--pipeline', 'pipeline_name', metavar='NAME',
+              help='Only artifacts produced by this TFX pipeline.')
+@click.option('--pushed-only', is_flag=True,
+              help='Only packages that were pushed.')
+@click.option('--json', 'as_json', is_flag=True,
+              help='The full trace of each match, as JSON.')
+def lineage(mlmd_sqlite, key_id, fingerprint, package, pipeline_name,
+            pushed_only, as_json):
+  """Which model, which run, which keys, pushed where (needs ML Metadata).
+
+  Lists the EncryptedModel artifacts recorded by EncryptPusher, newest
+  first; exits 1 when none matches.
+  """
+  lineage_lib = _import_lineage()
+  package_id = pkg.inspect_package(package).package_id if package else None
+  store = lineage_lib.open_sqlite(mlmd_sqlite)
+  matches = lineage_lib.encrypted_models(
+      store, key_id=key_id, fingerprint=fingerprint, package_id=package_id,
+      pipeline_name=pipeline_name, pushed_only=pushed_only)
+  if not matches:
+    filters = [f'{name} {value}' for name, value in (
+        ('key id', key_id), ('fingerprint', fingerprint),
+        ('package id', package_id), ('pipeline', pipeline_name)) if value]
+    if pushed_only:
+      filters.append('pushed')
+    raise lineage_lib.NoMatchError(
+        f'no EncryptedModel matches in {mlmd_sqlite}'
+        + (f' ({", ".join(filters)})' if filters else ''))
+  traces = [lineage_lib.trace(store, m['id']) for m in matches]
+  if as_json:
+    click.echo(json.dumps(traces, indent=2, sort_keys=True))
+    return
+  rows = [['ID', 'PIPELINE / RUN', 'MODEL', 'PUSHED TO']]
+  rows += [_lineage_row(t) for t in traces]
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  for i, row in enumerate(rows):
+    click.echo('  '.join(c.ljust(w) for c, w in zip(row, widths)) +
+               '  ' + row[3])
+    if i:
+      props = traces[i - 1]['encrypted_model']['properties']
+      pad = ' ' * (widths[0] + 2)
+      for rid in props.get('recipient_key_ids') or []:
+        click.echo(f'{pad}recipient {rid}')
+      click.echo(f'{pad}signer    {props.get("signer_id") or "unsigned"}')
+
 if __name__ == '__main__':
   main()  # pylint: disable=no-value-for-parameter
