@@ -28,11 +28,13 @@ must stay importable from the top-level package.
 from tfx.types import artifact
 from tfx.types import system_artifacts
 
+from tfx_encrypt import mlmd_names
+
 __all__ = ['EncryptedModel']
 
 
 class EncryptedModel(artifact.Artifact):
   """An encrypted, optionally signed, tfx-encrypt package of a model."""
 
-  TYPE_NAME = 'tfx_encrypt.EncryptedModel'
+  TYPE_NAME = mlmd_names.ENCRYPTED_MODEL_TYPE
   TYPE_ANNOTATION = system_artifacts.Model

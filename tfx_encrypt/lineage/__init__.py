@@ -28,6 +28,33 @@ from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
 from tfx_encrypt import errors
+# Custom property and context names, shared with the EncryptPusher writer.
+from tfx_encrypt.mlmd_names import (  # pylint: disable=g-multiple-import
+    ENCRYPTED_MODEL_TYPE,
+    FORMAT_VERSION_PROPERTY,
+    CIPHER_PROPERTY,
+    HASH_ALG_PROPERTY,
+    PACKAGE_ID_PROPERTY,
+    RECIPIENT_KEY_IDS_PROPERTY,
+    RECIPIENT_URIS_PROPERTY,
+    SIGNER_ID_PROPERTY,
+    SIGNATURE_ALG_PROPERTY,
+    MODEL_FINGERPRINT_PROPERTY,
+    CIPHERTEXT_DIGEST_PROPERTY,
+    FILE_COUNT_PROPERTY,
+    PLAINTEXT_BYTES_PROPERTY,
+    CIPHERTEXT_BYTES_PROPERTY,
+    BUNDLE_PROPERTY,
+    ENCRYPTION_CONTEXT_PROPERTY,
+    PUSHED_PROPERTY,
+    PUSHED_DESTINATION_PROPERTY,
+    PUSHED_VERSION_PROPERTY,
+    CONTEXT_PIPELINE_NAME,
+    CONTEXT_PIPELINE_RUN_ID,
+    CONTEXT_COMPONENT_ID,
+    CONTEXT_MODEL_NAME,
+    CONTEXT_MODEL_VERSION,
+)
 
 __all__ = [
     'ENCRYPTED_MODEL_TYPE', 'LineageError', 'MetadataStoreError',
@@ -35,7 +62,6 @@ __all__ = [
     'decode_properties', 'encrypted_models', 'open_sqlite', 'trace',
 ]
 
-ENCRYPTED_MODEL_TYPE = 'tfx_encrypt.EncryptedModel'
 MODEL_TYPE = 'Model'
 PUSHED_MODEL_TYPE = 'PushedModel'
 BLESSING_TYPES = ('ModelBlessing', 'InfraBlessing')
@@ -44,32 +70,6 @@ BLESSING_TYPES = ('ModelBlessing', 'InfraBlessing')
 _PIPELINE_CONTEXT = 'pipeline'
 _PIPELINE_RUN_CONTEXT = 'pipeline_run'
 _NODE_CONTEXT = 'node'
-
-# Custom property names, as in tfx_encrypt.components.encrypt_pusher.spec.
-FORMAT_VERSION_PROPERTY = 'format_version'
-CIPHER_PROPERTY = 'cipher'
-HASH_ALG_PROPERTY = 'hash_alg'
-PACKAGE_ID_PROPERTY = 'package_id'
-RECIPIENT_KEY_IDS_PROPERTY = 'recipient_key_ids'
-RECIPIENT_URIS_PROPERTY = 'recipient_uris'
-SIGNER_ID_PROPERTY = 'signer_id'
-SIGNATURE_ALG_PROPERTY = 'signature_alg'
-MODEL_FINGERPRINT_PROPERTY = 'model_fingerprint'
-CIPHERTEXT_DIGEST_PROPERTY = 'ciphertext_digest'
-FILE_COUNT_PROPERTY = 'file_count'
-PLAINTEXT_BYTES_PROPERTY = 'plaintext_bytes'
-CIPHERTEXT_BYTES_PROPERTY = 'ciphertext_bytes'
-BUNDLE_PROPERTY = 'bundle'
-ENCRYPTION_CONTEXT_PROPERTY = 'encryption_context'
-ENCRYPTED_MODEL_URI_PROPERTY = 'encrypted_model_uri'
-PUSHED_PROPERTY = 'pushed'
-PUSHED_DESTINATION_PROPERTY = 'pushed_destination'
-PUSHED_VERSION_PROPERTY = 'pushed_version'
-CONTEXT_PIPELINE_NAME = 'tfx.pipeline_name'
-CONTEXT_PIPELINE_RUN_ID = 'tfx.pipeline_run_id'
-CONTEXT_COMPONENT_ID = 'tfx.component_id'
-CONTEXT_MODEL_NAME = 'tfx.model_name'
-CONTEXT_MODEL_VERSION = 'tfx.model_version'
 
 # The properties reported for an EncryptedModel / PushedModel, in this order.
 _PACKAGE_PROPERTIES = (

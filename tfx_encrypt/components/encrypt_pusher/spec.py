@@ -50,39 +50,38 @@ BEAM_WORKER_IDENTITY_KEY = 'beam_worker_identity'
 BEAM_MIN_BYTES_KEY = 'beam_min_bytes'
 BEAM_SEGMENT_BYTES_KEY = 'beam_segment_bytes'
 
-# Custom properties recorded on both output artifacts.
-FORMAT_VERSION_PROPERTY = 'format_version'
-CIPHER_PROPERTY = 'cipher'
-HASH_ALG_PROPERTY = 'hash_alg'
-PACKAGE_ID_PROPERTY = 'package_id'
-RECIPIENT_KEY_IDS_PROPERTY = 'recipient_key_ids'
-RECIPIENT_URIS_PROPERTY = 'recipient_uris'
-SIGNER_ID_PROPERTY = 'signer_id'
-SIGNATURE_ALG_PROPERTY = 'signature_alg'
-MODEL_FINGERPRINT_PROPERTY = 'model_fingerprint'
-CIPHERTEXT_DIGEST_PROPERTY = 'ciphertext_digest'
-FILE_COUNT_PROPERTY = 'file_count'
-PLAINTEXT_BYTES_PROPERTY = 'plaintext_bytes'
-CIPHERTEXT_BYTES_PROPERTY = 'ciphertext_bytes'
-BUNDLE_PROPERTY = 'bundle'
-ENCRYPTION_CONTEXT_PROPERTY = 'encryption_context'
-ENCRYPTED_MODEL_URI_PROPERTY = 'encrypted_model_uri'
-# The TFX Pusher's names (tfx/components/pusher/executor.py).
-PUSHED_PROPERTY = 'pushed'
-PUSHED_DESTINATION_PROPERTY = 'pushed_destination'
-PUSHED_VERSION_PROPERTY = 'pushed_version'
-
-# Encryption-context keys added automatically by the executor. User keys may
-# not use these prefixes, so provenance in the context cannot be spoofed.
-CONTEXT_PIPELINE_NAME = 'tfx.pipeline_name'
-CONTEXT_PIPELINE_RUN_ID = 'tfx.pipeline_run_id'
-CONTEXT_COMPONENT_ID = 'tfx.component_id'
-CONTEXT_EXECUTION_ID = 'tfx.execution_id'
-CONTEXT_MODEL_URI = 'tfx.model_uri'
-CONTEXT_MODEL_ARTIFACT_ID = 'tfx.model_artifact_id'
-CONTEXT_MODEL_NAME = 'tfx.model_name'
-CONTEXT_MODEL_VERSION = 'tfx.model_version'
-RESERVED_CONTEXT_PREFIXES = ('tfx.', 'tfxe:', 'tfxe.')
+# Custom property and encryption-context names (shared with the lineage
+# layer, which must not import TFX).
+from tfx_encrypt.mlmd_names import (  # pylint: disable=g-multiple-import,unused-import
+    FORMAT_VERSION_PROPERTY,
+    CIPHER_PROPERTY,
+    HASH_ALG_PROPERTY,
+    PACKAGE_ID_PROPERTY,
+    RECIPIENT_KEY_IDS_PROPERTY,
+    RECIPIENT_URIS_PROPERTY,
+    SIGNER_ID_PROPERTY,
+    SIGNATURE_ALG_PROPERTY,
+    MODEL_FINGERPRINT_PROPERTY,
+    CIPHERTEXT_DIGEST_PROPERTY,
+    FILE_COUNT_PROPERTY,
+    PLAINTEXT_BYTES_PROPERTY,
+    CIPHERTEXT_BYTES_PROPERTY,
+    BUNDLE_PROPERTY,
+    ENCRYPTION_CONTEXT_PROPERTY,
+    ENCRYPTED_MODEL_URI_PROPERTY,
+    PUSHED_PROPERTY,
+    PUSHED_DESTINATION_PROPERTY,
+    PUSHED_VERSION_PROPERTY,
+    CONTEXT_PIPELINE_NAME,
+    CONTEXT_PIPELINE_RUN_ID,
+    CONTEXT_COMPONENT_ID,
+    CONTEXT_EXECUTION_ID,
+    CONTEXT_MODEL_URI,
+    CONTEXT_MODEL_ARTIFACT_ID,
+    CONTEXT_MODEL_NAME,
+    CONTEXT_MODEL_VERSION,
+    RESERVED_CONTEXT_PREFIXES,
+)
 
 
 class EncryptPusherSpec(ComponentSpec):

@@ -1,0 +1,42 @@
+"""Names tfx-encrypt writes into ML Metadata, shared by the writer
+(`components/encrypt_pusher`) and the reader (`lineage`).
+
+Standard library only, so the lineage layer can import it without TFX.
+"""
+
+#: Artifact type of the encrypted package (KubeflowV2/Vertex-compatible form).
+ENCRYPTED_MODEL_TYPE = 'tfx_encrypt.EncryptedModel'
+
+# Custom properties recorded on both output artifacts.
+FORMAT_VERSION_PROPERTY = 'format_version'
+CIPHER_PROPERTY = 'cipher'
+HASH_ALG_PROPERTY = 'hash_alg'
+PACKAGE_ID_PROPERTY = 'package_id'
+RECIPIENT_KEY_IDS_PROPERTY = 'recipient_key_ids'
+RECIPIENT_URIS_PROPERTY = 'recipient_uris'
+SIGNER_ID_PROPERTY = 'signer_id'
+SIGNATURE_ALG_PROPERTY = 'signature_alg'
+MODEL_FINGERPRINT_PROPERTY = 'model_fingerprint'
+CIPHERTEXT_DIGEST_PROPERTY = 'ciphertext_digest'
+FILE_COUNT_PROPERTY = 'file_count'
+PLAINTEXT_BYTES_PROPERTY = 'plaintext_bytes'
+CIPHERTEXT_BYTES_PROPERTY = 'ciphertext_bytes'
+BUNDLE_PROPERTY = 'bundle'
+ENCRYPTION_CONTEXT_PROPERTY = 'encryption_context'
+ENCRYPTED_MODEL_URI_PROPERTY = 'encrypted_model_uri'
+# The TFX Pusher's names (tfx/components/pusher/executor.py).
+PUSHED_PROPERTY = 'pushed'
+PUSHED_DESTINATION_PROPERTY = 'pushed_destination'
+PUSHED_VERSION_PROPERTY = 'pushed_version'
+
+# Encryption-context keys added automatically by the executor. User keys may
+# not use these prefixes, so provenance in the context cannot be spoofed.
+CONTEXT_PIPELINE_NAME = 'tfx.pipeline_name'
+CONTEXT_PIPELINE_RUN_ID = 'tfx.pipeline_run_id'
+CONTEXT_COMPONENT_ID = 'tfx.component_id'
+CONTEXT_EXECUTION_ID = 'tfx.execution_id'
+CONTEXT_MODEL_URI = 'tfx.model_uri'
+CONTEXT_MODEL_ARTIFACT_ID = 'tfx.model_artifact_id'
+CONTEXT_MODEL_NAME = 'tfx.model_name'
+CONTEXT_MODEL_VERSION = 'tfx.model_version'
+RESERVED_CONTEXT_PREFIXES = ('tfx.', 'tfxe:', 'tfxe.')
