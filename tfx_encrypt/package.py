@@ -192,40 +192,77 @@ def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
     dek, keys, _ = open_key_groups(identities, stanzas, package_id, context,
                                    suite, commitment, threshold)
     return dek, keys
-  wctx = WrapContext(package_id, context)
-  tampered = backend_error = None
-  for ident in identities:
-    for stanza in stanzas:
-      if not ident.matches(stanza):
+  derived = {}
+
+  def accept(ident, dek):
+    keys = header_lib.DerivedKeys(dek, package_id, suite)
+    if not hmac.compare_digest(keys.commitment, commitment):
+      return errors.TamperedPackageError(
+          f'the data key unwrapped with {ident.key_id} does not match the '
+          'package\'s key commitment: the recipient stanza was modified')
+    derived['keys'] = keys
+    return None
+
+  attempts = _UnwrapAttempts(identities)
+  dek = attempts.first(stanzas, WrapContext(package_id, context), accept)
+  if dek is None:
+    have = ', '.join(i.key_id for i in identities)
+    want = ', '.join(s.key_id for s in stanzas)
+    attempts.fail(f'none of the identities ({have}) can decrypt this package; '
+                  f'it is encrypted for: {want}')
+  return dek, derived['keys']
+
+
+class _UnwrapAttempts:
+  """Tries identities on the stanzas they `match`, one call per stanza.
+
+  Remembers why attempts failed, so that after trying everything the most
+  telling error is raised: tampering first, then a backend failure (e.g. the
+  KMS is down), then "no matching key". An identity whose backend failed is
+  not called again, which lets a recovery identity (an offline HSM key) open
+  the package while the production KMS is unreachable.
+  """
+
+  def __init__(self, identities: Sequence[KeyBackend]):
+    self.identities = identities
+    self.tampered: Optional[errors.TfxEncryptError] = None
+    self.backend_error: Optional[errors.KeyBackendError] = None
+    self._failed = set()
+
+  def first(self, stanzas: Sequence[Stanza], wctx: WrapContext,
+            accept: Callable[[KeyBackend, bytes],
+                             Optional[errors.TfxEncryptError]]
+            ) -> Optional[bytes]:
+    """The first unwrapped value `accept` finds no problem with, or None."""
+    for n, ident in enumerate(self.identities):
+      if n in self._failed:
         continue
-      try:
-        dek = ident.unwrap(stanza, wctx)
-      except errors.TamperedPackageError as e:
-        tampered = e
-        continue
-      except errors.NoMatchingKeyError:
-        continue
-      except errors.KeyBackendError as e:
-        # e.g. the production KMS is down: let a recovery identity (an
-        # offline HSM key) open the package; report the failure otherwise.
-        backend_error = backend_error or e
-        break
-      keys = header_lib.DerivedKeys(dek, package_id, suite)
-      if not hmac.compare_digest(keys.commitment, commitment):
-        tampered = errors.TamperedPackageError(
-            f'the data key unwrapped with {ident.key_id} does not match the '
-            'package\'s key commitment: the recipient stanza was modified')
-        continue
-      return dek, keys
-  if tampered is not None:
-    raise tampered
-  if backend_error is not None:
-    raise backend_error
-  have = ', '.join(i.key_id for i in identities)
-  want = ', '.join(s.key_id for s in stanzas)
-  raise errors.NoMatchingKeyError(
-      f'none of the identities ({have}) can decrypt this package; it is '
-      f'encrypted for: {want}')
+      for stanza in stanzas:
+        if not ident.matches(stanza):
+          continue
+        try:
+          value = ident.unwrap(stanza, wctx)
+        except errors.TamperedPackageError as e:
+          self.tampered = e
+          continue
+        except errors.NoMatchingKeyError:
+          continue
+        except errors.KeyBackendError as e:
+          self.backend_error = self.backend_error or e
+          self._failed.add(n)
+          break
+        problem = accept(ident, value)
+        if problem is None:
+          return value
+        self.tampered = problem
+    return None
+
+  def fail(self, no_match_message: str):
+    if self.tampered is not None:
+      raise self.tampered
+    if self.backend_error is not None:
+      raise self.backend_error
+    raise errors.NoMatchingKeyError(no_match_message)
 
 
 def _unwrap(h: Header, identities: Sequence[KeyBackend]
@@ -273,45 +310,26 @@ def open_key_groups(identities: Sequence[KeyBackend], stanzas: Sequence[Stanza],
   the key commitment, so a forged share ends in TamperedPackageError.
   """
   shares: Dict[int, bytes] = {}
-  tampered = backend_error = None
-  failed = set()  # identities whose backend failed: not called again
+  attempts = _UnwrapAttempts(identities)
   for gi, idxs in enumerate(groups.groups):
     if len(shares) == groups.k:
       break
-    wctx = share_context(package_id, context, gi)
-    for ni, ident in enumerate(identities):
-      if ni in failed or gi in shares:
-        continue
-      for si in idxs:
-        stanza = stanzas[si]
-        if not ident.matches(stanza):
-          continue
-        try:
-          share = ident.unwrap(stanza, wctx)
-        except errors.TamperedPackageError as e:
-          tampered = e
-          continue
-        except errors.NoMatchingKeyError:
-          continue
-        except errors.KeyBackendError as e:
-          backend_error = backend_error or e
-          failed.add(ni)
-          break
-        if len(share) != SHARE_SIZE or share[-1] != gi + 1:
-          tampered = errors.TamperedPackageError(
-              f'the key share unwrapped with {ident.key_id} for key group '
-              f'{gi} is malformed: the recipient stanza was modified')
-          continue
-        shares[gi] = share
-        break
+
+    def accept(ident, share, gi=gi):
+      if len(share) != SHARE_SIZE or share[-1] != gi + 1:
+        return errors.TamperedPackageError(
+            f'the key share unwrapped with {ident.key_id} for key group '
+            f'{gi} is malformed: the recipient stanza was modified')
+      return None
+
+    share = attempts.first([stanzas[i] for i in idxs],
+                           share_context(package_id, context, gi), accept)
+    if share is not None:
+      shares[gi] = share
   if len(shares) < groups.k:
-    if tampered is not None:
-      raise tampered
-    if backend_error is not None:
-      raise backend_error
     have = ', '.join(i.key_id for i in identities)
     opened = ', '.join(str(g) for g in sorted(shares)) or 'none'
-    raise errors.NoMatchingKeyError(
+    attempts.fail(
         f'{groups.k} of {groups.n} key groups needed, got {len(shares)}: the '
         f'identities ({have}) open key groups: {opened}. Pass identities '
         f'from {groups.k} different groups (see "tfx-encrypt inspect")')
