@@ -24,23 +24,9 @@ INPUTS = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 4.0]], dtype=np.float32)
 
 
 def write_saved_model(export_dir: str) -> None:
-  """Saves a tiny tf.Module with a serving signature (y = xW + b)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  class Tiny(tf.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.w = tf.Variable([[1.5], [-2.0], [0.25]], dtype=tf.float32)
-      self.b = tf.Variable([0.5], dtype=tf.float32)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
-    def serve(self, x):
-      return {'y': tf.matmul(x, self.w) + self.b}
-
-  module = Tiny()
-  tf.saved_model.save(module, export_dir,
-                      signatures={'serving_default': module.serve})
+  """Saves the example pipeline's tiny tf.Module (y = xW + b)."""
+  from pipelines import local_pipeline  # pylint: disable=g-import-not-at-top
+  local_pipeline.write_tiny_model(export_dir)
 
 
 def predict(export_dir: str) -> np.ndarray:
