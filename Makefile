@@ -9,11 +9,13 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test bench clean
 
 # .venv (Python 3.10, TFX 1.16, every extra, pinned by constraints/) and
-# .venv-tink (tink for the interop tests). PYTHON=/path/to/python3.10 overrides
+# .venv-tink and .venv-oms (tink and OpenSSF model_signing for the interop
+# tests). PYTHON=/path/to/python3.10 overrides
 # the search for Python 3.10.
 setup:
 	bash scripts/setup_env.sh
 	bash scripts/setup_tink_env.sh
+	bash scripts/setup_oms_env.sh
 
 demo: setup
 	$(VENV_PY) -m pipelines.local_pipeline --workdir demo-out
@@ -27,6 +29,6 @@ bench: setup
 	$(VENV_PY) benchmarks/run.py
 
 clean:
-	rm -rf .venv .venv-tink build dist .pytest_cache .hypothesis demo-out bench-out
+	rm -rf .venv .venv-tink .venv-oms build dist .pytest_cache .hypothesis demo-out bench-out
 	rm -rf *.egg-info
 	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -100,3 +100,17 @@ def tink_python():
         f'{path} is missing: run scripts/setup_tink_env.sh (or make setup)',
         pytrace=False)
   return path
+
+
+@pytest.fixture(scope='session')
+def oms_cli():
+  """The `model_signing` CLI in .venv-oms (OpenSSF model_signing 1.1.1, kept
+  apart from TFX's urllib3 < 2). TFXE_OMS_CLI overrides it. Fails, never
+  skips, when it is missing: `make setup` builds it."""
+  path = pathlib.Path(
+      os.environ.get('TFXE_OMS_CLI') or REPO_ROOT / '.venv-oms/bin/model_signing')
+  if not path.exists():
+    pytest.fail(
+        f'{path} is missing: run scripts/setup_oms_env.sh (or make setup)',
+        pytrace=False)
+  return path
