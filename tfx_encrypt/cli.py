@@ -429,5 +429,107 @@ def lineage(mlmd_sqlite, key_id, fingerprint, package, pipeline_name,
         click.echo(f'{pad}recipient {rid}')
       click.echo(f'{pad}signer    {props.get("signer_id") or "unsigned"}')
 
+
+# --- serve-sync ---------------------------------------------------------------
+
+
+def _print_sync(result, as_json: bool) -> None:
+  if as_json:
+    click.echo(json.dumps(result.to_dict(), sort_keys=True))  # one line
+    return
+  for action in result.actions:
+    click.echo(action.line())
+  if not result.actions:
+    click.echo(f'nothing to do: no version in {result.source_base}')
+
+
+@main.command('serve-sync')
+@click.argument('source')
+@click.argument('serving_base')
+@click.option('--identity', '-i', 'identities', multiple=True, required=True,
+              metavar='KEY_URI', help='Private or KMS key (repeatable).')
+@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
+              help='Public key of a trusted publisher (repeatable).')
+@click.option('--allow-unsigned', is_flag=True,
+              help='Accept packages without a signature.')
+@click.option('--keep', type=click.IntRange(min=1), default=2,
+              show_default=True, help='How many newest versions to serve.')
+@click.option('--once', is_flag=True, help='Sync once and exit.')
+@click.option('--interval', type=click.FloatRange(min=0.1), metavar='SECONDS',
+              help='Sync every SECONDS until SIGINT/SIGTERM.')
+@click.option('--group-readable', is_flag=True,
+              help='Publish versions 0750/0640 instead of 0700/0600, for a '
+              'TF Serving running as another user of the same group.')
+@click.option('--json', 'as_json', is_flag=True,
+              help='One JSON object per sync instead of one line per action.')
+def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
+               once, interval, group_readable, as_json):
+  """Keep SERVING_BASE (TF Serving's model base path) in sync with SOURCE.
+
+  Decrypts the newest --keep versions pushed to SOURCE into
+  SERVING_BASE/<version>/ (publisher verified, atomic) and removes older
+  versions that serve-sync installed itself. With --once, exits 1 when a
+  version failed; with --interval, failures are reported and retried.
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.runtime import serving  # pylint: disable=g-import-not-at-top
+  if once == (interval is not None):
+    raise errors.UsageError('say how to run: --once, or --interval SECONDS '
+                            '(not both)')
+  if not trusted and not allow_unsigned:
+    raise errors.UsageError(
+        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  # Failures are printed as actions; keep logging's last-resort handler from
+  # printing them a second time (a configured root logger still gets them).
+  logging.getLogger(serving.__name__).addHandler(logging.NullHandler())
+
+  def sync():
+    return serving.sync_serving(
+        source, serving_base, identities=list(identities),
+        trusted=list(trusted), allow_unsigned=allow_unsigned, keep=keep,
+        group_readable=group_readable)
+
+  if once:
+    result = sync()
+    _print_sync(result, as_json)
+    if not result.ok:
+      click.get_current_context().exit(1)
+    return
+  stop = threading.Event()
+
+  def on_signal(signum, frame):
+    del frame  # unused
+    stop.set()
+    click.echo(f'serve-sync: {signal.Signals(signum).name}, stopping', err=True)
+
+  previous = {s: signal.signal(s, on_signal)
+              for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    first = True
+    while not stop.is_set():
+      try:
+        result = sync()
+      except errors.UsageError as e:
+        if first:  # bad arguments: give up at once
+          raise
+        click.echo(f'tfx-encrypt: error: {e}', err=True)  # keep going
+      except (errors.TfxEncryptError, OSError) as e:
+        click.echo(f'tfx-encrypt: error: {e}', err=True)
+      else:
+        if as_json:
+          _print_sync(result, True)
+        else:  # only what changed or failed; `kept` every time is noise
+          for action in result.actions:
+            if action.action != serving.KEPT:
+              click.echo(action.line())
+      first = False
+      sys.stdout.flush()
+      stop.wait(interval)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
 if __name__ == '__main__':
   main()  # pylint: disable=no-value-for-parameter

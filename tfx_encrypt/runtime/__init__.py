@@ -4,6 +4,8 @@
 in-memory `ram://` filesystem (plaintext never touches the disk), loads the
 SavedModel, then deletes the in-memory copy. Needs TensorFlow (the `[tfx]`
 extra); the rest of tfx-encrypt does not.
+
+`serving.sync_serving` (`tfx-encrypt serve-sync`, no TensorFlow): TF Serving.
 """
 
 import os

@@ -1,0 +1,482 @@
+"""Keep a TF Serving model base path in sync with an encrypted push destination.
+
+`sync_serving(source_base, serving_base, ...)` looks at the versions that
+EncryptPusher (or anyone else) pushed to `source_base` -- `<version>/`
+directories holding a package (`tfxe.header` + `payload/`, or one `*.tfxe`
+bundle such as `model.tfxe`) and `<version>.tfxe` bundle files -- verifies the
+publisher of the newest ones, decrypts them into `serving_base/<version>/`
+atomically and removes the older versions it installed itself. TF Serving,
+pointed at `serving_base` with `--model_base_path`, picks them up.
+
+Standard library and the tfx-encrypt core only: no TensorFlow, so a serving
+host needs nothing but `pip install tfx-encrypt`. Only local (or mounted)
+paths are supported for both bases for now; object stores (`gs://`, `s3://`)
+are out of scope.
+
+Layout of `serving_base` (TF Serving only loads directories whose names are
+integers, so every name below that is not a version starts with a dot):
+
+  <version>/              published model, owned by tfx-encrypt if it is
+                          listed in .tfxe-managed.json, left alone otherwise
+  .tfxe-managed.json      marker: the versions tfx-encrypt installed, with
+                          package id, fingerprint, signer and source
+  .tfxe-sync.lock         flock(2) so that two syncs never race
+  .tfxe-tmp-<random>/     staging directory of a decryption in progress
+  .tfxe-old-<random>      a version being removed
+
+Every failure of one version (tampered, untrusted signer, no key, conflicting
+directory) is reported in the returned `SyncResult` and logged; nothing is
+published for it, and the other versions are still synced.
+"""
+
+import dataclasses
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from tfx_encrypt import _fsutil
+from tfx_encrypt import errors
+from tfx_encrypt import package as package_lib
+from tfx_encrypt.package import KeyLike
+
+logger = logging.getLogger(__name__)
+
+MARKER_NAME = '.tfxe-managed.json'
+LOCK_NAME = '.tfxe-sync.lock'
+TMP_PREFIX = '.tfxe-tmp-'
+OLD_PREFIX = '.tfxe-old-'
+MARKER_FORMAT = 1
+
+_VERSION_RE = re.compile(r'[0-9]+')
+_BUNDLE_RE = re.compile(r'([0-9]+)' + re.escape(package_lib.BUNDLE_SUFFIX))
+
+
+
+class ModelCheckError(errors.TfxEncryptError):
+  """A decrypted version was rejected by the caller's `model_check`."""
+  exit_code = 1
+
+
+# Actions, in the order they are reported.
+INSTALLED = 'installed'
+KEPT = 'kept'
+REMOVED = 'removed'
+FAILED = 'failed'
+
+
+@dataclasses.dataclass
+class SyncAction:
+  """What happened to one version."""
+  action: str  # installed | kept | removed | failed
+  version: str
+  path: str  # serving_base/<version> (installed, kept, removed) or source
+  source: Optional[str] = None
+  package_id: Optional[str] = None
+  fingerprint: Optional[str] = None
+  signer: Optional[str] = None
+  error: Optional[str] = None  # error class name, for `failed`
+  message: Optional[str] = None
+
+  def to_dict(self) -> dict:
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if v is not None}
+
+  def line(self) -> str:
+    """One human-readable line."""
+    if self.action == FAILED:
+      return f'failed {self.version}: {self.error}: {self.message}'
+    if self.action == INSTALLED:
+      who = (f'signed by trusted {self.signer}' if self.signer
+             else 'UNSIGNED (accepted by allow_unsigned)')
+      return (f'installed {self.version} into {self.path} from {self.source}; '
+              f'{who}; fingerprint {self.fingerprint}')
+    return f'{self.action} {self.version} ({self.path})'
+
+
+@dataclasses.dataclass
+class SyncResult:
+  """Everything one `sync_serving` call did, in order."""
+  source_base: str
+  serving_base: str
+  actions: List[SyncAction] = dataclasses.field(default_factory=list)
+
+  def _of(self, action: str) -> List[SyncAction]:
+    return [a for a in self.actions if a.action == action]
+
+  @property
+  def installed(self) -> List[SyncAction]:
+    return self._of(INSTALLED)
+
+  @property
+  def kept(self) -> List[SyncAction]:
+    return self._of(KEPT)
+
+  @property
+  def removed(self) -> List[SyncAction]:
+    return self._of(REMOVED)
+
+  @property
+  def failed(self) -> List[SyncAction]:
+    return self._of(FAILED)
+
+  @property
+  def ok(self) -> bool:
+    """True when no version failed."""
+    return not self.failed
+
+  @property
+  def changed(self) -> bool:
+    return bool(self.installed or self.removed)
+
+  def to_dict(self) -> dict:
+    return {'source_base': self.source_base,
+            'serving_base': self.serving_base,
+            'ok': self.ok,
+            'actions': [a.to_dict() for a in self.actions]}
+
+
+# --- source ------------------------------------------------------------------
+
+def _version_key(version: str) -> Tuple[int, str]:
+  return int(version), version
+
+
+def list_source_versions(
+    source_base: str
+) -> Tuple[Dict[str, str], Dict[str, errors.TfxEncryptError]]:
+  """Return ({version: package path}, {version: error}) of `source_base`.
+
+  A version is a `<digits>/` directory (holding a directory package, or
+  exactly one `*.tfxe` bundle) or a `<digits>.tfxe` bundle file. Hidden and
+  other entries (e.g. EncryptPusher's `.tmp-*` push in progress) are ignored.
+  """
+  found: Dict[str, List[str]] = {}
+  for name in os.listdir(source_base):
+    path = os.path.join(source_base, name)
+    m = _BUNDLE_RE.fullmatch(name)
+    if m and os.path.isfile(path):
+      found.setdefault(m.group(1), []).append(path)
+    elif _VERSION_RE.fullmatch(name) and os.path.isdir(path):
+      found.setdefault(name, []).append(path)
+  packages, bad = {}, {}
+  for version, paths in found.items():
+    if len(paths) > 1:
+      bad[version] = errors.UsageError(
+          f'version {version} exists twice in {source_base} '
+          f'({", ".join(sorted(os.path.basename(p) for p in paths))}); '
+          'remove one of them')
+      continue
+    path = paths[0]
+    if os.path.isdir(path) and not os.path.lexists(
+        os.path.join(path, package_lib.HEADER_NAME)):
+      bundles = sorted(n for n in os.listdir(path)
+                       if n.endswith(package_lib.BUNDLE_SUFFIX) and
+                       os.path.isfile(os.path.join(path, n)))
+      if len(bundles) != 1:
+        bad[version] = errors.UnsupportedFormatError(
+            f'{path} holds neither a package ({package_lib.HEADER_NAME}) nor '
+            f'exactly one *{package_lib.BUNDLE_SUFFIX} bundle '
+            f'(found {len(bundles)})')
+        continue
+      path = os.path.join(path, bundles[0])
+    packages[version] = path
+  return packages, bad
+
+
+# --- marker ------------------------------------------------------------------
+
+def read_marker(serving_base: str) -> Dict[str, dict]:
+  """The versions tfx-encrypt installed in `serving_base` ({} if none)."""
+  path = os.path.join(serving_base, MARKER_NAME)
+  try:
+    with open(path, 'rb') as f:
+      doc = json.loads(f.read().decode('utf-8'))
+  except FileNotFoundError:
+    return {}
+  except (ValueError, UnicodeDecodeError) as e:
+    raise errors.UsageError(
+        f'{path} is not valid JSON ({e}); restore it, or delete it to make '
+        'tfx-encrypt treat every existing version as foreign (never '
+        'removed)') from None
+  if (not isinstance(doc, dict) or doc.get('format') != MARKER_FORMAT or
+      not isinstance(doc.get('versions'), dict)):
+    raise errors.UsageError(
+        f'{path} is not a tfx-encrypt marker of format {MARKER_FORMAT}; '
+        'restore it, or delete it to treat every existing version as foreign')
+  return doc['versions']
+
+
+def _write_marker(serving_base: str, versions: Dict[str, dict]) -> None:
+  path = os.path.join(serving_base, MARKER_NAME)
+  tmp = os.path.join(serving_base, f'{TMP_PREFIX}{os.urandom(6).hex()}.json')
+  doc = {'format': MARKER_FORMAT,
+         'comment': 'versions installed by tfx-encrypt serve-sync; only these '
+                    'are ever removed',
+         'versions': dict(sorted(versions.items(),
+                                 key=lambda kv: _version_key(kv[0])))}
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+  try:
+    try:
+      _fsutil.write_all(fd, (json.dumps(doc, indent=2) + '\n').encode())
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    os.replace(tmp, path)
+  except BaseException:
+    _fsutil.remove_tree(tmp)
+    raise
+
+
+# --- helpers -----------------------------------------------------------------
+
+def _make_group_readable(root: str) -> None:
+  """0750 for directories, 0640 for files (no links: decrypt makes none)."""
+  os.chmod(root, 0o750)
+  for dirpath, dirs, files in os.walk(root):
+    for d in dirs:
+      os.chmod(os.path.join(dirpath, d), 0o750, follow_symlinks=False)
+    for f in files:
+      os.chmod(os.path.join(dirpath, f), 0o640, follow_symlinks=False)
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime(
+      '%Y-%m-%dT%H:%M:%SZ')
+
+
+def _fail(result: SyncResult, version: str, path: str, e: BaseException
+          ) -> None:
+  message = str(e) if isinstance(e, errors.TfxEncryptError) else (
+      f'{getattr(e, "strerror", None) or e}'
+      + (f' ({e.filename})' if getattr(e, 'filename', None) else ''))
+  logger.warning('serve-sync: version %s not published: %s: %s', version,
+                 type(e).__name__, message)
+  result.actions.append(SyncAction(FAILED, version, path, source=path,
+                                   error=type(e).__name__, message=message))
+
+
+def _clean_stale(serving_base: str) -> None:
+  """Remove staging leftovers of an interrupted sync (we hold the lock)."""
+  for name in os.listdir(serving_base):
+    if name.startswith((TMP_PREFIX, OLD_PREFIX)):
+      logger.info('serve-sync: removing leftover %s', name)
+      _fsutil.remove_tree(os.path.join(serving_base, name))
+
+
+class _Lock:
+  """An exclusive, non-blocking flock on serving_base/.tfxe-sync.lock."""
+
+  def __init__(self, serving_base: str):
+    self.path = os.path.join(serving_base, LOCK_NAME)
+    self.fd = -1
+
+  def __enter__(self):
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(self.fd)
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        raise errors.UsageError(
+            f'another serve-sync is working on {os.path.dirname(self.path)} '
+            f'(it holds {self.path}); run one sync per serving base') from None
+      raise
+    return self
+
+  def __exit__(self, *exc):
+    os.close(self.fd)  # releases the lock
+
+
+def _install(version: str, package: str, serving_base: str,
+             managed: Dict[str, dict], identities, trusted, allow_unsigned,
+             group_readable: bool, model_check=None) -> SyncAction:
+  """Decrypt `package` to serving_base/<version>; update `managed`."""
+  target = os.path.join(serving_base, version)
+  stage = os.path.join(serving_base, TMP_PREFIX + os.urandom(8).hex())
+  os.mkdir(stage, 0o700)
+  try:
+    staged = os.path.join(stage, version)
+    info = package_lib.decrypt_model(
+        package, staged, identities=identities, trusted=trusted,
+        allow_unsigned=allow_unsigned)
+    if model_check is not None:
+      try:
+        model_check(staged)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ModelCheckError(
+            f'model_check rejected version {version}: {type(e).__name__}: '
+            f'{e}') from e
+    if group_readable:
+      _make_group_readable(staged)
+    entry = {'package_id': info.package_id, 'fingerprint': info.fingerprint,
+             'signer': info.signer if info.signature_verified else None,
+             'source': os.path.abspath(package), 'installed': _now()}
+    # Record first: after a crash between the two steps the marker names a
+    # missing directory, which the next sync forgets; the opposite order
+    # would leave a version that looks foreign and is never removed.
+    managed[version] = entry
+    _write_marker(serving_base, managed)
+    try:
+      _fsutil.publish(staged, target)  # no-replace
+    except BaseException:
+      del managed[version]
+      _write_marker(serving_base, managed)
+      raise
+  finally:
+    _fsutil.remove_tree(stage)
+  logger.info('serve-sync: installed version %s (package %s, fingerprint %s)',
+              version, info.package_id, info.fingerprint)
+  return SyncAction(INSTALLED, version, target, source=package,
+                    package_id=info.package_id, fingerprint=info.fingerprint,
+                    signer=entry['signer'])
+
+
+def _remove(version: str, serving_base: str, managed: Dict[str, dict]
+            ) -> SyncAction:
+  """Take serving_base/<version> away atomically, then delete it."""
+  target = os.path.join(serving_base, version)
+  entry = managed[version]
+  old = os.path.join(serving_base, OLD_PREFIX + os.urandom(8).hex())
+  os.rename(target, old)  # gone for TF Serving in one step
+  del managed[version]
+  _write_marker(serving_base, managed)
+  _fsutil.remove_tree(old)
+  logger.info('serve-sync: removed version %s', version)
+  return SyncAction(REMOVED, version, target,
+                    package_id=entry.get('package_id'),
+                    fingerprint=entry.get('fingerprint'))
+
+
+# --- public API --------------------------------------------------------------
+
+def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
+                 trusted: Sequence[KeyLike] = (), allow_unsigned: bool = False,
+                 keep: int = 2, group_readable: bool = False,
+                 model_check=None) -> SyncResult:
+  """Make `serving_base` hold the newest `keep` versions of `source_base`.
+
+  Versions are taken newest first; each one that is not yet in
+  `serving_base` is verified (a signature by one of `trusted` is required
+  unless `allow_unsigned`) and decrypted into a hidden staging directory
+  inside `serving_base`, then renamed to `serving_base/<version>` without
+  replacing anything. A version that fails is reported and skipped, and the
+  next older one is tried instead, so that `keep` good versions are served
+  when the source has them. Versions older than the oldest kept one are then
+  removed, but only those listed in the marker file (installed by
+  tfx-encrypt); any other directory is never touched. A second call with
+  nothing new changes nothing.
+
+  Args:
+    source_base: local directory the packages are pushed to (EncryptPusher's
+      `push_destination`). Other schemes are not supported yet.
+    serving_base: local directory TF Serving loads (`--model_base_path`);
+      created (0700, or 0750 with `group_readable`) if missing.
+    identities: key URIs (or backends) that can unwrap the packages.
+    trusted: public keys of trusted publishers.
+    allow_unsigned: accept packages without a signature.
+    keep: how many versions to serve (>= 1).
+    group_readable: chmod published versions 0750/0640 (default 0700/0600),
+      for a TF Serving that runs as another user in the owner's group.
+    model_check: optional callable(path) run on each decrypted version before
+      it is published; raising rejects the version (reported as failed).
+
+  Returns:
+    A SyncResult listing every installed, kept, removed and failed version.
+
+  Raises:
+    UsageError: bad arguments, a missing source, another sync holding the
+      lock, or an unreadable marker file. Failures of single versions are
+      reported in the result instead.
+  """
+  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    raise errors.UsageError(f'keep must be an integer >= 1, got {keep!r}')
+  if not trusted and not allow_unsigned:
+    raise errors.UsageError(
+        'say whom you trust: trusted=[PUBLISHER_PUBLIC_KEY], or '
+        'allow_unsigned=True')
+  if not identities:
+    raise errors.UsageError('no identity given: pass the key URI(s) that can '
+                            'decrypt the packages')
+  source_base = os.fspath(source_base)
+  serving_base = os.fspath(serving_base)
+  for name, base in (('source', source_base), ('serving base', serving_base)):
+    if '://' in base and not base.startswith('file://'):
+      raise errors.UsageError(
+          f'{name} {base}: only local paths are supported by serve-sync for '
+          'now; mount or copy the push destination locally')
+  source_base = os.path.abspath(source_base.removeprefix('file://'))
+  serving_base = os.path.abspath(serving_base.removeprefix('file://'))
+  if not os.path.isdir(source_base):
+    raise errors.UsageError(f'source {source_base} is not a directory')
+  if os.path.realpath(serving_base) == os.path.realpath(source_base):
+    raise errors.UsageError('source and serving base must be different '
+                            'directories')
+  if not os.path.isdir(serving_base):
+    if not os.path.isdir(os.path.dirname(serving_base)):
+      raise errors.UsageError(
+          f'parent directory of serving base {serving_base} does not exist')
+    try:
+      os.mkdir(serving_base, 0o750 if group_readable else 0o700)
+    except FileExistsError:
+      pass
+  identities, trusted = list(identities), list(trusted)
+  result = SyncResult(source_base, serving_base)
+  with _Lock(serving_base):
+    _clean_stale(serving_base)
+    managed = read_marker(serving_base)
+    gone = [v for v in managed
+            if not os.path.lexists(os.path.join(serving_base, v))]
+    if gone:  # deleted by hand, or a crash between marker and publish
+      for v in gone:
+        del managed[v]
+      _write_marker(serving_base, managed)
+    packages, bad = list_source_versions(source_base)
+    candidates = sorted(set(packages) | set(bad), key=_version_key,
+                        reverse=True)
+    kept: List[str] = []
+    for version in candidates:
+      if len(kept) >= keep:
+        break
+      target = os.path.join(serving_base, version)
+      if version in bad:
+        _fail(result, version, os.path.join(source_base, version),
+              bad[version])
+        continue
+      if version in managed:
+        kept.append(version)
+        e = managed[version]
+        result.actions.append(SyncAction(
+            KEPT, version, target, source=e.get('source'),
+            package_id=e.get('package_id'), fingerprint=e.get('fingerprint'),
+            signer=e.get('signer')))
+        continue
+      if os.path.lexists(target):
+        _fail(result, version, target, errors.OutputExistsError(
+            f'{target} exists and was not installed by tfx-encrypt (not in '
+            f'{MARKER_NAME}); left alone. Remove it to let serve-sync install '
+            f'version {version}'))
+        continue
+      try:
+        action = _install(version, packages[version], serving_base, managed,
+                          identities, trusted, allow_unsigned, group_readable,
+                          model_check)
+      except (errors.TfxEncryptError, OSError, ValueError) as e:
+        _fail(result, version, packages[version], e)
+        continue
+      kept.append(version)
+      result.actions.append(action)
+    if kept:
+      oldest = _version_key(min(kept, key=_version_key))
+      for version in sorted(managed, key=_version_key):
+        if version not in kept and _version_key(version) < oldest:
+          try:
+            result.actions.append(_remove(version, serving_base, managed))
+          except OSError as e:
+            _fail(result, version, os.path.join(serving_base, version), e)
+  return result
+
