@@ -531,5 +531,57 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
       signal.signal(s, handler)
 
 
+def _import_oci():
+  """tfx_encrypt.distribution.oci (oras itself is imported only when used)."""
+  from tfx_encrypt.distribution import oci  # pylint: disable=g-import-not-at-top
+  return oci
+
+
+@main.command()
+@click.argument('package')
+@click.argument('ref')
+@click.option('--insecure', is_flag=True,
+              help='Plain HTTP, for a loopback registry only (tests).')
+def push(package, ref, insecure):
+  """Push PACKAGE to an OCI registry as REF (REGISTRY/REPOSITORY:TAG).
+
+  One layer: the package's bundle bytes. Credentials come from the docker
+  config (~/.docker/config.json, $DOCKER_CONFIG, credential helpers).
+  """
+  digest = _import_oci().push_package(package, ref, insecure=insecure)
+  click.echo(f'pushed {package} to {ref}; manifest digest {digest}')
+
+
+@main.command()
+@click.argument('ref')
+@click.argument('out')
+@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
+              help='Public key of a trusted publisher (repeatable).')
+@click.option('--allow-unsigned', is_flag=True,
+              help='Accept a package without a signature.')
+@click.option('--insecure', is_flag=True,
+              help='Plain HTTP, for a loopback registry only (tests).')
+@click.option('--force', is_flag=True, help='Replace OUT atomically.')
+def pull(ref, out, trusted, allow_unsigned, insecure, force):
+  """Pull REF into the bundle file OUT, verified before it appears.
+
+  Checks the manifest's shape and the layer's digest, then the signature
+  and every ciphertext digest (no key needed); on any failure nothing is
+  written at OUT.
+  """
+  if not trusted and not allow_unsigned:
+    raise errors.UsageError(
+        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  res = _import_oci().pull_package(ref, out, trusted=list(trusted),
+                                   allow_unsigned=allow_unsigned,
+                                   insecure=insecure, force=force)
+  info = res.info
+  who = (f'signed by trusted {info.signer}' if info.signature_verified else
+         'UNSIGNED (accepted by --allow-unsigned)')
+  click.echo(f'pulled {ref} ({res.manifest_digest}) into {out}: '
+             f'{info.file_count} payloads verified; {who}; '
+             f'fingerprint {info.fingerprint}')
+
+
 if __name__ == '__main__':
   main()  # pylint: disable=no-value-for-parameter

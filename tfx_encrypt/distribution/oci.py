@@ -1,0 +1,617 @@
+"""Push packages to, and pull them from, OCI registries (oras-py).
+
+A package travels as an OCI image manifest with exactly ONE layer: the bundle
+bytes (FORMAT.md §2), media type `application/vnd.tfx-encrypt.package.v1`.
+The manifest's config (media type
+`application/vnd.tfx-encrypt.config.v1+json`) holds public header facts
+only. `pull_package` checks the manifest's shape, the layer's size bound and
+digest, then runs `verify_package` (signature + every ciphertext digest, no
+key needed) on a private temporary copy before publishing the bundle
+atomically. See docs/DISTRIBUTION.md.
+
+`oras` (and `requests`) are imported lazily: `import tfx_encrypt` and
+`import tfx_encrypt.distribution` work without the `[oci]` extra.
+"""
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import urllib.parse
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from tfx_encrypt import _fsutil
+from tfx_encrypt import errors
+from tfx_encrypt import package as pkg
+
+#: Media type of the single layer: the package's bundle bytes.
+PACKAGE_MEDIA_TYPE = 'application/vnd.tfx-encrypt.package.v1'
+#: Media type (and OCI 1.1 artifact type) of the config blob.
+CONFIG_MEDIA_TYPE = 'application/vnd.tfx-encrypt.config.v1+json'
+OCI_MANIFEST_MEDIA_TYPE = 'application/vnd.oci.image.manifest.v1+json'
+TITLE_ANNOTATION = 'org.opencontainers.image.title'
+CREATED_ANNOTATION = 'org.opencontainers.image.created'
+#: Largest layer `pull_package` accepts unless told otherwise (64 GiB).
+DEFAULT_MAX_PACKAGE_BYTES = 64 << 30
+#: Bounds on the small JSON documents read from a registry.
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 64 << 10
+#: Upload chunk size (memory per push is about one chunk).
+CHUNK_BYTES = 8 << 20
+#: Seconds to connect, and between bytes, before a registry counts as down.
+DEFAULT_TIMEOUT = 60.0
+
+_REPO_RE = re.compile(
+    r'^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*'
+    r'(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$')
+_TAG_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$')
+_DIGEST_RE = re.compile(r'^sha256:[a-f0-9]{64}$')
+_HOST_RE = re.compile(r'^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::[0-9]{1,5})?$')
+
+
+# --- errors ---------------------------------------------------------------------
+
+class RegistryError(errors.TfxEncryptError):
+  """The registry refused or failed a request."""
+  exit_code = 10
+
+
+class RegistryUnavailableError(RegistryError):
+  """The registry could not be reached (down, wrong address, TLS, timeout)."""
+
+
+class RegistryAuthError(RegistryError):
+  """The registry wants credentials, or refused the ones it got (401/403)."""
+
+
+class ArtifactNotFoundError(RegistryError):
+  """The repository, tag, digest or a blob is unknown to the registry."""
+
+
+class NotAPackageArtifactError(errors.UnsupportedFormatError):
+  """The artifact at the reference is not a tfx-encrypt package."""
+
+
+class ArtifactTooLargeError(errors.UnsupportedFormatError):
+  """The package layer is larger than the pull's size bound."""
+
+
+# --- references -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """REGISTRY/REPOSITORY[:TAG][@DIGEST]."""
+  registry: str
+  repository: str
+  tag: Optional[str]
+  digest: Optional[str]
+
+  def __str__(self) -> str:
+    s = f'{self.registry}/{self.repository}'
+    if self.tag:
+      s += f':{self.tag}'
+    if self.digest:
+      s += f'@{self.digest}'
+    return s
+
+  @property
+  def manifest_ref(self) -> str:
+    return self.digest or self.tag or 'latest'
+
+
+def parse_reference(ref: str) -> Reference:
+  """Parse REGISTRY/REPOSITORY:TAG (or @sha256:DIGEST); the registry is required."""
+  usage = (f'bad registry reference {ref!r}: expected REGISTRY/REPOSITORY:TAG '
+           'or REGISTRY/REPOSITORY@sha256:DIGEST, e.g. '
+           'ghcr.io/acme/models/taxi:7 or 127.0.0.1:5000/models/taxi:7')
+  rest, digest = ref, None
+  if '@' in rest:
+    rest, _, digest = rest.partition('@')
+    if not _DIGEST_RE.match(digest):
+      raise errors.UsageError(usage)
+  registry, slash, path = rest.partition('/')
+  if not slash or not _HOST_RE.match(registry) or not (
+      '.' in registry or ':' in registry or registry == 'localhost'):
+    raise errors.UsageError(usage)
+  tag = None
+  last = path.rsplit('/', 1)[-1]
+  if ':' in last:
+    path, _, tag = path.rpartition(':')
+    if not _TAG_RE.match(tag):
+      raise errors.UsageError(usage)
+  if not _REPO_RE.match(path):
+    raise errors.UsageError(usage)
+  return Reference(registry, path, tag, digest)
+
+
+def _is_loopback(registry: str) -> bool:
+  host = registry
+  if host.startswith('['):
+    host = host[1:host.index(']')]
+  elif host.count(':') == 1:
+    host = host.split(':')[0]
+  if host == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+# --- registry client (oras) -------------------------------------------------------
+
+def _import_oras():
+  try:
+    import oras.provider  # pylint: disable=g-import-not-at-top
+    import requests  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if (e.name or '').split('.')[0] not in ('oras', 'requests'):
+      raise
+    raise errors.UsageError(
+        'pushing to and pulling from OCI registries needs oras, which is not '
+        "installed: pip install 'tfx-encrypt[oci]'") from e
+  # oras logs its own view of failures (e.g. "This endpoint requires a
+  # token") through stdlib logging; without a handler Python would print them
+  # on stderr next to our typed error. A NullHandler keeps them available to
+  # applications that configure logging, and off a bare stderr.
+  oras_log = logging.getLogger('oras')
+  if not any(isinstance(h, logging.NullHandler) for h in oras_log.handlers):
+    oras_log.addHandler(logging.NullHandler())
+  return oras.provider, requests
+
+
+def _docker_configs() -> Optional[list]:
+  d = os.environ.get('DOCKER_CONFIG')
+  if d and os.path.isfile(os.path.join(d, 'config.json')):
+    return [os.path.join(d, 'config.json')]
+  return None
+
+
+class _Client:
+  """One registry + repository, through oras's Registry (auth, session).
+
+  oras's `do_request` retries every failure five times with growing sleeps
+  (minutes against a registry that is down); this client calls it once, with
+  a timeout, and turns transport failures into typed errors.
+  """
+
+  def __init__(self, ref: Reference, insecure: bool, timeout: float):
+    if insecure and not _is_loopback(ref.registry):
+      raise errors.UsageError(
+          f'--insecure (plain HTTP) is only allowed for a loopback registry '
+          f'(localhost, 127.0.0.0/8, ::1), not {ref.registry}; use HTTPS')
+    provider, requests = _import_oras()
+    self._requests = requests
+    self.ref = ref
+    self.reg = provider.Registry(hostname=ref.registry, insecure=insecure)
+    session = self.reg.session
+    plain_request = session.request
+
+    def request(method, url, **kwargs):
+      kwargs.setdefault('timeout', timeout)
+      return plain_request(method, url, **kwargs)
+    session.request = request
+    self._do = provider.Registry.do_request.__wrapped__
+    self.base = f'{self.reg.prefix}://{ref.registry}/v2/{ref.repository}'
+    try:
+      self.reg.auth.load_configs(self._container(), configs=_docker_configs())
+    except (OSError, ValueError) as e:
+      raise RegistryAuthError(
+          f'cannot read the docker credentials config: {type(e).__name__}; '
+          'fix ~/.docker/config.json (or $DOCKER_CONFIG/config.json)') from None
+
+  def _container(self):
+    import oras.container  # pylint: disable=g-import-not-at-top
+    return oras.container.Container(
+        f'{self.ref.repository}:{self.ref.tag or "latest"}',
+        registry=self.ref.registry)
+
+  def request(self, method: str, url: str, what: str, *,
+              ok: Sequence[int] = (200, 201, 202), **kwargs):
+    """One request (oras handles the token dance); typed errors otherwise."""
+    requests = self._requests
+    try:
+      r = self._do(self.reg, url, method, **kwargs)
+    except requests.exceptions.SSLError:
+      raise RegistryUnavailableError(
+          f'TLS handshake with registry {self.ref.registry} failed while '
+          f'trying to {what}; check its certificate (or, for a plain-HTTP '
+          'loopback test registry, pass --insecure)') from None
+    except (requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout) as e:
+      host = urllib.parse.urlsplit(
+          getattr(getattr(e, 'request', None), 'url', None) or '').netloc
+      if host and host != self.ref.registry:  # e.g. its token service
+        raise RegistryUnavailableError(
+            f'cannot reach {host}, which registry {self.ref.registry} named '
+            f'for authentication, to {what} ({type(e).__name__}); check the '
+            "registry's auth configuration") from None
+      raise RegistryUnavailableError(
+          f'cannot reach registry {self.ref.registry} to {what} '
+          f'({type(e).__name__}); check the address and that the registry is '
+          'running') from None
+    except requests.exceptions.RequestException as e:
+      raise RegistryError(
+          f'request to registry {self.ref.registry} failed while trying to '
+          f'{what} ({type(e).__name__})') from None
+    except ValueError:  # oras: 401/403 it cannot answer (no usable creds)
+      raise self._auth_error(what, None) from None
+    if r.status_code in ok:
+      return r
+    codes = _oci_error_codes(r)
+    r.close()
+    if r.status_code in (401, 403):
+      raise self._auth_error(what, r.status_code)
+    if r.status_code == 404:
+      if 'MANIFEST_UNKNOWN' in codes or '/manifests/' in url:
+        raise ArtifactNotFoundError(
+            f'{self.ref} not found (manifest unknown): check the repository '
+            'and the tag or digest; pushed tags are listed by '
+            f'GET /v2/{self.ref.repository}/tags/list')
+      if 'NAME_UNKNOWN' in codes:
+        raise ArtifactNotFoundError(
+            f'repository {self.ref.repository} does not exist on '
+            f'{self.ref.registry}')
+      raise ArtifactNotFoundError(
+          f'registry {self.ref.registry} has no blob for {self.ref} '
+          f'({", ".join(codes) or "404"}) while trying to {what}; the '
+          'artifact is incomplete, push it again')
+    raise RegistryError(
+        f'registry {self.ref.registry} answered HTTP {r.status_code} '
+        f'{", ".join(codes)} while trying to {what}'.rstrip())
+
+  def _auth_error(self, what: str, status: Optional[int]) -> RegistryAuthError:
+    code = f' (HTTP {status})' if status else ''
+    return RegistryAuthError(
+        f'registry {self.ref.registry} refused to {what}{code}: log in with '
+        f'`docker login {self.ref.registry}` (credentials are read from '
+        '~/.docker/config.json, $DOCKER_CONFIG or a credential helper) and '
+        f'check your permissions on {self.ref.repository}')
+
+  # -- blobs and manifests --
+
+  def blob_exists(self, digest: str) -> bool:
+    r = self.request('HEAD', f'{self.base}/blobs/{digest}', 'check a blob',
+                     ok=(200, 404))
+    return r.status_code == 200
+
+  def _start_upload(self) -> str:
+    r = self.request('POST', f'{self.base}/blobs/uploads/', 'start an upload',
+                     headers={'Content-Length': '0'})
+    return self._location(r)
+
+  def _location(self, r) -> str:
+    loc = r.headers.get('Location', '')
+    if not loc:
+      raise RegistryError(
+          f'registry {self.ref.registry} gave no upload location')
+    if not loc.startswith(('http://', 'https://')):
+      loc = f'{self.reg.prefix}://{self.ref.registry}{loc}'
+    return loc
+
+  def _finish_upload(self, loc: str, digest: str, data: bytes = b'') -> None:
+    sep = '&' if '?' in loc else '?'
+    self.request('PUT', f'{loc}{sep}digest={digest}', 'finish an upload',
+                 data=data, headers={'Content-Type': 'application/octet-stream',
+                                     'Content-Length': str(len(data))})
+
+  def upload_bytes(self, data: bytes, digest: str) -> None:
+    if not self.blob_exists(digest):
+      self._finish_upload(self._start_upload(), digest, data)
+
+  def upload_file(self, path: str, digest: str, size: int) -> None:
+    """Chunked upload (PATCH per CHUNK_BYTES): memory is one chunk."""
+    if self.blob_exists(digest):
+      return
+    loc = self._start_upload()
+    pos = 0
+    with open(path, 'rb') as f:
+      while pos < size:
+        chunk = f.read(min(CHUNK_BYTES, size - pos))
+        if not chunk:
+          raise errors.TamperedPackageError(
+              f'{path} shrank while it was being pushed')
+        r = self.request(
+            'PATCH', loc, 'upload the package',
+            data=chunk, headers={
+                'Content-Type': 'application/octet-stream',
+                'Content-Range': f'{pos}-{pos + len(chunk) - 1}',
+                'Content-Length': str(len(chunk))})
+        loc = self._location(r)
+        pos += len(chunk)
+    self._finish_upload(loc, digest)
+
+  def put_manifest(self, body: bytes, tag: str) -> Optional[str]:
+    r = self.request('PUT', f'{self.base}/manifests/{tag}', 'push the manifest',
+                     data=body, headers={'Content-Type': OCI_MANIFEST_MEDIA_TYPE})
+    return r.headers.get('Docker-Content-Digest')
+
+  def get_small(self, url: str, what: str, limit: int,
+                headers: Optional[dict] = None) -> Tuple[bytes, Any]:
+    r = self.request('GET', url, what, stream=True, headers=headers or {})
+    with r:
+      buf = bytearray()
+      for chunk in r.iter_content(64 << 10):
+        buf += chunk
+        if len(buf) > limit:
+          raise NotAPackageArtifactError(
+              f'{self.ref}: the {what.split()[-1]} is larger than {limit} '
+              'bytes; this is not a tfx-encrypt package artifact')
+      return bytes(buf), r.headers
+
+  def download(self, digest: str, size: int, fd: int) -> None:
+    """Stream the blob into fd, refusing more than `size` bytes; check digest."""
+    r = self.request('GET', f'{self.base}/blobs/{digest}',
+                     'download the package', stream=True)
+    h = hashlib.sha256()
+    got = 0
+    with r:
+      try:
+        for chunk in r.iter_content(1 << 20):
+          got += len(chunk)
+          if got > size:
+            raise errors.TamperedPackageError(
+                f'{self.ref}: the registry sent more than the {size} bytes '
+                'the manifest declares for the package layer')
+          h.update(chunk)
+          _fsutil.write_all(fd, chunk)
+      except (self._requests.exceptions.ConnectionError,
+              self._requests.exceptions.Timeout) as e:
+        raise RegistryUnavailableError(
+            f'download of {self.ref} from {self.ref.registry} was '
+            f'interrupted ({type(e).__name__}); try again') from None
+    if got != size or f'sha256:{h.hexdigest()}' != digest:
+      raise errors.TamperedPackageError(
+          f'{self.ref}: the package layer does not match its digest in the '
+          'manifest (corrupted or modified in the registry)')
+
+
+def _oci_error_codes(r) -> list:
+  try:
+    if int(r.headers.get('Content-Length') or 0) > 65536:
+      return []
+    body = r.json()
+    return [str(e.get('code'))[:64] for e in body.get('errors', [])[:5]
+            if isinstance(e, dict) and e.get('code')]
+  except Exception:  # pylint: disable=broad-except  # any non-OCI error body
+    return []
+
+
+# --- push -----------------------------------------------------------------------
+
+def config_facts(info: pkg.PackageInfo) -> Dict[str, Any]:
+  """The manifest config: public header facts only (nothing secret)."""
+  return {
+      'format_version': info.format_version,
+      'cipher': info.cipher,
+      'fingerprint': info.fingerprint,
+      'package_id': info.package_id,
+      'signer_key_id': info.signer,
+      'recipient_key_ids': [r['key_id'] for r in info.recipients],
+  }
+
+
+def _canonical(obj) -> bytes:
+  return json.dumps(obj, sort_keys=True, separators=(',', ':'),
+                    ensure_ascii=True).encode('ascii')
+
+
+def _sha256_file(path: str) -> Tuple[str, int]:
+  h = hashlib.sha256()
+  n = 0
+  with open(path, 'rb') as f:
+    while True:
+      b = f.read(1 << 20)
+      if not b:
+        break
+      h.update(b)
+      n += len(b)
+  return f'sha256:{h.hexdigest()}', n
+
+
+def _bundle_of_directory(package: str, info: pkg.PackageInfo, out: str) -> None:
+  """Stream header + payloads of a directory package into the file `out`."""
+  nofollow = getattr(os, 'O_NOFOLLOW', 0)
+  dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow, 0o600)
+  try:
+    with os.fdopen(dst, 'wb', closefd=False) as w:
+      parts = [os.path.join(package, pkg.HEADER_NAME)] + [
+          os.path.join(package, pkg.PAYLOAD_DIR, pkg.payload_name(i))
+          for i in range(info.file_count)]
+      for p in parts:
+        fd = os.open(p, os.O_RDONLY | nofollow)
+        with os.fdopen(fd, 'rb') as r:
+          shutil.copyfileobj(r, w, 1 << 20)
+  finally:
+    os.close(dst)
+
+
+def push_package(package, ref: str, *, insecure: bool = False,
+                 timeout: float = DEFAULT_TIMEOUT) -> str:
+  """Push a package (directory or bundle) to REGISTRY/REPOSITORY:TAG.
+
+  The artifact is one OCI manifest whose single layer is the bundle bytes
+  (a directory package is first streamed into a bundle in a private temporary
+  directory) and whose config holds `config_facts`. Credentials come from the
+  docker config (`~/.docker/config.json`, `$DOCKER_CONFIG`, credential
+  helpers). `insecure` (plain HTTP) is accepted for loopback registries only.
+
+  Returns the manifest digest (`sha256:...`): pull by
+  `REGISTRY/REPOSITORY@DIGEST` to pin exactly this artifact.
+  """
+  r = parse_reference(ref)
+  if r.digest:
+    raise errors.UsageError(
+        f'push to a tag (REGISTRY/REPOSITORY:TAG), not a digest: {ref}')
+  r = dataclasses.replace(r, tag=r.tag or 'latest')
+  package = os.path.abspath(os.fspath(package))
+  info = pkg.inspect_package(package)  # a package at all? (no key needed)
+  client = _Client(r, insecure, timeout)
+  tmpdir = tempfile.mkdtemp(prefix='tfxe-push-')  # 0700
+  try:
+    if info.bundle:
+      blob = package
+    else:
+      blob = os.path.join(tmpdir, 'package.tfxe')
+      _bundle_of_directory(package, info, blob)
+      bundled = pkg.inspect_package(blob)
+      if (bundled.package_id, bundled.fingerprint) != (info.package_id,
+                                                       info.fingerprint):
+        raise errors.TamperedPackageError(
+            f'{package} changed while it was being pushed; push it again')
+    digest, size = _sha256_file(blob)
+    config = _canonical(config_facts(info))
+    config_digest = f'sha256:{hashlib.sha256(config).hexdigest()}'
+    client.upload_file(blob, digest, size)
+    client.upload_bytes(config, config_digest)
+    name = os.path.basename(package.rstrip('/'))
+    if not name.endswith(pkg.BUNDLE_SUFFIX):
+      name += pkg.BUNDLE_SUFFIX
+    manifest = _canonical({
+        'schemaVersion': 2,
+        'mediaType': OCI_MANIFEST_MEDIA_TYPE,
+        'artifactType': CONFIG_MEDIA_TYPE,
+        'config': {'mediaType': CONFIG_MEDIA_TYPE, 'digest': config_digest,
+                   'size': len(config)},
+        'layers': [{'mediaType': PACKAGE_MEDIA_TYPE, 'digest': digest,
+                    'size': size,
+                    'annotations': {TITLE_ANNOTATION: name}}],
+        'annotations': {CREATED_ANNOTATION: info.created},
+    })
+    manifest_digest = f'sha256:{hashlib.sha256(manifest).hexdigest()}'
+    echoed = client.put_manifest(manifest, r.tag)
+    if echoed and echoed != manifest_digest:
+      raise RegistryError(
+          f'registry {r.registry} stored the manifest under {echoed}, not '
+          f'{manifest_digest}; it rewrote the manifest, pull by tag instead')
+    return manifest_digest
+  finally:
+    _fsutil.remove_tree(tmpdir)
+
+
+# --- pull -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PullResult:
+  """What `pull_package` published."""
+  info: pkg.PackageInfo  # of the verified bundle at `out`
+  manifest_digest: str
+  layer_digest: str
+
+
+def _descriptor(d: Any, media_type: str, ref: Reference, what: str) -> Tuple[str, int]:
+  if (not isinstance(d, dict) or d.get('mediaType') != media_type
+      or not isinstance(d.get('digest'), str)
+      or not _DIGEST_RE.match(d['digest'])
+      or not isinstance(d.get('size'), int) or isinstance(d['size'], bool)
+      or d['size'] < 0):
+    got = d.get('mediaType') if isinstance(d, dict) else None
+    raise NotAPackageArtifactError(
+        f'{ref} is not a tfx-encrypt package: its {what} has media type '
+        f'{got!r} (expected {media_type}) or a malformed descriptor')
+  return d['digest'], d['size']
+
+
+def _parse_manifest(body: bytes, ref: Reference, max_bytes: int
+                    ) -> Tuple[Tuple[str, int], Tuple[str, int]]:
+  try:
+    m = json.loads(body)
+  except ValueError:
+    raise NotAPackageArtifactError(f'{ref}: the manifest is not JSON') from None
+  if not isinstance(m, dict) or m.get('schemaVersion') != 2 or \
+      m.get('mediaType', OCI_MANIFEST_MEDIA_TYPE) != OCI_MANIFEST_MEDIA_TYPE:
+    raise NotAPackageArtifactError(
+        f'{ref} is not a tfx-encrypt package: expected an OCI image manifest '
+        f'({OCI_MANIFEST_MEDIA_TYPE}), got '
+        f'{m.get("mediaType") if isinstance(m, dict) else type(m).__name__!r}')
+  config = _descriptor(m.get('config'), CONFIG_MEDIA_TYPE, ref, 'config')
+  layers = m.get('layers')
+  if not isinstance(layers, list) or len(layers) != 1:
+    raise NotAPackageArtifactError(
+        f'{ref} is not a tfx-encrypt package: expected exactly one layer, '
+        f'found {len(layers) if isinstance(layers, list) else "none"}')
+  layer = _descriptor(layers[0], PACKAGE_MEDIA_TYPE, ref, 'layer')
+  if layer[1] > max_bytes:
+    raise ArtifactTooLargeError(
+        f'{ref}: the package layer is {layer[1]} bytes, more than the '
+        f'{max_bytes}-byte bound; raise max_bytes if you expect a package '
+        'that large')
+  if config[1] > MAX_CONFIG_BYTES:
+    raise NotAPackageArtifactError(
+        f'{ref}: the config blob is larger than {MAX_CONFIG_BYTES} bytes')
+  return config, layer
+
+
+def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
+                 allow_unsigned: bool = False, insecure: bool = False,
+                 force: bool = False, max_bytes: int = DEFAULT_MAX_PACKAGE_BYTES,
+                 timeout: float = DEFAULT_TIMEOUT) -> PullResult:
+  """Pull a package from the registry into the bundle file `out`, verified.
+
+  Refuses a manifest that is not exactly {config: tfx-encrypt config, one
+  layer: tfx-encrypt package}, and a layer larger than `max_bytes` (default
+  64 GiB). The layer is streamed into a private temporary sibling of `out`
+  (checking its size and sha256 digest), then `verify_package` checks the
+  signature against `trusted` (or accepts an unsigned package only with
+  `allow_unsigned`) and every ciphertext digest, and the config is checked
+  against the header. Only then is `out` published atomically; on any error
+  nothing is left at `out`.
+  """
+  r = parse_reference(ref)
+  out = os.path.abspath(os.fspath(out))
+  if not trusted and not allow_unsigned:
+    raise errors.UsageError(
+        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  if os.path.lexists(out) and not force:
+    raise _fsutil._exists(out)  # pylint: disable=protected-access
+  parent = os.path.dirname(out)
+  if not os.path.isdir(parent):
+    raise errors.UsageError(f'parent directory {parent} does not exist')
+  client = _Client(r, insecure, timeout)
+  body, headers = client.get_small(
+      f'{client.base}/manifests/{r.manifest_ref}', 'fetch the manifest',
+      MAX_MANIFEST_BYTES, headers={'Accept': OCI_MANIFEST_MEDIA_TYPE})
+  manifest_digest = f'sha256:{hashlib.sha256(body).hexdigest()}'
+  if r.digest and manifest_digest != r.digest:
+    raise errors.TamperedPackageError(
+        f'{ref}: the registry returned a manifest with digest '
+        f'{manifest_digest}, not the one requested')
+  del headers
+  (config_digest, _), (layer_digest, layer_size) = _parse_manifest(
+      body, r, max_bytes)
+  config, _ = client.get_small(f'{client.base}/blobs/{config_digest}',
+                               'fetch the config', MAX_CONFIG_BYTES)
+  if f'sha256:{hashlib.sha256(config).hexdigest()}' != config_digest:
+    raise errors.TamperedPackageError(
+        f'{ref}: the config blob does not match its digest in the manifest')
+  try:
+    facts = json.loads(config)
+  except ValueError:
+    raise NotAPackageArtifactError(f'{ref}: the config is not JSON') from None
+  tmp = _fsutil.temp_sibling(out)
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+               getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0), 0o600)
+  try:
+    try:
+      client.download(layer_digest, layer_size, fd)
+    finally:
+      os.close(fd)
+    info = pkg.verify_package(tmp, trusted=trusted,
+                              allow_unsigned=allow_unsigned)
+    if facts != config_facts(info):
+      raise errors.TamperedPackageError(
+          f'{ref}: the manifest config does not describe the package it '
+          'carries (package id, fingerprint, signer or recipients differ)')
+    os.chmod(tmp, 0o644)
+    _fsutil.publish(tmp, out, force=force)
+  except BaseException:
+    _fsutil.remove_tree(tmp)
+    raise
+  info.path = out
+  return PullResult(info=info, manifest_digest=manifest_digest,
+                    layer_digest=layer_digest)
