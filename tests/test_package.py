@@ -355,3 +355,20 @@ except OSError as e:
   assert r.returncode == 3 and 'OSERROR' in r.stdout, r.stdout + r.stderr
   assert not os.path.exists(tmp_path / 'p')
   assert _util.leftovers(tmp_path, 'p') == []
+
+
+def test_bundle_directory_package_gives_the_same_bytes(tmp_path, keys):
+  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB + 1, 'b/c': b'x'})
+  te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')])
+  from tfx_encrypt import package as pkg_lib
+  pkg_lib.bundle_directory_package(tmp_path / 'p', tmp_path / 'p.tfxe')
+  d = tmp_path / 'p'
+  want = (d / 'tfxe.header').read_bytes() + b''.join(
+      (d / 'payload' / n).read_bytes()
+      for n in sorted(os.listdir(d / 'payload')))
+  assert (tmp_path / 'p.tfxe').read_bytes() == want
+  assert te.inspect_package(tmp_path / 'p.tfxe').bundle
+  with pytest.raises(FileExistsError):  # never overwrites
+    pkg_lib.bundle_directory_package(tmp_path / 'p', tmp_path / 'p.tfxe')
+  with pytest.raises(errors.UsageError, match='already a bundle'):
+    pkg_lib.bundle_directory_package(tmp_path / 'p.tfxe', tmp_path / 'q.tfxe')

@@ -1056,6 +1056,29 @@ def _write_bundle(path: str, hbytes: bytes, pdir: str, count: int,
     os.close(out)
 
 
+def bundle_directory_package(package, out) -> None:
+  """Write the bundle form of a directory package to the new file `out`.
+
+  The same bytes, one file (FORMAT.md §2): the header, then the payloads in
+  index order, copied by the kernel. The directory is validated first
+  (header parse, exact payload set and sizes, no links).
+  """
+  src = _Source(os.fspath(package))
+  if src.bundle:
+    raise errors.UsageError(f'{src.path} is already a bundle')
+  fd = os.open(os.path.join(src.path, HEADER_NAME),
+               os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+  try:
+    hbytes = bytearray(src.header_len)
+    if _fsutil.read_into_exact(fd, hbytes, 0) != src.header_len:
+      raise errors.TamperedPackageError(f'{src.path}: header is truncated')
+  finally:
+    os.close(fd)
+  _write_bundle(os.fspath(out), bytes(hbytes),
+                os.path.join(src.path, PAYLOAD_DIR), len(src.header.payloads),
+                fsync=False)
+
+
 def _copy_fd(src: int, dst: int, size: int, src_offset: int = 0) -> None:
   """Kernel-side copy of `size` bytes (copy_file_range), with a fallback."""
   copied = 0

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import urllib.parse
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -414,23 +413,6 @@ def _sha256_file(path: str) -> Tuple[str, int]:
   return f'sha256:{h.hexdigest()}', n
 
 
-def _bundle_of_directory(package: str, info: pkg.PackageInfo, out: str) -> None:
-  """Stream header + payloads of a directory package into the file `out`."""
-  nofollow = getattr(os, 'O_NOFOLLOW', 0)
-  dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow, 0o600)
-  try:
-    with os.fdopen(dst, 'wb', closefd=False) as w:
-      parts = [os.path.join(package, pkg.HEADER_NAME)] + [
-          os.path.join(package, pkg.PAYLOAD_DIR, pkg.payload_name(i))
-          for i in range(info.file_count)]
-      for p in parts:
-        fd = os.open(p, os.O_RDONLY | nofollow)
-        with os.fdopen(fd, 'rb') as r:
-          shutil.copyfileobj(r, w, 1 << 20)
-  finally:
-    os.close(dst)
-
-
 def push_package(package, ref: str, *, insecure: bool = False,
                  timeout: float = DEFAULT_TIMEOUT) -> str:
   """Push a package (directory or bundle) to REGISTRY/REPOSITORY:TAG.
@@ -458,7 +440,7 @@ def push_package(package, ref: str, *, insecure: bool = False,
       blob = package
     else:
       blob = os.path.join(tmpdir, 'package.tfxe')
-      _bundle_of_directory(package, info, blob)
+      pkg.bundle_directory_package(package, blob)
       bundled = pkg.inspect_package(blob)
       if (bundled.package_id, bundled.fingerprint) != (info.package_id,
                                                        info.fingerprint):
