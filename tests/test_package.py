@@ -372,3 +372,18 @@ def test_bundle_directory_package_gives_the_same_bytes(tmp_path, keys):
     pkg_lib.bundle_directory_package(tmp_path / 'p', tmp_path / 'p.tfxe')
   with pytest.raises(errors.UsageError, match='already a bundle'):
     pkg_lib.bundle_directory_package(tmp_path / 'p.tfxe', tmp_path / 'q.tfxe')
+
+
+def test_largest_allowed_context_binds_through_hpke_and_oaep(tmp_path, keys):
+  """64 entries x (128-char key, 1 KiB value): ~74 KB of HPKE info / label."""
+  ctx = {f'k{i:03d}'.ljust(128, 'x'): 'v' * 1024 for i in range(64)}
+  src = _util.make_tree(tmp_path / 'm', {'a': 10})
+  te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x'),
+                                                    keys.pub('rsa')],
+                   context=ctx)
+  for i, ident in enumerate(('x', 'rsa')):
+    te.decrypt_model(tmp_path / 'p', tmp_path / f'o{i}',
+                     identities=[keys.priv(ident)], allow_unsigned=True)
+  with pytest.raises(errors.UsageError, match='more than 64'):
+    te.encrypt_model(src, tmp_path / 'q', recipients=[keys.pub('x')],
+                     context=dict(ctx, extra='1'))
