@@ -114,3 +114,34 @@ def oms_cli():
         f'{path} is missing: run scripts/setup_oms_env.sh (or make setup)',
         pytrace=False)
   return path
+
+
+# --- AWS KMS: moto's standalone server behind a counting proxy ---------------
+# Shared by tests/keys/ and tests/test_backends_integration.py. tests.fakes is
+# imported lazily so that collecting the rest of the suite does not need it.
+
+@pytest.fixture
+def fast_retry(monkeypatch):
+  """Short backoffs so retry tests take milliseconds, not seconds."""
+  from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top
+  for k, v in fx.FAST_RETRY_ENV.items():
+    monkeypatch.setenv(k, v)
+
+
+@pytest.fixture(scope='session')
+def moto():
+  """moto's standalone KMS server (`moto_server`) on a free loopback port."""
+  from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top
+  server = fx.start_moto()
+  yield server
+  server.close()
+
+
+@pytest.fixture
+def aws(moto, monkeypatch):
+  """An AWS KMS test environment; its proxy counts requests per operation."""
+  from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top
+  env = fx.AwsEnv(moto)
+  env.apply(monkeypatch)
+  yield env
+  env.close()

@@ -15,7 +15,7 @@ from tfx_encrypt import errors
 from tfx_encrypt import package as pkg_lib
 from tests.fakes import backends as fx
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures('fast_retry')]
 
 PIN = '2468-integration'
 MODEL = {
@@ -54,26 +54,6 @@ def _payload_digest(package):
     with open(os.path.join(pdir, name), 'rb') as f:
       h.update(name.encode() + b'\0' + f.read())
   return h.hexdigest()
-
-
-@pytest.fixture(scope='module')
-def moto():
-  server = fx.start_moto()
-  yield server
-  server.close()
-
-
-@pytest.fixture
-def aws(moto, monkeypatch):
-  env = fx.AwsEnv(moto)
-  for k, v in env.client_env().items():
-    monkeypatch.setenv(k, v)
-  for k in fx.AWS_ENV_TO_CLEAR:
-    monkeypatch.delenv(k, raising=False)
-  for k, v in fx.FAST_RETRY_ENV.items():
-    monkeypatch.setenv(k, v)
-  yield env
-  env.close()
 
 
 @pytest.fixture
@@ -214,12 +194,7 @@ def test_failing_kms_leaves_nothing_behind(monkeypatch, hsm, model, tmp_path):
   server = fx.start_moto()
   env = fx.AwsEnv(server)
   try:
-    for k, v in env.client_env().items():
-      monkeypatch.setenv(k, v)
-    for k in fx.AWS_ENV_TO_CLEAR:
-      monkeypatch.delenv(k, raising=False)
-    for k, v in fx.FAST_RETRY_ENV.items():
-      monkeypatch.setenv(k, v)
+    env.apply(monkeypatch)
     kms = env.create_key()
     package = str(tmp_path / 'pkg')
     pkg_lib.encrypt_model(model, package, recipients=[kms])

@@ -62,6 +62,13 @@ class AwsEnv:
         'AWS_SHARED_CREDENTIALS_FILE': os.devnull,
     }
 
+  def apply(self, monkeypatch) -> None:
+    """Point the default boto3 chain at this environment, hermetically."""
+    for k, v in self.client_env().items():
+      monkeypatch.setenv(k, v)
+    for k in AWS_ENV_TO_CLEAR:
+      monkeypatch.delenv(k, raising=False)
+
   def create_key(self, description: str = 'tfx-encrypt test') -> str:
     """Creates a symmetric key through the KMS API; returns its key URI."""
     meta = self.admin.create_key(Description=description)['KeyMetadata']

@@ -217,8 +217,7 @@ def test_server_stopped_mid_run(monkeypatch, fast_retry):
   server = fx.start_moto()
   try:
     env = fx.AwsEnv(server)
-    for k, v in env.client_env().items():
-      monkeypatch.setenv(k, v)
+    env.apply(monkeypatch)
     monkeypatch.setenv('AWS_ENDPOINT_URL', server.url)  # direct, no proxy
     uri = env.create_key()
     key = AwsKmsKey(uri)
@@ -260,8 +259,7 @@ def test_iam_access_denied_with_real_credentials(monkeypatch):
         aws_secret_access_key=creds['admin']['SecretAccessKey'])
     arn = admin.create_key()['KeyMetadata']['Arn']
     env = fx.AwsEnv(server)
-    for k, v in env.client_env().items():
-      monkeypatch.setenv(k, v)
+    env.apply(monkeypatch)
     monkeypatch.setenv('AWS_ENDPOINT_URL', server.url)
     monkeypatch.setenv('AWS_ACCESS_KEY_ID',
                        creds['decrypt-only']['AccessKeyId'])
