@@ -719,8 +719,11 @@ def _open_stream(src: _Source, h: Header, keys: header_lib.DerivedKeys,
 
 
 def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
-                     index: int, entry: FileEntry, out_fd: int,
-                     progress: Progress) -> None:
+                     index: int, entry: FileEntry,
+                     sink: Callable[[memoryview], None],
+                     progress: Progress = None) -> None:
+  """Open payload `index` segment by segment into `sink`, then check its
+  plaintext digest. `sink` gets a reused buffer: copy it if you keep it."""
   ct_size = h.payloads[index][0]
   if ct_size != streaming.ciphertext_size(entry.size):
     raise errors.TamperedPackageError(
@@ -737,7 +740,7 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
         raise errors.TamperedPackageError(f'payload {index} is truncated')
       k = sc.decrypt_into(i, i == n - 1, seg, plain)
       ph.update(plain[:k])
-      _fsutil.write_all(out_fd, plain[:k])
+      sink(plain[:k])
       if progress:
         progress(k)
     if ph.hexdigest() != entry.digest:
@@ -1136,7 +1139,8 @@ def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
       e = entries[i]
       out = _create(os.path.join(tmp, *e.path.split('/')), 0o600)
       try:
-        _decrypt_payload(src, h, keys, i, e, out, progress)
+        _decrypt_payload(src, h, keys, i, e,
+                         lambda mv: _fsutil.write_all(out, mv), progress)
         if fsync:
           os.fsync(out)
       finally:
@@ -1166,26 +1170,9 @@ def iter_decrypted_files(package, *, identities: Sequence[KeyLike],
       package, identities, trusted, allow_unsigned)
   del dirs
   for i, e in enumerate(entries):
-    fd, offset, sc = _open_stream(src, h, keys, i)
-    try:
-      ct_size = h.payloads[i][0]
-      n = streaming.num_segments(e.size)
-      parts = []
-      ph = digest_lib.new_hash(h.hash_alg)
-      for s in range(n):
-        off, ln = streaming.ciphertext_segment(s, ct_size)
-        buf = bytearray(ln)
-        if _fsutil.read_into_exact(fd, buf, offset + off) != ln:
-          raise errors.TamperedPackageError(f'payload {i} is truncated')
-        pt = sc.decrypt(s, s == n - 1, buf)
-        ph.update(pt)
-        parts.append(pt)
-      if ph.hexdigest() != e.digest:
-        raise errors.TamperedPackageError(
-            f'{e.path}: plaintext digest does not match the file table')
-    finally:
-      os.close(fd)
-    yield e.path, b''.join(parts)
+    data = bytearray()
+    _decrypt_payload(src, h, keys, i, e, data.extend)
+    yield e.path, bytes(data)
 
 
 def _write_header_only(src: _Source, h: Header) -> None:
