@@ -1,7 +1,7 @@
 """OCI registry distribution against a real CNCF distribution registry.
 
 The `registry` fixture runs `docker-registry serve` (Debian package
-`docker-registry`; `.ci/run` installs it) on a free 127.0.0.1 port with a
+`docker-registry`; `make test` installs it) on a free 127.0.0.1 port with a
 temporary filesystem store. A missing binary FAILS the tests: it never skips.
 """
 
@@ -74,7 +74,7 @@ def _running_registry(d, extra_config=''):
   """Start docker-registry with a temp config; stop it on exit."""
   if not os.path.exists(REGISTRY_BIN):
     pytest.fail(f'{REGISTRY_BIN} is missing: install the Debian package '
-                "'docker-registry' (.ci/run does); these tests never skip",
+                "'docker-registry' (make test does); these tests never skip",
                 pytrace=False)
   root = str(d / 'store')
   port = _free_port()

@@ -1,12 +1,21 @@
-"""Atomic filesystem publication: temp siblings and no-replace renames."""
+"""Atomic publication: owned temporary siblings, no-replace renames, the
+overwrite policy and tree removal that cannot fail half-way (docs/SECURITY.md).
+"""
 
 import ctypes
 import ctypes.util
 import errno
+import fcntl
+import json
 import os
-import shutil
-from typing import Optional
+import re
+import socket
+import stat
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
 
+from tfx_encrypt import _signals
 from tfx_encrypt import errors
 
 _AT_FDCWD = -100
@@ -40,74 +49,489 @@ def _call_renameat2(src: str, dst: str, flags: int) -> bool:
   raise OSError(err, os.strerror(err), dst)
 
 
+# --- temporary siblings ---------------------------------------------------------
+#
+# Every output is written into a hidden temporary sibling and renamed into
+# place. A sibling is recognisable by its name and owned through an flock on
+# its lock file, held for the life of the process (FORMAT-independent; see
+# docs/SECURITY.md):
+#
+#   .NAME.tfxe-KIND-TOKEN        the temporary file or directory
+#   .NAME.tfxe-KIND-TOKEN.lock   "PID HOST", flock'ed by the owner
+#
+# The lock file is created and locked before the sibling, and removed after
+# it, so a sibling whose lock file is missing, or free, belongs to nobody:
+# its process died (SIGKILL, power loss). `sweep` removes those; every
+# command that creates a sibling sweeps its parent first.
+
+TEMP_NAME_RE = re.compile(
+    r'^\.(?P<name>.*)\.tfxe-(?P<kind>[a-z]+)-(?P<token>[0-9a-f]{16})'
+    r'(?P<lock>\.lock)?$', re.DOTALL)
+_LOCK_SUFFIX = '.lock'
+#: A lock file that is still empty this long after its creation is stale.
+_EMPTY_LOCK_GRACE_S = 60.0
+# Keep the whole sibling name below NAME_MAX (255) for any destination name.
+_MAX_NAME_IN_TEMP = 120
+_O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)
+_O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
+_O_NONBLOCK = getattr(os, 'O_NONBLOCK', 0)
+
+
+class _Live:
+  """This process's temporary siblings: path -> (lock fd, destination)."""
+
+  def __init__(self):
+    self.lock = threading.Lock()
+    self.temps: Dict[str, Tuple[int, str]] = {}
+
+
+_LIVE = _Live()
+
+
 def temp_sibling(path: str, kind: str = 'tmp') -> str:
-  """A fresh hidden name next to `path` (same filesystem, so rename works)."""
-  parent = os.path.dirname(os.path.abspath(path))
-  name = os.path.basename(os.path.abspath(path))
-  return os.path.join(parent, f'.{name}.{kind}-{os.urandom(6).hex()}')
+  """Reserve a fresh hidden name next to `path` (same filesystem).
+
+  Sweeps the parent's stale siblings first, then creates and locks the
+  sibling's lock file; the caller creates the sibling itself (mkdir or an
+  O_EXCL open) and must end with :func:`publish` or :func:`remove_tree`.
+  """
+  path = os.path.abspath(path)
+  parent, name = os.path.split(path)
+  if not re.fullmatch(r'[a-z]+', kind):
+    raise ValueError(f'bad temporary kind {kind!r}')
+  sweep(parent)
+  tmp = os.path.join(
+      parent, f'.{name[:_MAX_NAME_IN_TEMP]}.tfxe-{kind}-{os.urandom(8).hex()}')
+  with _signals.deferred():
+    fd = os.open(tmp + _LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_EXCL |
+                 _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      write_all(fd, f'{os.getpid()} {socket.gethostname()}\n'.encode())
+    except BaseException:
+      os.close(fd)
+      _unlink_quiet(tmp + _LOCK_SUFFIX)
+      raise
+    with _LIVE.lock:
+      _LIVE.temps[tmp] = (fd, path)
+  return tmp
 
 
-def publish(tmp: str, dst: str, force: bool = False) -> None:
+def _release(tmp: str) -> None:
+  """Forget a sibling that no longer exists: drop its lock file."""
+  with _LIVE.lock:
+    entry = _LIVE.temps.pop(tmp, None)
+  if entry is None:
+    return
+  _unlink_quiet(tmp + _LOCK_SUFFIX)
+  os.close(entry[0])
+
+
+def remove_all_temps() -> List[str]:
+  """Remove every sibling this process still owns (interrupted command)."""
+  with _LIVE.lock:
+    temps = list(_LIVE.temps)
+  for tmp in temps:
+    remove_tree(tmp)
+  return temps
+
+
+def public_path(path: Optional[str]) -> Optional[str]:
+  """`path` with a temporary sibling in it replaced by its destination.
+
+  Error messages name what the user asked for, never a hidden temporary
+  name (which disappears with the failed command anyway).
+  """
+  if not path or not isinstance(path, str) or '.tfxe-' not in path:
+    return path
+  with _LIVE.lock:
+    live = dict(_LIVE.temps)
+  for tmp, (_, dst) in live.items():
+    if path == tmp or path.startswith(tmp + os.sep):
+      return dst + path[len(tmp):]
+  parts = path.split(os.sep)
+  for i, part in enumerate(parts):
+    m = TEMP_NAME_RE.match(part)
+    if m:
+      parts[i] = m.group('name')
+  return os.sep.join(parts)
+
+
+def is_temp_name(name: str) -> bool:
+  """True for a tfx-encrypt temporary sibling or its lock file."""
+  return TEMP_NAME_RE.match(name) is not None
+
+
+def sweep(parent: str) -> List[str]:
+  """Remove the stale temporary siblings in `parent`; return their names.
+
+  A sibling is stale when its lock file is missing or nobody holds its
+  flock. Siblings of live commands (here or in another container sharing
+  the directory) are left alone; so is anything not named like a sibling.
+  """
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return []
+  removed = []
+  bases = {}
+  for name in names:
+    m = TEMP_NAME_RE.match(name)
+    if m:
+      bases.setdefault(name[:-len(_LOCK_SUFFIX)] if m.group('lock') else name,
+                       set()).add(name)
+  for base, present in sorted(bases.items()):
+    path = os.path.join(parent, base)
+    with _LIVE.lock:
+      if path in _LIVE.temps:
+        continue
+    lock_name = base + _LOCK_SUFFIX
+    if lock_name not in present:
+      if _remove_quiet(path):
+        removed.append(base)
+      continue
+    lock_path = os.path.join(parent, lock_name)
+    try:
+      fd = os.open(lock_path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC |
+                   _O_NONBLOCK)
+    except OSError:
+      continue  # gone meanwhile, or not ours to open
+    try:
+      st = os.fstat(fd)
+      if not stat.S_ISREG(st.st_mode):
+        continue
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        continue  # a live owner holds it
+      if st.st_size == 0 and time.time() - st.st_mtime < _EMPTY_LOCK_GRACE_S:
+        continue  # its owner is between creating and locking it
+      if base in present:
+        _remove_quiet(path)
+        removed.append(base)
+      _unlink_quiet(lock_path)
+      if base not in present:
+        removed.append(lock_name)
+    finally:
+      os.close(fd)
+  return removed
+
+
+def _remove_quiet(path: str) -> bool:
+  try:
+    remove_tree(path)
+    return True
+  except OSError:
+    return False
+
+
+def _unlink_quiet(path: str) -> None:
+  try:
+    os.unlink(path)
+  except FileNotFoundError:
+    pass
+
+
+# --- publishing ------------------------------------------------------------------
+
+def publish(tmp: str, dst: str, force: bool = False,
+            commit: bool = True) -> None:
   """Atomically move `tmp` to `dst`.
 
   Without `force`, fails with OutputExistsError if `dst` exists, even when
   another process creates it concurrently (RENAME_NOREPLACE). With `force`,
-  an existing `dst` is swapped out atomically (RENAME_EXCHANGE) and removed.
+  an existing `dst` must still be something :func:`replaceable` allows; it
+  is swapped out atomically (RENAME_EXCHANGE) and removed. Signals are held
+  for the rename; with `commit`, the command counts as done afterwards.
   """
-  if not force:
-    try:
-      if _call_renameat2(tmp, dst, _RENAME_NOREPLACE):
-        return
-    except FileExistsError:
-      raise _exists(dst) from None
-    # Fallback without renameat2: link() refuses existing names for files;
-    # for directories a check-then-rename leaves a small race window.
-    if os.path.isdir(tmp):
-      if os.path.lexists(dst):
-        raise _exists(dst)
-      os.rename(tmp, dst)
+  with _signals.deferred():
+    if force and os.path.lexists(dst):
+      reason = unreplaceable_reason(dst)
+      if reason:
+        raise errors.UnsafeOverwriteError(_refusal(dst, reason))
+      _exchange(tmp, dst)
     else:
-      try:
-        os.link(tmp, dst)
-      except FileExistsError:
-        raise _exists(dst) from None
-      os.unlink(tmp)
-    return
-  if not os.path.lexists(dst):
-    publish(tmp, dst, force=False)
-    return
+      _rename_noreplace(tmp, dst)
+    _release(tmp)
+    if commit:
+      _signals.mark_committed()
+
+
+def _rename_noreplace(tmp: str, dst: str) -> None:
+  try:
+    if _call_renameat2(tmp, dst, _RENAME_NOREPLACE):
+      return
+  except FileExistsError:
+    raise exists_error(dst) from None
+  # Fallback without renameat2: link() refuses existing names for files;
+  # for directories a check-then-rename leaves a small race window.
+  if os.path.isdir(tmp):
+    if os.path.lexists(dst):
+      raise exists_error(dst)
+    os.rename(tmp, dst)
+  else:
+    try:
+      os.link(tmp, dst)
+    except FileExistsError:
+      raise exists_error(dst) from None
+    os.unlink(tmp)
+
+
+def _exchange(tmp: str, dst: str) -> None:
+  """Swap `tmp` into `dst`; the old content ends up in `tmp`, then removed."""
   try:
     swapped = _call_renameat2(tmp, dst, _RENAME_EXCHANGE)
   except OSError:
     swapped = False
-  if swapped:
-    remove_tree(tmp)  # now holds the old content
+  if not swapped:
+    old = temp_sibling(dst, 'old')
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    remove_tree(old)
     return
-  old = temp_sibling(dst, 'old')
-  os.rename(dst, old)
-  os.rename(tmp, dst)
-  remove_tree(old)
+  remove_tree(tmp)  # now holds the old content
 
 
-def _exists(dst: str) -> errors.OutputExistsError:
+def exists_error(dst: str) -> errors.OutputExistsError:
   return errors.OutputExistsError(
-      f'{dst} already exists; choose another path or pass --force to replace '
-      'it atomically')
+      f'{dst} already exists; choose another path, or pass --force to '
+      'replace it (only a package or a tree tfx-encrypt wrote, or an empty '
+      'directory)')
 
+
+# --- what --force may replace (docs/SECURITY.md) ----------------------------------
+
+#: Extended attribute on a directory that decrypt wrote (docs/SECURITY.md).
+DECRYPTED_XATTR = 'user.tfx-encrypt'
+_DECRYPTED_VALUE = b'decrypted'
+#: Fallback where the filesystem has no user xattrs: a sibling file naming
+#: the directory's device and inode.
+_DECRYPTED_SIDECAR = '.{name}.tfxe-decrypted'
+_HEADER_NAME = 'tfxe.header'
+_PAYLOAD_DIR = 'payload'
+
+
+def check_output(dst: str, *, force: bool, sources: Sequence[str] = ()
+                 ) -> str:
+  """Check an output path before any work; return it absolute.
+
+  Refuses an output inside (or equal to) a source in every case. An
+  existing output needs `force`, and then must be replaceable: a
+  tfx-encrypt package, a tree tfx-encrypt decrypted, or an empty directory,
+  and never a source or its ancestor, `/`, $HOME, the current directory or
+  its ancestors, or a path reached through a symbolic link.
+  """
+  dst = os.path.abspath(os.fspath(dst))
+  real = os.path.realpath(dst)
+  for src in sources:
+    s = os.path.realpath(os.fspath(src))
+    if _within(real, s):
+      raise errors.UnsafeOverwriteError(
+          f'the output {dst} is inside the input {os.fspath(src)}; write it '
+          'somewhere else')
+  if not os.path.lexists(dst):
+    return dst
+  if not force:
+    raise exists_error(dst)
+  for src in sources:
+    if _within(os.path.realpath(os.fspath(src)), real):
+      raise errors.UnsafeOverwriteError(_refusal(
+          dst, f'it contains the input {os.fspath(src)}'))
+  reason = unreplaceable_reason(dst)
+  if reason:
+    raise errors.UnsafeOverwriteError(_refusal(dst, reason))
+  return dst
+
+
+def _within(path: str, root: str) -> bool:
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _refusal(dst: str, reason: str) -> str:
+  return (f'--force will not replace {dst}: {reason}. Remove it yourself if '
+          'you mean to replace it, or choose another output')
+
+
+def unreplaceable_reason(dst: str) -> Optional[str]:
+  """Why --force must not replace the existing `dst`, or None if it may."""
+  try:
+    st = os.lstat(dst)
+  except FileNotFoundError:
+    return None
+  if stat.S_ISLNK(st.st_mode):
+    return 'it is a symbolic link'
+  real = os.path.realpath(dst)
+  if real != os.path.normpath(dst):
+    return f'it is reached through a symbolic link (it is really {real})'
+  protected = {os.sep: 'it is the root directory'}
+  home = os.path.expanduser('~')
+  if home and home != '~':
+    protected[os.path.realpath(home)] = 'it is your home directory'
+  try:
+    cwd = os.path.realpath(os.getcwd())
+  except OSError:
+    cwd = None
+  if cwd and _within(cwd, real):
+    return 'it is the current directory or one of its parents'
+  if real in protected:
+    return protected[real]
+  if stat.S_ISREG(st.st_mode):
+    return None if _starts_with_magic(dst) else (
+        'it is a file, not a tfx-encrypt package')
+  if not stat.S_ISDIR(st.st_mode):
+    return 'it is not a regular file or directory'
+  try:
+    names = os.listdir(dst)
+  except OSError as e:
+    return f'it cannot be listed ({e.strerror})'
+  if not names:
+    return None
+  if set(names) == {_HEADER_NAME, _PAYLOAD_DIR} and _starts_with_magic(
+      os.path.join(dst, _HEADER_NAME)):
+    return None
+  if is_decrypted_tree(dst):
+    return None
+  return ('it is not a tfx-encrypt package, a tree tfx-encrypt decrypted or '
+          'an empty directory')
+
+
+def _starts_with_magic(path: str) -> bool:
+  from tfx_encrypt.format import header  # pylint: disable=g-import-not-at-top
+  try:
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+  except OSError:
+    return False
+  try:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      return False
+    return os.pread(fd, len(header.MAGIC), 0) == header.MAGIC
+  finally:
+    os.close(fd)
+
+
+def mark_decrypted(tmp_dir: str, dst: str) -> None:
+  """Mark a directory decrypt wrote, without touching the model's files.
+
+  An xattr on the directory itself; where the filesystem refuses user
+  xattrs (tmpfs before Linux 6.6, some FUSE mounts), a sidecar file next to
+  `dst` names the directory's device and inode (rename keeps both).
+  """
+  try:
+    os.setxattr(tmp_dir, DECRYPTED_XATTR, _DECRYPTED_VALUE,
+                follow_symlinks=False)
+    return
+  except OSError:
+    pass
+  st = os.lstat(tmp_dir)
+  sidecar = _sidecar_path(dst)
+  doc = json.dumps({'tfx-encrypt': 'decrypted', 'dev': st.st_dev,
+                    'ino': st.st_ino}).encode()
+  tmp = sidecar + '.new-' + os.urandom(6).hex()
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW |
+               _O_CLOEXEC, 0o600)
+  try:
+    write_all(fd, doc)
+  finally:
+    os.close(fd)
+  os.replace(tmp, sidecar)
+
+
+def _sidecar_path(dst: str) -> str:
+  parent, name = os.path.split(os.path.abspath(dst))
+  return os.path.join(parent, _DECRYPTED_SIDECAR.format(name=name))
+
+
+def is_decrypted_tree(path: str) -> bool:
+  """True for a directory that tfx-encrypt decrypted (see mark_decrypted)."""
+  try:
+    if os.getxattr(path, DECRYPTED_XATTR,
+                   follow_symlinks=False) == _DECRYPTED_VALUE:
+      return True
+  except OSError:
+    pass
+  try:
+    with open(_sidecar_path(path), 'rb') as f:
+      doc = json.loads(f.read(4096))
+    st = os.lstat(path)
+    return (isinstance(doc, dict) and doc.get('tfx-encrypt') == 'decrypted'
+            and doc.get('dev') == st.st_dev and doc.get('ino') == st.st_ino)
+  except (OSError, ValueError):
+    return False
+
+
+# --- removing trees --------------------------------------------------------------
 
 def remove_tree(path: Optional[str]) -> None:
-  """Remove a file or directory tree if present, never following links."""
-  if not path or not os.path.lexists(path):
+  """Remove a file or directory tree if present, never following links.
+
+  Iterative and relative to directory descriptors, so any depth works (a
+  1,000-level chain is beyond both Python's recursion limit and PATH_MAX),
+  and directories without write permission are made writable first.
+  Signals are held while it runs; a sibling's lock file goes last.
+  """
+  if not path:
     return
-  if os.path.isdir(path) and not os.path.islink(path):
-    shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path):  # e.g. a read-only subdirectory
-      for root, dirs, _ in os.walk(path):
-        for d in dirs:
-          os.chmod(os.path.join(root, d), 0o700)
-      shutil.rmtree(path, ignore_errors=True)
-  else:
-    os.unlink(path)
+  with _signals.deferred():
+    try:
+      st = os.lstat(path)
+    except FileNotFoundError:
+      _release(path)
+      return
+    if stat.S_ISDIR(st.st_mode):
+      _rmtree_fd(path)
+    else:
+      _unlink_quiet(path)
+    _release(path)
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0) | _O_NOFOLLOW | _O_CLOEXEC
+
+
+def _rmtree_fd(path: str) -> None:
+  fd = os.open(path, _DIR_FLAGS)
+  names: List[str] = []  # the chain below `path`, one name per level
+  try:
+    while True:
+      sub = None
+      with os.scandir(fd) as it:
+        entries = list(it)
+      for e in entries:
+        if e.is_dir(follow_symlinks=False):
+          sub = e.name
+          break
+        try:
+          os.unlink(e.name, dir_fd=fd)
+        except FileNotFoundError:
+          pass
+        except PermissionError:
+          os.fchmod(fd, 0o700)
+          os.unlink(e.name, dir_fd=fd)
+      if sub is not None:
+        try:
+          child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+        except PermissionError:
+          os.chmod(sub, 0o700, dir_fd=fd)
+          child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+        os.fchmod(child, 0o700)  # so that its entries can be unlinked
+        os.close(fd)
+        fd = child
+        names.append(sub)
+        continue
+      if not names:
+        break
+      parent = os.open('..', _DIR_FLAGS, dir_fd=fd)
+      os.close(fd)
+      fd = parent
+      try:
+        os.rmdir(names.pop(), dir_fd=fd)
+      except FileNotFoundError:
+        pass
+  finally:
+    os.close(fd)
+  try:
+    os.rmdir(path)
+  except FileNotFoundError:
+    pass
 
 
 def fsync_dir(path: str) -> None:

@@ -5,14 +5,21 @@ non-zero exit code taken from the error class (see tfx_encrypt.errors).
 """
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import select
 import sys
 import threading
+import time
 from typing import Dict, Optional, Sequence
 
 import click
 
+from tfx_encrypt import _fsutil
+from tfx_encrypt import _signals
+from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
 from tfx_encrypt.__about__ import __version__
@@ -81,6 +88,36 @@ def _key_groups(groups: Sequence[str], threshold: Optional[int]):
   return parsed, threshold
 
 
+def _require_trust(trusted: Sequence[str], allow_unsigned: bool) -> None:
+  """Commands that read a package's origin have no default trust."""
+  if not trusted and not allow_unsigned:
+    raise errors.UsageError(
+        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+
+
+class _EchoWarnings(logging.Handler):
+  """Prints the API's warnings as `tfx-encrypt: warning: ...` lines."""
+
+  def emit(self, record):
+    message = ' '.join(record.getMessage().split())  # one line, always
+    click.echo(f'tfx-encrypt: warning: {message}', err=True)
+
+
+@contextlib.contextmanager
+def _api_warnings():
+  """Show package-level warnings (e.g. re-signing) once each, on stderr."""
+  logger = logging.getLogger(pkg.__name__)
+  handler = _EchoWarnings(logging.WARNING)
+  propagate = logger.propagate
+  logger.addHandler(handler)
+  logger.propagate = False  # not a second time through a configured root
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.propagate = propagate
+
+
 def _summary(info: pkg.PackageInfo) -> str:
   signer = info.signer or 'unsigned'
   who = f'{len(info.recipients)} recipient(s)'
@@ -91,12 +128,68 @@ def _summary(info: pkg.PackageInfo) -> str:
           f'{who}, signer {signer}, fingerprint {info.fingerprint}')
 
 
+# 128 + SIGPIPE: what a shell reports for a program that wrote to a pipe
+# whose reader had gone away (`tfx-encrypt inspect PKG | head -1`).
+EXIT_CLOSED_STDOUT = 141
+
+
+def _stdout_closed(e: OSError) -> bool:
+  """Whether `e` is EPIPE because nobody reads stdout any more.
+
+  EPIPE from anything else (a socket to a key backend or a registry) is an
+  ordinary operating-system error. A pipe whose readers are all gone polls
+  as POLLERR on its write end.
+  """
+  if e.errno != errno.EPIPE:
+    return False
+  try:
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    events = poller.poll(0)
+  except (AttributeError, OSError, ValueError):  # no real stdout
+    return False
+  return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in events)
+
+
+def _exit_closed_stdout():
+  """Exits quietly with 141, as a process that SIGPIPE killed would.
+
+  stdout is pointed at /dev/null first, so that the interpreter's last flush
+  of what is still buffered cannot print "Exception ignored ...
+  BrokenPipeError" (the recipe of the note on SIGPIPE in the `signal`
+  module's documentation).
+  """
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stdout.fileno())
+  os.close(devnull)
+  sys.exit(EXIT_CLOSED_STDOUT)
+
+
+def _os_error_text(e: OSError) -> str:
+  """`STRERROR (PATH[ -> PATH2])`, naming the paths the user gave.
+
+  A path inside a temporary sibling (`.NAME.tfxe-KIND-TOKEN`, gone with the
+  failed command) is shown as the destination it stood for.
+  """
+  names = []
+  for name in (getattr(e, 'filename', None), getattr(e, 'filename2', None)):
+    if name is None:
+      continue
+    if isinstance(name, bytes):
+      name = os.fsdecode(name)
+    names.append(_text.printable(_fsutil.public_path(name), limit=None))
+  if e.strerror is None:  # no errno: str(e) is all there is
+    return _text.printable(str(e), limit=None)
+  return e.strerror + (f' ({" -> ".join(names)})' if names else '')
+
+
 class _Group(click.Group):
   """Turns every failure into one line on stderr and a non-zero exit code.
 
   TfxEncryptError and OSError are caught around each command; click's own
   usage errors (a missing option, a bad choice) are caught in `main`, which
-  click would otherwise print as a multi-line usage block.
+  click would otherwise print as a multi-line usage block. A closed stdout
+  (`| head -1`) ends the process quietly with 141, wherever it shows up.
   """
 
   def main(self, args=None, prog_name=None, complete_var=None,
@@ -105,6 +198,11 @@ class _Group(click.Group):
       return super().main(args, prog_name, complete_var, False, **extra)
     try:
       rv = super().main(args, prog_name, complete_var, False, **extra)
+      sys.stdout.flush()  # a closed stdout shows here, not at shutdown
+    except OSError as e:
+      if not _stdout_closed(e):
+        raise
+      _exit_closed_stdout()
     except click.ClickException as e:
       hint = ''
       if isinstance(e, click.UsageError) and e.ctx is not None:
@@ -118,15 +216,38 @@ class _Group(click.Group):
     sys.exit(rv if isinstance(rv, int) else 0)
 
   def invoke(self, ctx):
+    # SIGINT/SIGTERM/SIGHUP: the command unwinds, every temporary sibling
+    # it created is removed, and it exits 128 + the signal number.
+    _signals.install()
     try:
       return super().invoke(ctx)
+    except _signals.Interrupted as e:
+      _fsutil.remove_all_temps()
+      click.echo(f'tfx-encrypt: error: {e}; its temporary files were removed',
+                 err=True)
+      ctx.exit(e.exit_code)
     except errors.TfxEncryptError as e:
       click.echo(f'tfx-encrypt: error: {e}', err=True)
       ctx.exit(e.exit_code)
     except OSError as e:
-      where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
-      click.echo(f'tfx-encrypt: error: {e.strerror or e}{where}', err=True)
+      if _stdout_closed(e):  # also a subcommand's --help
+        _exit_closed_stdout()
+      click.echo(f'tfx-encrypt: error: {_os_error_text(e)}', err=True)
       ctx.exit(9)
+    finally:
+      # A backstop: the API removes its temporaries on every error itself.
+      _fsutil.remove_all_temps()
+      _signals.uninstall()
+
+  def make_context(self, info_name, args, parent=None, **extra):
+    # `tfx-encrypt --help | head -1`: the group's own --help and --version
+    # print while its context is made, before `invoke`.
+    try:
+      return super().make_context(info_name, args, parent, **extra)
+    except OSError as e:
+      if not _stdout_closed(e):
+        raise
+      _exit_closed_stdout()
 
 
 @click.group(cls=_Group, context_settings={'help_option_names': ['-h', '--help']})
@@ -171,8 +292,11 @@ def keygen(kind, out_prefix, force):
 @click.option('--bundle', is_flag=True, help='Write a single .tfxe file.')
 @click.option('--force', is_flag=True, help='Replace PACKAGE atomically.')
 @click.option('--fsync', is_flag=True, help='fsync before publishing.')
+@click.option('--any-dir', is_flag=True,
+              help='Encrypt SRC_DIR even if it holds no model file '
+              '(saved_model.pb, *.keras, *.tflite, *.h5, ...).')
 def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
-            context, cipher, hash_alg, bundle, force, fsync):
+            context, cipher, hash_alg, bundle, force, fsync, any_dir):
   """Encrypt SRC_DIR (a SavedModel) into PACKAGE."""
   ctx = _parse_context(context)
   groups, k = _key_groups(key_groups, threshold)
@@ -189,7 +313,7 @@ def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
                              key_groups=groups, threshold=k,
                              signer=sign_with, context=ctx, cipher=cipher,
                              hash_alg=hash_alg, bundle=bundle, force=force,
-                             progress=progress, fsync=fsync)
+                             progress=progress, fsync=fsync, any_dir=any_dir)
   click.echo(f'encrypted {_summary(info)}')
 
 
@@ -207,9 +331,7 @@ def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
 def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
             fsync):
   """Verify and decrypt PACKAGE into OUT_DIR."""
-  if not trusted and not allow_unsigned:
-    raise errors.UsageError(
-        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  _require_trust(trusted, allow_unsigned)
   total = pkg.inspect_package(package).ciphertext_bytes
   with _progress('decrypting', total) as progress:
     info = pkg.decrypt_model(package, out_dir, identities=list(identities),
@@ -287,18 +409,29 @@ def verify(package, trusted, allow_unsigned):
 @click.option('--sign-with', metavar='KEY_URI',
               help='Re-sign the new header (required if PACKAGE is signed).')
 @click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
-              help='Verify the current signature before changing anything.')
+              help='Public key of a trusted publisher (repeatable); the '
+              'current signature is verified before any key is used.')
+@click.option('--allow-unsigned', is_flag=True,
+              help='Accept an unsigned PACKAGE (a signed one must still be '
+              'signed by a --trust key).')
+@click.option('--resign-unsigned', is_flag=True,
+              help='With --allow-unsigned and --sign-with: sign an UNSIGNED '
+              'package, vouching for it yourself.')
 def rewrap(package, identities, adds, removes, add_to_group, sign_with,
-           trusted):
+           trusted, allow_unsigned, resign_unsigned):
   """Change PACKAGE's recipients without re-encrypting the payload."""
+  _require_trust(trusted, allow_unsigned)
   if not adds and not removes:
     raise errors.UsageError('nothing to do: pass --add-recipient and/or '
                             '--remove-recipient')
-  info = pkg.rewrap_package(package, identities=list(identities),
-                            add_recipients=list(adds),
-                            remove_recipients=list(removes),
-                            add_to_group=add_to_group, signer=sign_with,
-                            trusted=list(trusted))
+  with _api_warnings():
+    info = pkg.rewrap_package(package, identities=list(identities),
+                              add_recipients=list(adds),
+                              remove_recipients=list(removes),
+                              add_to_group=add_to_group, signer=sign_with,
+                              trusted=list(trusted),
+                              allow_unsigned=allow_unsigned,
+                              resign_unsigned=resign_unsigned)
   click.echo(f'rewrapped {_summary(info)}')
 
 
@@ -316,27 +449,31 @@ def rewrap(package, identities, adds, removes, add_to_group, sign_with,
 @click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI')
 @click.option('--allow-unsigned', is_flag=True)
 @click.option('--sign-with', metavar='KEY_URI')
+@click.option('--resign-unsigned', is_flag=True,
+              help='With --allow-unsigned and --sign-with: sign the output of '
+              'an UNSIGNED package, vouching for it yourself.')
 @click.option('--cipher', type=click.Choice(['aes-256-gcm', 'chacha20-poly1305']))
 @click.option('--bundle/--directory', 'bundle', default=None,
               help='Output form (default: same as PACKAGE).')
 @click.option('--force', is_flag=True)
 def rotate(package, out, identities, recipients, key_groups, threshold,
-           trusted, allow_unsigned, sign_with, cipher, bundle, force):
+           trusted, allow_unsigned, sign_with, resign_unsigned, cipher, bundle,
+           force):
   """Re-encrypt PACKAGE under a fresh data key into OUT (no plaintext on disk)."""
-  if not trusted and not allow_unsigned:
-    raise errors.UsageError(
-        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  _require_trust(trusted, allow_unsigned)
   groups, k = _key_groups(key_groups, threshold)
   if bool(groups) == bool(recipients):
     raise errors.UsageError(
         'say who can decrypt the new package: --recipient KEY_URI, or '
         '--key-group URI[,URI] (at least two) with --threshold K, not both')
-  with _progress('rotating', pkg.inspect_package(package).ciphertext_bytes) as p:
+  total = pkg.inspect_package(package).ciphertext_bytes
+  with _progress('rotating', total) as p, _api_warnings():
     info = pkg.rotate_package(package, out, identities=list(identities),
                               recipients=list(recipients),
                               key_groups=groups, threshold=k,
                               trusted=list(trusted),
                               allow_unsigned=allow_unsigned, signer=sign_with,
+                              resign_unsigned=resign_unsigned,
                               cipher=cipher, bundle=bundle, force=force,
                               progress=p)
   click.echo(f'rotated into {_summary(info)}')
@@ -430,6 +567,22 @@ def lineage(mlmd_sqlite, key_id, fingerprint, package, pipeline_name,
       click.echo(f'{pad}signer    {props.get("signer_id") or "unsigned"}')
 
 
+@main.command()
+@click.argument('directory', type=click.Path(file_okay=False, exists=True))
+def clean(directory):
+  """Remove stale temporary files of interrupted tfx-encrypt commands.
+
+  Only hidden `.NAME.tfxe-KIND-TOKEN` siblings whose owning command is gone
+  (its lock is free) are removed; those of running commands, and anything
+  else, are left alone. Commands that write into a directory do this too.
+  """
+  removed = _fsutil.sweep(directory)
+  for name in removed:
+    click.echo(f'removed {_text.printable(os.path.join(directory, name))}')
+  if not removed:
+    click.echo(f'nothing to clean in {_text.printable(directory)}')
+
+
 # --- serve-sync ---------------------------------------------------------------
 
 
@@ -472,14 +625,11 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
   version failed; with --interval, failures are reported and retried.
   """
   import logging  # pylint: disable=g-import-not-at-top
-  import signal  # pylint: disable=g-import-not-at-top
   from tfx_encrypt.runtime import serving  # pylint: disable=g-import-not-at-top
   if once == (interval is not None):
     raise errors.UsageError('say how to run: --once, or --interval SECONDS '
                             '(not both)')
-  if not trusted and not allow_unsigned:
-    raise errors.UsageError(
-        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  _require_trust(trusted, allow_unsigned)
   # Failures are printed as actions; keep logging's last-resort handler from
   # printing them a second time (a configured root logger still gets them).
   logging.getLogger(serving.__name__).addHandler(logging.NullHandler())
@@ -491,44 +641,39 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
         group_readable=group_readable)
 
   if once:
+    _signals.install(commit_on_publish=False)
     result = sync()
     _print_sync(result, as_json)
     if not result.ok:
       click.get_current_context().exit(1)
     return
-  stop = threading.Event()
-
-  def on_signal(signum, frame):
-    del frame  # unused
-    stop.set()
-    click.echo(f'serve-sync: {signal.Signals(signum).name}, stopping', err=True)
-
-  previous = {s: signal.signal(s, on_signal)
-              for s in (signal.SIGINT, signal.SIGTERM)}
-  try:
-    first = True
-    while not stop.is_set():
-      try:
-        result = sync()
-      except errors.UsageError as e:
-        if first:  # bad arguments: give up at once
-          raise
-        click.echo(f'tfx-encrypt: error: {e}', err=True)  # keep going
-      except (errors.TfxEncryptError, OSError) as e:
-        click.echo(f'tfx-encrypt: error: {e}', err=True)
-      else:
-        if as_json:
-          _print_sync(result, True)
-        else:  # only what changed or failed; `kept` every time is noise
-          for action in result.actions:
-            if action.action != serving.KEPT:
-              click.echo(action.line())
-      first = False
-      sys.stdout.flush()
-      stop.wait(interval)
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
+  # A sync installs several versions: a signal stops it where it is (the
+  # version being installed is cleaned up; installed ones stay).
+  _signals.install(commit_on_publish=False)
+  first = True
+  while True:
+    try:
+      result = sync()
+    except errors.UsageError as e:
+      if first:  # bad arguments: give up at once
+        raise
+      click.echo(f'tfx-encrypt: error: {e}', err=True)  # keep going
+    except errors.TfxEncryptError as e:
+      click.echo(f'tfx-encrypt: error: {e}', err=True)
+    except OSError as e:
+      if _stdout_closed(e):
+        raise
+      click.echo(f'tfx-encrypt: error: {_os_error_text(e)}', err=True)
+    else:
+      if as_json:
+        _print_sync(result, True)
+      else:  # only what changed or failed; `kept` every time is noise
+        for action in result.actions:
+          if action.action != serving.KEPT:
+            click.echo(action.line())
+    first = False
+    sys.stdout.flush()
+    time.sleep(interval)
 
 
 def _import_oci():
@@ -569,9 +714,7 @@ def pull(ref, out, trusted, allow_unsigned, insecure, force):
   and every ciphertext digest (no key needed); on any failure nothing is
   written at OUT.
   """
-  if not trusted and not allow_unsigned:
-    raise errors.UsageError(
-        'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+  _require_trust(trusted, allow_unsigned)
   res = _import_oci().pull_package(ref, out, trusted=list(trusted),
                                    allow_unsigned=allow_unsigned,
                                    insecure=insecure, force=force)

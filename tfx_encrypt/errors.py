@@ -34,6 +34,12 @@ class OutputExistsError(UsageError):
   """The destination exists and overwriting was not requested."""
 
 
+class UnsafeOverwriteError(UsageError):
+  """The output may not be written there, even with --force: it is inside
+  the input, or it exists and is not something tfx-encrypt may replace (see
+  docs/SECURITY.md)."""
+
+
 class UnsupportedFormatError(TfxEncryptError):
   """The input is not a tfx-encrypt package this version can read."""
   exit_code = 3

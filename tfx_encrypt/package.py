@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import hmac
+import logging
 import os
 import queue
 import stat
@@ -25,6 +26,8 @@ import unicodedata
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from tfx_encrypt import _fsutil
+from tfx_encrypt import _text
+from tfx_encrypt import _signals
 from tfx_encrypt import errors
 from tfx_encrypt import keys as keys_lib
 from tfx_encrypt.format import digest as digest_lib
@@ -36,13 +39,15 @@ from tfx_encrypt.format.header import SignatureBlock
 from tfx_encrypt.keys import shamir
 from tfx_encrypt.keys.base import KeyBackend, Stanza, WrapContext
 
+_LOG = logging.getLogger(__name__)
+
 KeyLike = Union[str, KeyBackend]
 Progress = Optional[Callable[[int], None]]
 
 HEADER_NAME = 'tfxe.header'
 PAYLOAD_DIR = 'payload'
 BUNDLE_SUFFIX = '.tfxe'
-RESERVED_CONTEXT_PREFIX = 'tfxe:'
+RESERVED_CONTEXT_PREFIX = header_lib.RESERVED_CONTEXT_PREFIX
 #: Wrap-context key binding a Shamir share's stanza to its key group (§7.1).
 SHARE_GROUP_KEY = 'tfxe:share-group'
 #: Bytes of one key share: the 32-byte DEK's share values plus its x.
@@ -131,7 +136,7 @@ def _check_user_context(context: Optional[Mapping[str, str]]) -> Dict[str, str]:
   for k in ctx:
     if k.startswith(RESERVED_CONTEXT_PREFIX):
       raise errors.UsageError(
-          f'encryption context key {k!r} uses the reserved prefix '
+          f'encryption context key {_text.quoted(k, 64)} uses the reserved prefix '
           f'{RESERVED_CONTEXT_PREFIX!r}; rename it')
   return ctx
 
@@ -159,7 +164,8 @@ def _verify_signature(h: Header, trusted: Sequence[KeyBackend],
   sig = h.signature
   if not trusted:
     raise errors.UntrustedSignerError(
-        f'package is signed by {sig.key_id} but no trusted key was given; '
+        f'package is signed by {_text.printable(sig.key_id)} but no trusted '
+        'key was given; '
         'pass the publisher\'s public key with --trust')
   msg = h.signature_message()
   for t in trusted:
@@ -167,12 +173,46 @@ def _verify_signature(h: Header, trusted: Sequence[KeyBackend],
       if t.verify(msg, sig.sig, sig.alg):
         return True
       raise errors.TamperedPackageError(
-          f'the package signature by trusted key {sig.key_id} is INVALID: the '
+          f'the package signature by trusted key {_text.printable(sig.key_id)} '
+          'is INVALID: the '
           'header was modified after signing, or the signature was forged')
   raise errors.UntrustedSignerError(
-      f'package is signed by {sig.key_id} ({sig.alg}), which is not among the '
+      f'package is signed by {_text.printable(sig.key_id)} '
+      f'({_text.printable(sig.alg)}), which is not among the '
       'trusted keys; pass that publisher\'s public key with --trust if you '
       'trust it')
+
+
+def _require_trust_choice(trusted: Sequence[KeyLike], allow_unsigned: bool,
+                          what: str) -> None:
+  """Operations that re-sign must be told whom to trust: no default."""
+  if not trusted and not allow_unsigned:
+    raise errors.UsageError(
+        f'{what} checks the package\'s current signature first; say whom you '
+        'trust: --trust PUBLISHER_PUBLIC_KEY (trusted=[...]), or '
+        '--allow-unsigned (allow_unsigned=True)')
+
+
+def _check_resign(src_path: str, h: Header, verified: bool,
+                  sign_with: Optional[KeyBackend],
+                  resign_unsigned: bool) -> None:
+  """Refuse to launder an unverified package into a signed one.
+
+  Called after :func:`_verify_signature`, so a signed package here is
+  verified; an unsigned one (accepted by allow_unsigned) gets the signer's
+  signature only with `resign_unsigned`, and then a warning is logged.
+  """
+  if verified or h.signature is not None or sign_with is None:
+    return
+  if not resign_unsigned:
+    raise errors.UsageError(
+        f'package {src_path} is UNSIGNED, so nobody vouches for its origin; '
+        f'refusing to sign it with {sign_with.signer_id}. Pass '
+        '--resign-unsigned (resign_unsigned=True) to vouch for it yourself, '
+        'or drop --sign-with to keep it unsigned')
+  _LOG.warning('re-signing an UNSIGNED package with %s: %s had no signature, '
+               'so its origin was never verified', sign_with.signer_id,
+               src_path)
 
 
 def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
@@ -198,7 +238,8 @@ def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
     keys = header_lib.DerivedKeys(dek, package_id, suite)
     if not hmac.compare_digest(keys.commitment, commitment):
       return errors.TamperedPackageError(
-          f'the data key unwrapped with {ident.key_id} does not match the '
+          f'the data key unwrapped with {_text.printable(ident.key_id)} does '
+          'not match the '
           'package\'s key commitment: the recipient stanza was modified')
     derived['keys'] = keys
     return None
@@ -206,8 +247,8 @@ def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
   attempts = _UnwrapAttempts(identities)
   dek = attempts.first(stanzas, WrapContext(package_id, context), accept)
   if dek is None:
-    have = ', '.join(i.key_id for i in identities)
-    want = ', '.join(s.key_id for s in stanzas)
+    have = ', '.join(_text.printable(i.key_id) for i in identities)
+    want = ', '.join(_text.printable(s.key_id) for s in stanzas)
     attempts.fail(f'none of the identities ({have}) can decrypt this package; '
                   f'it is encrypted for: {want}')
   return dek, derived['keys']
@@ -318,7 +359,8 @@ def open_key_groups(identities: Sequence[KeyBackend], stanzas: Sequence[Stanza],
     def accept(ident, share, gi=gi):
       if len(share) != SHARE_SIZE or share[-1] != gi + 1:
         return errors.TamperedPackageError(
-            f'the key share unwrapped with {ident.key_id} for key group '
+            f'the key share unwrapped with {_text.printable(ident.key_id)} for '
+            'key group '
             f'{gi} is malformed: the recipient stanza was modified')
       return None
 
@@ -403,11 +445,48 @@ class _SourceFile:
   size: int
 
 
-def scan_model(src_dir: str) -> Tuple[List[_SourceFile], List[str]]:
+#: File names that make a directory look like a model (anywhere in the tree).
+MODEL_MARKER_NAMES = frozenset(
+    {'saved_model.pb', 'saved_model.pbtxt', 'fingerprint.pb'})
+#: File name endings that do the same (Keras, TF Lite, HDF5).
+MODEL_MARKER_SUFFIXES = ('.keras', '.tflite', '.h5')
+_O_NONBLOCK = getattr(os, 'O_NONBLOCK', 0)
+
+
+def _starts_with_magic(path: str) -> bool:
+  """True if the file at `path` starts like a tfx-encrypt header (a bundle,
+  or a directory package's header), of any format version."""
+  fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+  try:
+    return os.pread(fd, 6, 0) == header_lib.MAGIC[:6]
+  finally:
+    os.close(fd)
+
+
+def _refuse_in_model(src_dir: str, relpath: str, what: str) -> errors.UsageError:
+  if not relpath:
+    return errors.UsageError(
+        f'{src_dir} is {what}, not a model; refusing to encrypt it, even with '
+        '--any-dir (decrypt it, or rotate it to change its keys)')
+  return errors.UsageError(
+      f'{src_dir} contains {what} at {relpath!r}; refusing to encrypt it, '
+      'even with --any-dir: move it out of the model directory')
+
+
+def scan_model(src_dir: str, any_dir: bool = False
+               ) -> Tuple[List[_SourceFile], List[str]]:
   """List regular files and directories under src_dir, refusing anything else.
 
   Symlinks (anywhere below the root), devices, FIFOs and sockets raise
   UnsafePathError; they are never followed.
+
+  It must look like a model: some file in the tree is named as in
+  MODEL_MARKER_NAMES or ends as in MODEL_MARKER_SUFFIXES, unless `any_dir`.
+  A tree holding a tfx-encrypt package (a `tfxe.header`, or a file starting
+  with the format's magic) or a tfx-encrypt temporary sibling is refused
+  even with `any_dir`: encrypting it is a mistake (a package inside a
+  package, or a half-written output). Only files of at least a header
+  prefix's size are opened to read their magic (a few microseconds each).
   """
   root = os.path.abspath(src_dir)
   try:
@@ -419,6 +498,7 @@ def scan_model(src_dir: str) -> Tuple[List[_SourceFile], List[str]]:
         f'{src_dir} is not a directory; pass a SavedModel directory')
   files: List[_SourceFile] = []
   dirs: List[str] = []
+  looks_like_model = False
   stack = ['']
   while stack:
     rel = stack.pop()
@@ -434,6 +514,12 @@ def scan_model(src_dir: str) -> Tuple[List[_SourceFile], List[str]]:
             f'file name {os.path.join(rel, name)!r} is not NFC-normalised '
             'Unicode; rename it')
       relpath = f'{rel}/{name}' if rel else name
+      if _fsutil.is_temp_name(name):
+        raise errors.UsageError(
+            f'{src_dir} contains a tfx-encrypt temporary file {relpath!r} '
+            '(a command is writing it, or was interrupted); refusing to '
+            'encrypt it, even with --any-dir: wait for that command, or '
+            'delete it')
       st = e.stat(follow_symlinks=False)
       if stat.S_ISLNK(st.st_mode):
         raise errors.UnsafePathError(
@@ -443,6 +529,15 @@ def scan_model(src_dir: str) -> Tuple[List[_SourceFile], List[str]]:
         dirs.append(relpath)
         stack.append(relpath)
       elif stat.S_ISREG(st.st_mode):
+        if name == HEADER_NAME:
+          raise _refuse_in_model(src_dir, rel, 'a tfx-encrypt package')
+        if (st.st_size >= header_lib.PREFIX_SIZE and
+            _starts_with_magic(e.path)):
+          raise _refuse_in_model(src_dir, relpath, 'a tfx-encrypt bundle')
+        if not looks_like_model and (
+            name in MODEL_MARKER_NAMES or
+            name.lower().endswith(MODEL_MARKER_SUFFIXES)):
+          looks_like_model = True
         files.append(_SourceFile(relpath, e.path, st.st_size))
       else:
         raise errors.UnsafePathError(
@@ -452,6 +547,12 @@ def scan_model(src_dir: str) -> Tuple[List[_SourceFile], List[str]]:
     raise errors.EmptyModelError(
         f'{src_dir} contains no files; point at a SavedModel directory (it '
         'should contain saved_model.pb)')
+  if not looks_like_model and not any_dir:
+    raise errors.UsageError(
+        f'{src_dir} does not look like a model directory: no '
+        f'{", ".join(sorted(MODEL_MARKER_NAMES))} or '
+        f'{", ".join("*" + x for x in MODEL_MARKER_SUFFIXES)} file in it; '
+        'pass --any-dir (any_dir=True) to encrypt it anyway')
   if len(files) > header_lib.MAX_FILES or len(dirs) > header_lib.MAX_DIRS:
     raise errors.UsageError(
         f'model has more than {header_lib.MAX_FILES} files or directories')
@@ -499,6 +600,7 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
   if n < PIPELINE_MIN_SEGMENTS:
     cipher = memoryview(_BUFS.cipher)
     for i in range(n):
+      _signals.check()
       _, ln = streaming.plaintext_segment(i, size)
       seg = plain[:ln]
       read_segment(i, seg)
@@ -538,6 +640,7 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
     for i in range(n):
       if failed:
         break
+      _signals.check()
       _, ln = streaming.plaintext_segment(i, size)
       seg = plain[:ln]
       read_segment(i, seg)
@@ -734,6 +837,7 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
     plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
     ph = digest_lib.new_hash(h.hash_alg)
     for i in range(n):
+      _signals.check()
       off, ln = streaming.ciphertext_segment(i, ct_size)
       seg = cipher[:ln]
       if _fsutil.read_into_exact(fd, seg, offset + off) != ln:
@@ -745,7 +849,8 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
         progress(k)
     if ph.hexdigest() != entry.digest:
       raise errors.TamperedPackageError(
-          f'{entry.path}: plaintext digest does not match the signed file '
+          f'{_text.printable(entry.path)}: plaintext digest does not match '
+          'the signed file '
           'table; the package was modified by a key holder')
   finally:
     os.close(fd)
@@ -768,10 +873,19 @@ def _decrypt_file_table(h: Header, keys: header_lib.DerivedKeys
   return entries, dirs
 
 
-def _open_authenticated(package: str, identities, trusted, allow_unsigned):
+def _open_authenticated(package: str, identities, trusted, allow_unsigned,
+                        before_unwrap: Optional[
+                            Callable[['_Source', Header, bool], None]] = None):
+  """Open, verify the signature, then unwrap and check the whole header.
+
+  `before_unwrap(src, header, verified)` may refuse the package after the
+  signature check and before any key call.
+  """
   src = _Source(os.fspath(package))
   h = src.header
   verified = _verify_signature(h, _backends(trusted), allow_unsigned)
+  if before_unwrap is not None:
+    before_unwrap(src, h, verified)
   _, keys = _unwrap(h, _backends(identities))
   h.check_mac(keys.mac_key)
   entries, dirs = _decrypt_file_table(h, keys)
@@ -905,8 +1019,7 @@ def resolve_signer(signer: Optional[KeyLike]) -> Optional[KeyBackend]:
 
 def start_package(package: str, force: bool = False) -> str:
   """Create the private temporary sibling `tmp/payload/` for a new package."""
-  if os.path.lexists(package) and not force:
-    raise _fsutil._exists(package)  # pylint: disable=protected-access
+  package = _fsutil.check_output(package, force=force)
   tmp = _fsutil.temp_sibling(package)
   os.mkdir(tmp, 0o700)
   try:
@@ -981,7 +1094,7 @@ def encrypt_model(src_dir, package, *,
                   cipher: str = 'aes-256-gcm', hash_alg: str = 'sha256',
                   bundle: bool = False, force: bool = False,
                   progress: Progress = None, workers: Optional[int] = None,
-                  fsync: bool = False) -> PackageInfo:
+                  fsync: bool = False, any_dir: bool = False) -> PackageInfo:
   """Encrypt a model directory into a package (directory, or `.tfxe` bundle).
 
   The data key is wrapped once per recipient (one KMS call each) before any
@@ -991,15 +1104,18 @@ def encrypt_model(src_dir, package, *,
   Either `recipients` (any one of them decrypts), or `key_groups` (a list
   of n lists of keys) and `threshold` k: the data key is Shamir-split so
   that recipients from k distinct groups are needed (FORMAT.md §7.1).
+
+  `src_dir` must look like a model (a saved_model.pb, *.keras, ... in it;
+  see :func:`scan_model`) unless `any_dir`; a tree holding a tfx-encrypt
+  package or temporary file is refused either way.
   """
   package = os.path.abspath(os.fspath(package))
   streaming.suite_for_cipher(cipher)
   digest_lib.new_hash(hash_alg)
   _check_user_context(context)
   sign_with = resolve_signer(signer)
-  if os.path.lexists(package) and not force:
-    raise _fsutil._exists(package)  # pylint: disable=protected-access
-  files, dirs = scan_model(os.fspath(src_dir))
+  package = _fsutil.check_output(package, force=force, sources=[src_dir])
+  files, dirs = scan_model(os.fspath(src_dir), any_dir=any_dir)
   env = prepare_envelope(recipients, context=context, cipher=cipher,
                          hash_alg=hash_alg, key_groups=key_groups,
                          threshold=threshold)
@@ -1121,9 +1237,7 @@ def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
   written only into a private (0700) temporary sibling of `out_dir`, which
   is renamed into place on success and deleted on any failure.
   """
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  if os.path.lexists(out_dir) and not force:
-    raise _fsutil._exists(out_dir)  # pylint: disable=protected-access
+  out_dir = _fsutil.check_output(out_dir, force=force, sources=[package])
   src, h, keys, entries, dirs, verified = _open_authenticated(
       package, identities, trusted, allow_unsigned)
   parent = os.path.dirname(out_dir)
@@ -1148,6 +1262,7 @@ def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
 
     order = sorted(range(len(entries)), key=lambda i: -entries[i].size)
     _run_parallel(decrypt_one, order, workers or default_workers())
+    _fsutil.mark_decrypted(tmp, out_dir)
     _fsutil.publish(tmp, out_dir, force=force)
   except BaseException:
     _fsutil.remove_tree(tmp)
@@ -1181,16 +1296,17 @@ def _write_header_only(src: _Source, h: Header) -> None:
   if not src.bundle:
     hpath = os.path.join(src.path, HEADER_NAME)
     tmp = _fsutil.temp_sibling(hpath)
-    fd = _create(tmp, 0o644)
     try:
-      _fsutil.write_all(fd, hbytes)
-      os.fsync(fd)
+      fd = _create(tmp, 0o644)
+      try:
+        _fsutil.write_all(fd, hbytes)
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+      _fsutil.publish(tmp, hpath, force=True)  # a header: replaceable
     except BaseException:
-      os.close(fd)
-      os.unlink(tmp)
+      _fsutil.remove_tree(tmp)
       raise
-    os.close(fd)
-    os.replace(tmp, hpath)
     return
   tmp = _fsutil.temp_sibling(src.path)
   out = _create(tmp, 0o644)
@@ -1204,7 +1320,7 @@ def _write_header_only(src: _Source, h: Header) -> None:
     os.fsync(out)
     os.close(out)
     out = None
-    os.replace(tmp, src.path)
+    _fsutil.publish(tmp, src.path, force=True)  # a bundle: replaceable
   except BaseException:
     if out is not None:
       os.close(out)
@@ -1218,7 +1334,8 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
                    add_to_group: Optional[int] = None,
                    signer: Optional[KeyLike] = None,
                    trusted: Sequence[KeyLike] = (),
-                   allow_unsigned: bool = True) -> PackageInfo:
+                   allow_unsigned: bool = False,
+                   resign_unsigned: bool = False) -> PackageInfo:
   """Change who can decrypt, without touching the payload (O(header)).
 
   The DEK is unwrapped with one identity (at most one KMS call), wrapped
@@ -1226,20 +1343,30 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   Removing a recipient does not revoke a DEK it has already seen; use
   :func:`rotate_package` after a suspected leak.
 
+  The current signature is checked first, before any key call: pass the
+  publisher's keys in `trusted`, or `allow_unsigned=True` to accept an
+  unsigned package. A package signed by a key not in `trusted` is refused
+  either way. An unsigned package is signed by `signer` only with
+  `resign_unsigned=True` (and a warning is logged), so a signature never
+  vouches for a package nobody verified.
+
   For a package with key groups, the identities must open k groups; added
   recipients join group `add_to_group` (they get that group's share), and
   removals must leave every group non-empty. The threshold and the number
   of groups never change here: use :func:`rotate_package` for that.
   """
+  trust = _backends(trusted)
+  _require_trust_choice(trust, allow_unsigned, 'rewrap')
   src = _Source(os.fspath(package))
   h = src.header
+  verified = _verify_signature(h, trust, allow_unsigned)
   sign_with = _backend(signer) if signer is not None else None
   if h.signature is not None and sign_with is None:
     raise errors.UsageError(
-        f'package is signed by {h.signature.key_id}; rewrapping changes the '
+        f'package is signed by {_text.printable(h.signature.key_id)}; '
+        'rewrapping changes the '
         'header, so pass --sign-with KEY to re-sign it')
-  if trusted or not allow_unsigned:
-    _verify_signature(h, _backends(trusted), allow_unsigned)
+  _check_resign(src.path, h, verified, sign_with, resign_unsigned)
   adds = _backends(add_recipients)
   remove_ids = set()
   for r in (remove_recipients or ()):
@@ -1367,21 +1494,28 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
                    context: Optional[Mapping[str, str]] = None,
                    cipher: Optional[str] = None, bundle: Optional[bool] = None,
                    force: bool = False, progress: Progress = None,
-                   workers: Optional[int] = None) -> PackageInfo:
+                   workers: Optional[int] = None,
+                   resign_unsigned: bool = False) -> PackageInfo:
   """Re-encrypt under a fresh DEK (after a suspected DEK leak).
 
   Streams each payload segment from the old package through decryption and
   re-encryption in memory: plaintext never touches the disk. The new
   package is for `recipients`, or for `key_groups` with `threshold` (as in
   :func:`encrypt_model`), whatever the old one had.
+
+  The old package's signature is checked against `trusted` before any key
+  call (or `allow_unsigned=True` accepts an unsigned one); an unsigned
+  package is signed by `signer` only with `resign_unsigned=True`, as in
+  :func:`rewrap_package`.
   """
-  out = os.path.abspath(os.fspath(out))
-  if os.path.lexists(out) and not force:
-    raise _fsutil._exists(out)  # pylint: disable=protected-access
+  out = _fsutil.check_output(out, force=force, sources=[package])
+  _require_trust_choice(trusted, allow_unsigned, 'rotate')
   _plan_recipients(recipients, key_groups, threshold)  # fail before any call
   sign_with = resolve_signer(signer)
   src, h, old_keys, entries, dirs, _ = _open_authenticated(
-      package, identities, trusted, allow_unsigned)
+      package, identities, trusted, allow_unsigned,
+      before_unwrap=lambda s, hh, verified: _check_resign(
+          s.path, hh, verified, sign_with, resign_unsigned))
   env = prepare_envelope(
       recipients, context=h.context if context is None else context,
       hash_alg=h.hash_alg,
@@ -1409,7 +1543,8 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
         os.close(fd)
       if results[i][0] != e.digest:
         raise errors.TamperedPackageError(
-            f'{e.path}: plaintext digest does not match the file table')
+            f'{_text.printable(e.path)}: plaintext digest does not match the '
+            'file table')
 
     order = sorted(range(len(entries)), key=lambda i: -entries[i].size)
     _run_parallel(rotate_one, order, workers or default_workers())

@@ -549,8 +549,7 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
   if not trusted and not allow_unsigned:
     raise errors.UsageError(
         'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
-  if os.path.lexists(out) and not force:
-    raise _fsutil._exists(out)  # pylint: disable=protected-access
+  out = _fsutil.check_output(out, force=force)
   parent = os.path.dirname(out)
   if not os.path.isdir(parent):
     raise errors.UsageError(f'parent directory {parent} does not exist')
@@ -576,9 +575,10 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
   except ValueError:
     raise NotAPackageArtifactError(f'{ref}: the config is not JSON') from None
   tmp = _fsutil.temp_sibling(out)
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
-               getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0), 0o600)
   try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                 getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0),
+                 0o600)
     try:
       client.download(layer_digest, layer_size, fd)
     finally:

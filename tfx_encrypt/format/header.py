@@ -14,6 +14,7 @@ import re
 import struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import paths as paths_lib
@@ -45,10 +46,17 @@ _BODY_KEYS = {'format', 'suite', 'hash', 'package_id', 'created', 'context',
 _THRESHOLD_KEYS = {'k', 'groups'}
 _SIG_KEYS = {'alg', 'key_id', 'sig'}
 SIGNATURE_ALGS = ('ed25519', 'ecdsa-p256-sha256')
-_HEX64 = re.compile(r'^[0-9a-f]{64}$')
-_HEX32 = re.compile(r'^[0-9a-f]{32}$')
-_CREATED = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$')
-_FINGERPRINT = re.compile(r'^(sha256|blake3):[0-9a-f]{64}$')
+# Matched with fullmatch (a `$` would also accept a trailing newline).
+_HEX64 = re.compile(r'[0-9a-f]{64}')
+_HEX32 = re.compile(r'[0-9a-f]{32}')
+_CREATED = re.compile(r'[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z')
+_FINGERPRINT = re.compile(r'(sha256|blake3):[0-9a-f]{64}')
+#: Context keys with this prefix are reserved for tfx-encrypt (§4): a writer
+#: refuses them, and a reader refuses any it does not know (today: all of
+#: them; `tfxe:package-id` and `tfxe:share-group` exist only in wrap
+#: contexts, never in the header).
+RESERVED_CONTEXT_PREFIX = 'tfxe:'
+KNOWN_RESERVED_CONTEXT_KEYS = frozenset()
 
 
 def _bad(what: str) -> errors.TamperedPackageError:
@@ -68,7 +76,7 @@ def _no_dupes(pairs):
   d = {}
   for k, v in pairs:
     if k in d:
-      raise _bad(f'duplicate key {k!r}')
+      raise _bad(f'duplicate key {_text.quoted(k, 64)}')
     d[k] = v
   return d
 
@@ -105,7 +113,7 @@ def _int(v, lo: int, hi: int, what: str) -> int:
 def _str(v, what: str, max_len: int = 4096, pattern=None) -> str:
   if not isinstance(v, str) or len(v) > max_len:
     raise _bad(what)
-  if pattern is not None and not pattern.match(v):
+  if pattern is not None and not pattern.fullmatch(v):
     raise _bad(what)
   return v
 
@@ -189,7 +197,7 @@ class SignatureBlock:
       raise _bad('signature block fields')
     alg = _str(obj['alg'], 'signature algorithm', 64)
     if alg not in SIGNATURE_ALGS:
-      raise _bad(f'unknown signature algorithm {alg!r}')
+      raise _bad(f'unknown signature algorithm {_text.quoted(alg, 64)}')
     return cls(alg, _str(obj['key_id'], 'signer key id', 1024),
                _b64(obj['sig'], 'signature', 4096))
 
@@ -379,15 +387,18 @@ class Header:
       raise _bad('unexpected or missing fields')
     if obj['format'] != FORMAT_NAME:
       raise errors.UnsupportedFormatError(
-          f'unsupported package format {obj["format"]!r}; upgrade tfx-encrypt')
+          f'unsupported package format {_text.quoted(obj["format"], 64)}; '
+          'upgrade tfx-encrypt')
     suite = obj['suite']
-    if suite not in streaming.SUITES:
+    if not isinstance(suite, str) or suite not in streaming.SUITES:
       raise errors.UnsupportedFormatError(
-          f'unsupported cipher suite {suite!r}; upgrade tfx-encrypt')
+          f'unsupported cipher suite {_text.quoted(suite, 64)}; upgrade '
+          'tfx-encrypt')
     hash_alg = obj['hash']
-    if hash_alg not in digest_lib.HASHES:
+    if not isinstance(hash_alg, str) or hash_alg not in digest_lib.HASHES:
       raise errors.UnsupportedFormatError(
-          f'unsupported hash {hash_alg!r}; upgrade tfx-encrypt')
+          f'unsupported hash {_text.quoted(hash_alg, 64)}; upgrade '
+          'tfx-encrypt')
     package_id = bytes.fromhex(_str(obj['package_id'], 'package id', 32,
                                     _HEX32))
     created = _str(obj['created'], 'creation time', 20, _CREATED)
@@ -396,6 +407,13 @@ class Header:
       ctx = check_context(ctx)
     except errors.UsageError:
       raise _bad('encryption context') from None
+    for k in ctx:
+      if (k.startswith(RESERVED_CONTEXT_PREFIX) and
+          k not in KNOWN_RESERVED_CONTEXT_KEYS):
+        raise errors.UnsupportedFormatError(
+            f'package context key {_text.quoted(k, 64)} uses the reserved '
+            f'prefix {RESERVED_CONTEXT_PREFIX!r} and is unknown to this '
+            'version; upgrade tfx-encrypt')
     recips = obj['recipients']
     if not isinstance(recips, list) or not 0 < len(recips) <= MAX_RECIPIENTS:
       raise _bad('recipient count')
