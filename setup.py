@@ -104,7 +104,7 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         'console_scripts': [
-            'tfx-encrypt = tfx_encrypt.cli:main',
+            'tfx-encrypt = tfx_encrypt._entry:main',
         ],
         # Key backends by URI scheme; third parties add their own scheme by
         # declaring an entry point in this group.

@@ -230,7 +230,8 @@ def main(argv=None):
       rm(p('dec'))
       if want('rewrap'):
         t['rewrap'].append(timed(lambda: te.rewrap_package(
-            p('pkg'), identities=[xkey], add_recipients=[rsapub])))
+            p('pkg'), identities=[xkey], add_recipients=[rsapub],
+            allow_unsigned=True)))
       rm(p('pkg'))
     if have_blake3 and want('blake3'):
       subprocess.run(['sync'], check=False)

@@ -140,7 +140,8 @@ def test_rewrap_add_and_remove_against_both(aws, hsm, model, tmp_path):
 
   # KMS identity adds the HSM keys: one Decrypt, no Encrypt.
   info = pkg_lib.rewrap_package(package, identities=[kms],
-                                add_recipients=[hsm.aes, hsm.rsa_public])
+                                add_recipients=[hsm.aes, hsm.rsa_public],
+                                allow_unsigned=True)
   assert aws.counts() == {'Decrypt': 1}
   assert [r['type'] for r in info.recipients] == [
       'aws-kms', 'pkcs11-aes-gcm', 'pkcs11-rsa-oaep']
@@ -149,7 +150,7 @@ def test_rewrap_add_and_remove_against_both(aws, hsm, model, tmp_path):
   aws.proxy.reset()
   info = pkg_lib.rewrap_package(package, identities=[hsm.aes],
                                 remove_recipients=[kms],
-                                add_recipients=[kms2])
+                                add_recipients=[kms2], allow_unsigned=True)
   assert aws.counts() == {'Encrypt': 1}
   assert [r['key_id'] for r in info.recipients] == [
       hsm.aes.split('?')[0], hsm.rsa_public.split('?')[0], kms2]
@@ -224,7 +225,7 @@ def test_failing_kms_leaves_nothing_behind(monkeypatch, hsm, model, tmp_path):
       header_bytes = f.read()
     with pytest.raises(errors.BackendUnavailableError):
       pkg_lib.rewrap_package(package, identities=[kms],
-                             add_recipients=[hsm.aes])
+                             add_recipients=[hsm.aes], allow_unsigned=True)
     # No output, no temporary sibling, the package unchanged.
     assert sorted(os.listdir(tmp_path)) == before
     with open(header, 'rb') as f:

@@ -419,10 +419,11 @@ def test_bit_flips_in_grouped_header(tmp_path, keys, grouped):
 # --- rotate -------------------------------------------------------------------
 
 def test_rotate_into_and_out_of_groups(tmp_path, keys, model):
-  te.encrypt_model(model, tmp_path / 'p', recipients=[keys.pub('a')])
+  te.encrypt_model(model, tmp_path / 'p', recipients=[keys.pub('a')],
+                   signer=keys.priv('ed'))
   info = te.rotate_package(
       tmp_path / 'p', tmp_path / 'q', identities=[keys.priv('a')],
-      allow_unsigned=True, key_groups=[[keys.pub('b')], [keys.pub('c')],
+      trusted=[keys.pub('ed')], key_groups=[[keys.pub('b')], [keys.pub('c')],
                                        [keys.pub('d'), keys.pub('e')]],
       threshold=2, signer=keys.priv('ed'))
   assert info.threshold['k'] == 2 and len(info.threshold['groups']) == 3
@@ -454,7 +455,8 @@ def test_rewrap_add_to_group_not_opened(tmp_path, keys, model, grouped):
   pkg = _copy(grouped / 'p', tmp_path / 'p')
   payload_before = (pkg / 'payload' / '00000000').read_bytes()
   info = te.rewrap_package(pkg, identities=[keys.priv('a'), keys.priv('c')],
-                           add_recipients=[keys.pub('e')], add_to_group=1)
+                           add_recipients=[keys.pub('e')], add_to_group=1,
+                           allow_unsigned=True)
   assert info.threshold['groups'][1] == [keys.key_id('b'), keys.key_id('e')]
   assert (pkg / 'payload' / '00000000').read_bytes() == payload_before
   assert _body(pkg)['threshold'] == {'k': 2,
@@ -471,11 +473,12 @@ def test_rewrap_remove_keeps_groups_non_empty(tmp_path, keys, model, grouped):
   before = (pkg / 'tfxe.header').read_bytes()
   with pytest.raises(errors.UsageError, match='group 1 with no recipient'):
     te.rewrap_package(pkg, identities=[keys.priv('a'), keys.priv('c')],
-                      remove_recipients=[keys.pub('b')])
+                      remove_recipients=[keys.pub('b')], allow_unsigned=True)
   assert (pkg / 'tfxe.header').read_bytes() == before
   info = te.rewrap_package(pkg, identities=[keys.priv('b'), keys.priv('c')],
                            remove_recipients=[keys.pub('rsa'),
-                                              keys.key_id('d')])
+                                              keys.key_id('d')],
+                           allow_unsigned=True)
   assert info.threshold['groups'] == [[keys.key_id('a')], [keys.key_id('b')],
                                       [keys.key_id('c')]]
   assert _body(pkg)['threshold']['groups'] == [[0], [1], [2]]
@@ -486,7 +489,8 @@ def test_rewrap_remove_keeps_groups_non_empty(tmp_path, keys, model, grouped):
   # Replacing the sole member of a group in one step is fine.
   te.rewrap_package(pkg, identities=[keys.priv('a'), keys.priv('c')],
                     remove_recipients=[keys.pub('b')],
-                    add_recipients=[keys.pub('f')], add_to_group=1)
+                    add_recipients=[keys.pub('f')], add_to_group=1,
+                    allow_unsigned=True)
   _decrypt(pkg, tmp_path / 'o3', keys, ['f', 'a'])
 
 
@@ -503,7 +507,7 @@ def test_rewrap_usage_errors(tmp_path, keys, grouped, kwargs, match):
   kw['add_recipients'] = [keys.pub(n) for n in kw['add_recipients']]
   idents = [_Counting(local.LocalKey(keys.priv(n))) for n in 'ab']
   with pytest.raises(errors.UsageError, match=match):
-    te.rewrap_package(pkg, identities=idents, **kw)
+    te.rewrap_package(pkg, identities=idents, allow_unsigned=True, **kw)
   assert sum(i.calls for i in idents) == 0  # refused before any key call
   assert (pkg / 'tfxe.header').read_bytes() == before
 
@@ -512,14 +516,16 @@ def test_rewrap_grouped_needs_k_groups(tmp_path, keys, grouped):
   pkg = _copy(grouped / 'p', tmp_path / 'p')
   with pytest.raises(errors.NoMatchingKeyError, match='got 1'):
     te.rewrap_package(pkg, identities=[keys.priv('a'), keys.priv('rsa')],
-                      add_recipients=[keys.pub('e')], add_to_group=0)
+                      add_recipients=[keys.pub('e')], add_to_group=0,
+                      allow_unsigned=True)
 
 
 def test_rewrap_add_to_group_on_plain_package(tmp_path, keys, model):
   te.encrypt_model(model, tmp_path / 'p', recipients=[keys.pub('a')])
   with pytest.raises(errors.UsageError, match='no key groups'):
     te.rewrap_package(tmp_path / 'p', identities=[keys.priv('a')],
-                      add_recipients=[keys.pub('b')], add_to_group=0)
+                      add_recipients=[keys.pub('b')], add_to_group=0,
+                      allow_unsigned=True)
 
 
 def test_rewrap_signed_grouped_bundle(tmp_path, keys, model, grouped):
@@ -567,7 +573,7 @@ def test_cli_key_groups_end_to_end(tmp_path, keys, model):
   assert _util.read_tree(tmp_path / 'o') == _util.read_tree(model)
   r = _cli('rewrap', p, '-i', keys.priv('b'), '-i', keys.priv('c'),
            '--add-recipient', keys.pub('d'), '--add-to-group', '0',
-           '--sign-with', keys.priv('ed'))
+           '--sign-with', keys.priv('ed'), '--trust', keys.pub('ed'))
   assert r.returncode == 0, r.stderr
   r = _cli('decrypt', p, tmp_path / 'o2', '-i', keys.priv('d'), '-i',
            keys.priv('b'), '--trust', keys.pub('ed'))

@@ -41,7 +41,7 @@ def rss_kib():
 
 # Warm up code paths (imports, thread pool, buffers) on a tiny model.
 os.makedirs(os.path.join(work, 'w'))
-with open(os.path.join(work, 'w', 'a'), 'wb') as f:
+with open(os.path.join(work, 'w', 'saved_model.pb'), 'wb') as f:
   f.write(b'x' * 3000000)
 te.encrypt_model(os.path.join(work, 'w'), os.path.join(work, 'wp'), recipients=[pub])
 te.decrypt_model(os.path.join(work, 'wp'), os.path.join(work, 'wo'),

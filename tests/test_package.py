@@ -10,6 +10,7 @@ import tfx_encrypt as te
 from tfx_encrypt import errors
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import streaming
+from tfx_encrypt.keys import local
 from tests import _util
 
 MiB = 1 << 20
@@ -34,6 +35,7 @@ EDGE_FILES = {
     'two_segs_plus_1.bin': FIRST + SEG + 1,
     'a/b/c/d/e/f/g/h/deep.txt': b'deep',
     'unicode/caf\u00e9.txt': b'nfc name',
+    'saved_model.pb': b'\x08\x01',  # a model, so encrypt takes it
 }
 
 
@@ -77,7 +79,8 @@ def test_payload_sizes_follow_format(tmp_path, keys):
 
 
 def test_directory_and_bundle_carry_the_same_bytes(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 3 * MiB, 'b/c': b'hello'})
+  src = _util.make_tree(tmp_path / 'm', {'a': 3 * MiB, 'b/c': b'hello',
+                                         'saved_model.pb': 10})
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')])
   d = tmp_path / 'p'
   # A bundle is header || payloads; concatenating the directory form gives a
@@ -95,7 +98,7 @@ def test_thousands_of_small_files(tmp_path, keys):
   files = {f'd{i % 17}/f{i:05d}.txt': f'file {i}\n'.encode() for i in range(3000)}
   src = _util.make_tree(tmp_path / 'm', files)
   info = te.encrypt_model(src, tmp_path / 'p.tfxe', bundle=True,
-                          recipients=[keys.pub('x')])
+                          recipients=[keys.pub('x')], any_dir=True)
   assert info.file_count == 3000
   te.decrypt_model(tmp_path / 'p.tfxe', tmp_path / 'out',
                    identities=[keys.priv('x')], allow_unsigned=True)
@@ -129,7 +132,11 @@ def test_multiple_recipients_any_one_decrypts(tmp_path, keys):
   for i, ident in enumerate(['x', 'rsa', 'x2']):
     te.decrypt_model(tmp_path / 'p', tmp_path / f'o{i}',
                      identities=[keys.priv(ident)], allow_unsigned=True)
+  other, _ = local.keygen('x25519', str(tmp_path / 'other'))
   with pytest.raises(errors.NoMatchingKeyError):
+    te.decrypt_model(tmp_path / 'p', tmp_path / 'o9',
+                     identities=[other], allow_unsigned=True)
+  with pytest.raises(errors.KeyRoleError, match='signing key'):
     te.decrypt_model(tmp_path / 'p', tmp_path / 'o9',
                      identities=[keys.priv('ed')], allow_unsigned=True)
 
@@ -179,7 +186,7 @@ def test_existing_output_needs_force(tmp_path, keys):
 
 
 def test_plaintext_output_is_private(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'v/x': 10})
+  src = _util.make_tree(tmp_path / 'm', {'v/x': 10, 'saved_model.pb': 10})
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')])
   te.decrypt_model(tmp_path / 'p', tmp_path / 'o', identities=[keys.priv('x')],
                    allow_unsigned=True)
@@ -188,7 +195,7 @@ def test_plaintext_output_is_private(tmp_path, keys):
 
 
 def test_context_is_recorded_and_reserved_prefix_rejected(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 1})
+  src = _util.make_tree(tmp_path / 'm', {'saved_model.pb': 1})
   info = te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')],
                           context={'pipeline': 'taxi', 'run': '42'})
   assert te.inspect_package(tmp_path / 'p').context == {'pipeline': 'taxi',
@@ -200,7 +207,7 @@ def test_context_is_recorded_and_reserved_prefix_rejected(tmp_path, keys):
 
 
 def test_no_key_material_in_header(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 100})
+  src = _util.make_tree(tmp_path / 'm', {'saved_model.pb': 100})
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('rsa')],
                    signer=keys.priv('ed'))
   header = (tmp_path / 'p' / 'tfxe.header').read_bytes()
@@ -224,13 +231,14 @@ def test_fingerprint_matches_model_signing_manifest_rule(tmp_path, keys):
 
 
 def test_inspect_json_is_serialisable(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 100})
+  src = _util.make_tree(tmp_path / 'm', {'saved_model.pb': 100})
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')])
   json.dumps(te.inspect_package(tmp_path / 'p').to_dict())
 
 
 def test_iter_decrypted_files_in_memory(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB + 3, 'b/c': b'x'})
+  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB + 3, 'b/c': b'x',
+                                         'saved_model.pb': 10})
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')],
                    signer=keys.priv('ed'))
   got = dict(te.iter_decrypted_files(tmp_path / 'p', identities=[keys.priv('x')],
@@ -239,7 +247,8 @@ def test_iter_decrypted_files_in_memory(tmp_path, keys):
 
 
 def test_verify_without_key(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB, 'b': 10})
+  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB, 'b': 10,
+                                         'saved_model.pb': 10})
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')],
                    signer=keys.priv('ed'))
   assert te.verify_package(tmp_path / 'p', trusted=[keys.pub('ed')]
@@ -254,7 +263,8 @@ def test_verify_without_key(tmp_path, keys):
 
 @pytest.mark.parametrize('bundle', [False, True], ids=['dir', 'bundle'])
 def test_rewrap_changes_recipients_not_payload(tmp_path, keys, bundle):
-  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB, 'b': 10})
+  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB, 'b': 10,
+                                         'saved_model.pb': 10})
   pkg = tmp_path / ('p.tfxe' if bundle else 'p')
   before = te.encrypt_model(src, pkg, recipients=[keys.pub('x')],
                             signer=keys.priv('ed'), bundle=bundle)
@@ -262,7 +272,8 @@ def test_rewrap_changes_recipients_not_payload(tmp_path, keys, bundle):
                     (pkg / 'payload' / '00000000').read_bytes())
   with pytest.raises(errors.UsageError, match='sign-with'):
     te.rewrap_package(pkg, identities=[keys.priv('x')],
-                      add_recipients=[keys.pub('rsa')])
+                      add_recipients=[keys.pub('rsa')],
+                      trusted=[keys.pub('ed')])
   after = te.rewrap_package(pkg, identities=[keys.priv('x')],
                             add_recipients=[keys.pub('rsa')],
                             remove_recipients=[keys.pub('x')],
@@ -283,11 +294,12 @@ def test_rewrap_changes_recipients_not_payload(tmp_path, keys, bundle):
   with pytest.raises(errors.UsageError, match='no recipient'):
     te.rewrap_package(pkg, identities=[keys.priv('x2')],
                       remove_recipients=[keys.pub('rsa')],
-                      signer=keys.priv('ed'))
+                      signer=keys.priv('ed'), trusted=[keys.pub('ed')])
 
 
 def test_rotate_new_dek_same_model(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB + 5, 'b/c': 10, 'e': b''})
+  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB + 5, 'b/c': 10, 'e': b'',
+                                         'saved_model.pb': 10})
   old = te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')],
                          signer=keys.priv('ed'))
   new = te.rotate_package(tmp_path / 'p', tmp_path / 'q',
@@ -314,13 +326,13 @@ def test_small_rsa_keys_rejected(tmp_path):
   p.write_bytes(k.public_key().public_bytes(
       serialization.Encoding.PEM,
       serialization.PublicFormat.SubjectPublicKeyInfo))
-  src = _util.make_tree(tmp_path / 'm', {'a': 1})
+  src = _util.make_tree(tmp_path / 'm', {'saved_model.pb': 1})
   with pytest.raises(errors.InvalidKeyUriError, match='3072'):
     te.encrypt_model(src, tmp_path / 'p', recipients=[str(p)])
 
 
 def test_file_uri_keys(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 1})
+  src = _util.make_tree(tmp_path / 'm', {'saved_model.pb': 1})
   te.encrypt_model(src, tmp_path / 'p', recipients=['file://' + keys.pub('x')])
   te.decrypt_model(tmp_path / 'p', tmp_path / 'o',
                    identities=['file://' + keys.priv('x')], allow_unsigned=True)
@@ -358,7 +370,8 @@ except OSError as e:
 
 
 def test_bundle_directory_package_gives_the_same_bytes(tmp_path, keys):
-  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB + 1, 'b/c': b'x'})
+  src = _util.make_tree(tmp_path / 'm', {'a': 2 * MiB + 1, 'b/c': b'x',
+                                         'saved_model.pb': 10})
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')])
   from tfx_encrypt import package as pkg_lib
   pkg_lib.bundle_directory_package(tmp_path / 'p', tmp_path / 'p.tfxe')
@@ -377,7 +390,7 @@ def test_bundle_directory_package_gives_the_same_bytes(tmp_path, keys):
 def test_largest_allowed_context_binds_through_hpke_and_oaep(tmp_path, keys):
   """64 entries x (128-char key, 1 KiB value): ~74 KB of HPKE info / label."""
   ctx = {f'k{i:03d}'.ljust(128, 'x'): 'v' * 1024 for i in range(64)}
-  src = _util.make_tree(tmp_path / 'm', {'a': 10})
+  src = _util.make_tree(tmp_path / 'm', {'saved_model.pb': 10})
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x'),
                                                     keys.pub('rsa')],
                    context=ctx)

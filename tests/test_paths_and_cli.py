@@ -96,7 +96,8 @@ def test_cli_keygen_modes_and_contract(tmp_path):
 def test_cli_end_to_end_and_errors(tmp_path):
   src = _util.make_tree(tmp_path / 'm', {'saved_model.pb': 100,
                                          'variables/variables.index': 10})
-  for name, kind in (('r', 'x25519'), ('s', 'ed25519'), ('o', 'x25519')):
+  for name, kind in (('r', 'x25519'), ('s', 'ed25519'), ('o', 'x25519'),
+                     ('t', 'ed25519')):
     assert cli('keygen', kind, tmp_path / name).returncode == 0
   r = cli('encrypt', src, tmp_path / 'pkg.tfxe', '--recipient',
           tmp_path / 'r.pub.pem', '--sign-with', tmp_path / 's.key.pem',
@@ -128,7 +129,7 @@ def test_cli_end_to_end_and_errors(tmp_path):
         match='none of the identities')
   fails(6, 'decrypt', tmp_path / 'pkg.tfxe', out, '--identity',
         tmp_path / 'r.key.pem', '--allow-unsigned', '--trust',
-        tmp_path / 'o.pub.pem', match='not among the trusted keys')
+        tmp_path / 't.pub.pem', match='not among the trusted keys')
   fails(3, 'inspect', tmp_path / 'r.pub.pem', match='not a tfx-encrypt package')
   fails(2, 'encrypt', tmp_path / 'nope', tmp_path / 'p2', '--recipient',
         tmp_path / 'r.pub.pem', match='does not exist')
@@ -183,7 +184,8 @@ def test_cli_rewrap_and_rotate(tmp_path):
 def test_cli_progress_bar_on_a_terminal(tmp_path):
   """Large models get a progress bar when stderr is a terminal (a pty)."""
   import pty
-  src = _util.make_tree(tmp_path / 'm', {'variables/data': 70 << 20})
+  src = _util.make_tree(tmp_path / 'm', {'variables/data': 70 << 20,
+                                         'saved_model.pb': 100})
   assert cli('keygen', 'x25519', tmp_path / 'k').returncode == 0
   master, slave = pty.openpty()
   env = dict(os.environ, PYTHONPATH=ROOT, COLUMNS='80')

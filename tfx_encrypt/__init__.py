@@ -10,12 +10,20 @@ from tfx_encrypt.errors import (  # noqa: F401
     EmptyModelError, KeyBackendError, NoMatchingKeyError, OutputExistsError,
     TamperedPackageError, TfxEncryptError, UnsafePathError,
     UnsupportedFormatError, UntrustedSignerError, UsageError)
-from tfx_encrypt.package import (  # noqa: F401
-    PackageInfo, decrypt_model, encrypt_model, inspect_package,
-    iter_decrypted_files, rewrap_package, rotate_package, verify_package)
+
+# The package operations are imported on first use (PEP 562), so that
+# `import tfx_encrypt.<anything>` stays cheap: the CLI entry point handles
+# signals before the crypto stack is loaded.
+_PACKAGE_API = ('PackageInfo', 'decrypt_model', 'encrypt_model',
+                'inspect_package', 'iter_decrypted_files', 'rewrap_package',
+                'rotate_package', 'verify_package')
+__all__ = ['__version__', 'EncryptedModel', *_PACKAGE_API]
 
 
 def __getattr__(name):
+  if name in _PACKAGE_API:
+    from tfx_encrypt import package  # pylint: disable=g-import-not-at-top
+    return getattr(package, name)
   # `tfx_encrypt.EncryptedModel` must be importable from its TYPE_NAME
   # ('tfx_encrypt.EncryptedModel') for Vertex / KubeflowV2 to resolve the
   # artifact class at run time. Imported lazily: it needs TFX, the core does

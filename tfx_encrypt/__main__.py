@@ -1,3 +1,3 @@
-from tfx_encrypt.cli import main
+from tfx_encrypt import _entry
 
-main(prog_name='tfx-encrypt')  # pylint: disable=no-value-for-parameter
+_entry.main()

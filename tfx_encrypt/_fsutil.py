@@ -459,6 +459,99 @@ def is_decrypted_tree(path: str) -> bool:
     return False
 
 
+# --- plaintext that cannot be orphaned ---------------------------------------------
+
+class UnlinkedFiles:
+  """Files written without a name (O_TMPFILE), named only when all are done.
+
+  Decrypt writes each file into an anonymous inode of its directory and
+  links them all into the temporary tree after every digest checked. If the
+  process dies before that (even by SIGKILL), the kernel frees the
+  plaintext: the stale sibling that the next command sweeps holds only
+  empty directories. Where O_TMPFILE or /proc/self/fd is missing, or the
+  process may not hold one descriptor per file, files are created by name
+  as before (the sweep still removes them).
+  """
+
+  def __init__(self, count: int):
+    self._lock = threading.Lock()
+    self._pending: Dict[str, int] = {}
+    self._named = set()
+    self.enabled = (hasattr(os, 'O_TMPFILE') and
+                    os.path.isdir('/proc/self/fd') and _reserve_fds(count))
+
+  def create(self, path: str, mode: int = 0o600) -> int:
+    """An fd to write `path`'s content into; then `done` or `discard` it."""
+    if self.enabled:
+      try:
+        return os.open(os.path.dirname(path),
+                       os.O_TMPFILE | os.O_WRONLY | _O_CLOEXEC, mode)
+      except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+          raise
+        self.enabled = False  # this filesystem has no O_TMPFILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW |
+                 _O_CLOEXEC, mode)
+    with self._lock:
+      self._named.add(fd)
+    return fd
+
+  def done(self, path: str, fd: int) -> None:
+    """`fd` holds `path`'s verified content."""
+    with self._lock:
+      named = fd in self._named
+      self._named.discard(fd)
+      if not named:
+        self._pending[path] = fd
+    if named:
+      os.close(fd)
+
+  def discard(self, fd: int) -> None:
+    with self._lock:
+      self._named.discard(fd)
+    os.close(fd)
+
+  def link_all(self) -> None:
+    """Give every finished anonymous file its name (no plaintext is new)."""
+    with self._lock:
+      pending, self._pending = self._pending, {}
+    # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names an O_TMPFILE
+    # inode. Python calls plain link(2), which does not follow, unless a
+    # dir fd is given: hence the (unused, the path is absolute) src_dir_fd.
+    root = os.open('/', _DIR_FLAGS)
+    try:
+      for path, fd in sorted(pending.items()):
+        os.link(f'/proc/self/fd/{fd}', path, src_dir_fd=root,
+                follow_symlinks=True)
+    finally:
+      os.close(root)
+      for fd in pending.values():
+        os.close(fd)
+
+  def close_all(self) -> None:
+    """Drop every unlinked file: the kernel frees the plaintext."""
+    with self._lock:
+      pending, self._pending = self._pending, {}
+    for fd in pending.values():
+      os.close(fd)
+
+
+def _reserve_fds(count: int) -> bool:
+  """Raise the soft RLIMIT_NOFILE so `count` more descriptors fit."""
+  import resource  # pylint: disable=g-import-not-at-top
+  need = count + 256
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if soft == resource.RLIM_INFINITY or soft >= need:
+    return True
+  if hard != resource.RLIM_INFINITY and hard < need:
+    return False
+  try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+  except (ValueError, OSError):
+    return False
+  return True
+
+
 # --- removing trees --------------------------------------------------------------
 
 def remove_tree(path: Optional[str]) -> None:

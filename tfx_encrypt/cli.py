@@ -56,13 +56,24 @@ def _progress(label: str, total: Optional[int]):
 
 
 def _dir_size(path: str) -> int:
+  """Bytes of the files below `path`, for the progress bar (best effort).
+
+  Iterative: os.walk recurses once per level before Python 3.12, and a
+  1,000-level directory chain must give encrypt's typed errors, not a
+  RecursionError.
+  """
   total = 0
-  for root, _, files in os.walk(path):
-    for f in files:
-      try:
-        total += os.lstat(os.path.join(root, f)).st_size
-      except OSError:
-        pass
+  stack = [path]
+  while stack:
+    try:
+      with os.scandir(stack.pop()) as it:
+        for e in it:
+          if e.is_dir(follow_symlinks=False):
+            stack.append(e.path)
+          else:
+            total += e.stat(follow_symlinks=False).st_size
+    except OSError:
+      pass
   return total
 
 
@@ -118,14 +129,32 @@ def _api_warnings():
     logger.propagate = propagate
 
 
+# The longest string a header may hold in a shown field (a key id, a context
+# value): shown whole, escaped.
+_SHOW_LIMIT = 1024
+
+
+def _show(value) -> str:
+  """A value nobody vouches for (read from a package, MLMD or a path), made
+  safe for one line of human output: controls, escape sequences, line
+  separators and bidi overrides escaped (tfx_encrypt._text)."""
+  return _text.printable(value, limit=_SHOW_LIMIT)
+
+
+def _json(obj, **kwargs) -> str:
+  """--json output: exact values; ensure_ascii escapes every control (ESC
+  too) and every non-ASCII character as \\uNNNN."""
+  return json.dumps(obj, sort_keys=True, ensure_ascii=True, **kwargs)
+
+
 def _summary(info: pkg.PackageInfo) -> str:
-  signer = info.signer or 'unsigned'
+  signer = _show(info.signer or 'unsigned')
   who = f'{len(info.recipients)} recipient(s)'
   if info.threshold:
     who += (f' in {len(info.threshold["groups"])} key groups, '
             f'{info.threshold["k"]} needed')
-  return (f'{info.path}: {info.file_count} files, {info.cipher}, '
-          f'{who}, signer {signer}, fingerprint {info.fingerprint}')
+  return (f'{_show(info.path)}: {info.file_count} files, {_show(info.cipher)}, '
+          f'{who}, signer {signer}, fingerprint {_show(info.fingerprint)}')
 
 
 # 128 + SIGPIPE: what a shell reports for a program that wrote to a pipe
@@ -227,7 +256,9 @@ class _Group(click.Group):
                  err=True)
       ctx.exit(e.exit_code)
     except errors.TfxEncryptError as e:
-      click.echo(f'tfx-encrypt: error: {e}', err=True)
+      # Messages escape what they quote from a package; this is the backstop.
+      click.echo(f'tfx-encrypt: error: {_text.printable(str(e), limit=None)}',
+                 err=True)
       ctx.exit(e.exit_code)
     except OSError as e:
       if _stdout_closed(e):  # also a subcommand's --help
@@ -250,21 +281,74 @@ class _Group(click.Group):
       _exit_closed_stdout()
 
 
+_IDENTITY_HELP = ('Private key (X25519, RSA) or KMS/HSM key URI that can '
+                  'decrypt (repeatable); - reads one PEM private key from '
+                  'standard input.')
+
+
 @click.group(cls=_Group, context_settings={'help_option_names': ['-h', '--help']})
 @click.version_option(__version__, prog_name='tfx-encrypt')
 def main():
   """Encrypt, sign and verify TensorFlow model packages."""
+  # The keys layer asks for the passphrase of an encrypted key only on a
+  # terminal; the CLI asks with click, like keygen --passphrase.
+  local_keys.set_passphrase_prompt(_ask_passphrase)
+
+
+def _ask_passphrase(text: str) -> str:
+  """A hidden prompt on stderr (never echoed, never logged)."""
+  return click.prompt(text.rstrip(': '), hide_input=True, err=True)
+
+
+def _can_prompt() -> bool:
+  return sys.stdin.isatty() and sys.stderr.isatty()
+
+
+def _new_key_passphrase(passphrase_file: Optional[str]) -> bytes:
+  """The passphrase of a new key: the file, the environment, or asked twice.
+
+  Called by local_keys.keygen only after it checked that the outputs can be
+  written, so nobody types a passphrase twice to learn the prefix is taken.
+  """
+  if passphrase_file:
+    return local_keys.read_passphrase_file(passphrase_file,
+                                           '--passphrase-file')
+  found = local_keys.passphrase_from_environment()
+  if found is not None:
+    return found[0]
+  if not _can_prompt():
+    raise errors.UsageError(
+        'keygen --passphrase needs a passphrase and there is no terminal to '
+        'ask on: pass --passphrase-file FILE (its first line), or set '
+        f'{local_keys.PASSPHRASE_ENV}')
+  value = click.prompt('Passphrase for the new private key', hide_input=True,
+                       confirmation_prompt=True, err=True)
+  return value.encode('utf-8')
 
 
 @main.command()
 @click.argument('kind', type=click.Choice(local_keys.KEY_KINDS))
 @click.argument('out_prefix')
 @click.option('--force', is_flag=True, help='Overwrite existing key files.')
-def keygen(kind, out_prefix, force):
+@click.option('--passphrase', 'protect', is_flag=True,
+              help='Encrypt the private key with a passphrase: asked twice on '
+              'a terminal, or from --passphrase-file, $TFXE_KEY_PASSPHRASE or '
+              '$TFXE_KEY_PASSPHRASE_FILE.')
+@click.option('--passphrase-file', type=click.Path(dir_okay=False),
+              metavar='FILE',
+              help='Read the passphrase from the first line of FILE '
+              '(implies --passphrase).')
+def keygen(kind, out_prefix, force, protect, passphrase_file):
   """Write OUT_PREFIX.key.pem (mode 0600) and OUT_PREFIX.pub.pem."""
-  priv, pub = local_keys.keygen(kind, out_prefix, force=force)
+  passphrase = None
+  if protect or passphrase_file:
+    passphrase = lambda: _new_key_passphrase(passphrase_file)  # pylint: disable=unnecessary-lambda-assignment
+  priv, pub = local_keys.keygen(kind, out_prefix, force=force,
+                                passphrase=passphrase)
   key_id = local_keys.LocalKey(pub).key_id
-  click.echo(f'wrote {priv} (private, 0600) and {pub} (public); key id {key_id}')
+  how = ', passphrase-protected' if passphrase else ''
+  click.echo(f'wrote {priv} (private, 0600{how}) and {pub} (public); '
+             f'key id {key_id}')
 
 
 @main.command()
@@ -320,8 +404,9 @@ def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
 @main.command()
 @click.argument('package')
 @click.argument('out_dir')
-@click.option('--identity', '-i', 'identities', multiple=True, required=True,
-              metavar='KEY_URI', help='Private or KMS key (repeatable).')
+@click.option('--identity', '-i', '--identity-file', 'identities',
+              multiple=True, required=True, metavar='KEY_URI',
+              help=_IDENTITY_HELP)
 @click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
               help='Public key of a trusted publisher (repeatable).')
 @click.option('--allow-unsigned', is_flag=True,
@@ -338,10 +423,10 @@ def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
                              trusted=list(trusted),
                              allow_unsigned=allow_unsigned, force=force,
                              progress=progress, fsync=fsync)
-  who = (f'signed by trusted {info.signer}' if info.signature_verified else
-         'UNSIGNED (accepted by --allow-unsigned)')
-  click.echo(f'decrypted {info.file_count} files into {out_dir}; {who}; '
-             f'fingerprint {info.fingerprint}')
+  who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
+         else 'UNSIGNED (accepted by --allow-unsigned)')
+  click.echo(f'decrypted {info.file_count} files into {_show(out_dir)}; {who}; '
+             f'fingerprint {_show(info.fingerprint)}')
 
 
 @main.command()
@@ -351,19 +436,23 @@ def inspect(package, as_json):
   """Show what PACKAGE says about itself (no key needed, signer NOT verified)."""
   info = pkg.inspect_package(package)
   if as_json:
-    click.echo(json.dumps(info.to_dict(), indent=2, sort_keys=True))
+    click.echo(_json(info.to_dict(), indent=2))
     return
-  click.echo(f'package:     {info.path} ({"bundle" if info.bundle else "directory"})')
-  click.echo(f'format:      tfx-encrypt/{info.format_version}, {info.suite}, '
-             f'hash {info.hash_alg}')
-  click.echo(f'package id:  {info.package_id}')
-  click.echo(f'created:     {info.created}')
+  # Every string below but the numbers comes from the (unverified) header:
+  # each goes through _show.
+  click.echo(f'package:     {_show(info.path)} '
+             f'({"bundle" if info.bundle else "directory"})')
+  click.echo(f'format:      tfx-encrypt/{info.format_version}, '
+             f'{_show(info.suite)}, hash {_show(info.hash_alg)}')
+  click.echo(f'package id:  {_show(info.package_id)}')
+  click.echo(f'created:     {_show(info.created)}')
   click.echo(f'files:       {info.file_count} ({info.ciphertext_bytes} bytes '
              'encrypted)')
-  click.echo(f'fingerprint: {info.fingerprint}')
-  click.echo(f'ciphertext:  {info.payload_digest}')
-  click.echo(f'signer:      {info.signer or "unsigned"}'
-             + (f' ({info.signature_alg}, not verified)' if info.signer else ''))
+  click.echo(f'fingerprint: {_show(info.fingerprint)}')
+  click.echo(f'ciphertext:  {_show(info.payload_digest)}')
+  click.echo(f'signer:      {_show(info.signer or "unsigned")}'
+             + (f' ({_show(info.signature_alg)}, not verified)'
+                if info.signer else ''))
   if info.threshold:
     groups = info.threshold['groups']
     click.echo(f'threshold:   {info.threshold["k"]} of {len(groups)} key '
@@ -373,15 +462,15 @@ def inspect(package, as_json):
     for gi, g in enumerate(groups):
       click.echo(f'  group {gi}:')
       for key_id in g:
-        click.echo(f'    - {types.get(key_id, "?")}: {key_id}')
+        click.echo(f'    - {_show(types.get(key_id, "?"))}: {_show(key_id)}')
   else:
     click.echo('threshold:   none (any one recipient decrypts)')
     click.echo('recipients:')
     for r in info.recipients:
-      click.echo(f'  - {r["type"]}: {r["key_id"]}')
+      click.echo(f'  - {_show(r["type"])}: {_show(r["key_id"])}')
   click.echo('context:')
   for k, v in sorted(info.context.items()):
-    click.echo(f'  {k} = {v}')
+    click.echo(f'  {_show(k)} = {_show(v)}')
 
 
 @main.command()
@@ -392,14 +481,16 @@ def verify(package, trusted, allow_unsigned):
   """Check the signature and every ciphertext digest, without any key."""
   info = pkg.verify_package(package, trusted=list(trusted),
                             allow_unsigned=allow_unsigned)
-  who = f'signed by trusted {info.signer}' if info.signature_verified else 'UNSIGNED'
+  who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
+         else 'UNSIGNED')
   click.echo(f'OK: {info.file_count} payloads match their digests; {who}')
 
 
 @main.command()
 @click.argument('package')
-@click.option('--identity', '-i', 'identities', multiple=True, required=True,
-              metavar='KEY_URI')
+@click.option('--identity', '-i', '--identity-file', 'identities',
+              multiple=True, required=True, metavar='KEY_URI',
+              help=_IDENTITY_HELP)
 @click.option('--add-recipient', 'adds', multiple=True, metavar='KEY_URI')
 @click.option('--remove-recipient', 'removes', multiple=True,
               metavar='KEY_URI_OR_ID')
@@ -438,8 +529,9 @@ def rewrap(package, identities, adds, removes, add_to_group, sign_with,
 @main.command()
 @click.argument('package')
 @click.argument('out')
-@click.option('--identity', '-i', 'identities', multiple=True, required=True,
-              metavar='KEY_URI')
+@click.option('--identity', '-i', '--identity-file', 'identities',
+              multiple=True, required=True, metavar='KEY_URI',
+              help=_IDENTITY_HELP)
 @click.option('--recipient', '-r', 'recipients', multiple=True,
               metavar='KEY_URI')
 @click.option('--key-group', 'key_groups', multiple=True,
@@ -506,7 +598,8 @@ def _lineage_row(t: dict) -> Sequence[str]:
              f'(version {pushed.get("pushed_version")})')
   else:
     where = 'not pushed'
-  return [str(em['id']), f'{pipeline} / {run}', model, where]
+  return [_show(str(em['id'])), f'{_show(pipeline)} / {_show(run)}',
+          _show(model), _show(where)]
 
 
 @main.command()
@@ -551,7 +644,7 @@ def lineage(mlmd_sqlite, key_id, fingerprint, package, pipeline_name,
         + (f' ({", ".join(filters)})' if filters else ''))
   traces = [lineage_lib.trace(store, m['id']) for m in matches]
   if as_json:
-    click.echo(json.dumps(traces, indent=2, sort_keys=True))
+    click.echo(_json(traces, indent=2))
     return
   rows = [['ID', 'PIPELINE / RUN', 'MODEL', 'PUSHED TO']]
   rows += [_lineage_row(t) for t in traces]
@@ -563,8 +656,9 @@ def lineage(mlmd_sqlite, key_id, fingerprint, package, pipeline_name,
       props = traces[i - 1]['encrypted_model']['properties']
       pad = ' ' * (widths[0] + 2)
       for rid in props.get('recipient_key_ids') or []:
-        click.echo(f'{pad}recipient {rid}')
-      click.echo(f'{pad}signer    {props.get("signer_id") or "unsigned"}')
+        click.echo(f'{pad}recipient {_show(rid)}')
+      signer = props.get('signer_id') or 'unsigned'
+      click.echo(f'{pad}signer    {_show(signer)}')
 
 
 @main.command()
@@ -588,19 +682,20 @@ def clean(directory):
 
 def _print_sync(result, as_json: bool) -> None:
   if as_json:
-    click.echo(json.dumps(result.to_dict(), sort_keys=True))  # one line
+    click.echo(_json(result.to_dict()))  # one line
     return
   for action in result.actions:
-    click.echo(action.line())
+    click.echo(action.line())  # escapes what it shows
   if not result.actions:
-    click.echo(f'nothing to do: no version in {result.source_base}')
+    click.echo(f'nothing to do: no version in {_show(result.source_base)}')
 
 
 @main.command('serve-sync')
 @click.argument('source')
 @click.argument('serving_base')
-@click.option('--identity', '-i', 'identities', multiple=True, required=True,
-              metavar='KEY_URI', help='Private or KMS key (repeatable).')
+@click.option('--identity', '-i', '--identity-file', 'identities',
+              multiple=True, required=True, metavar='KEY_URI',
+              help=_IDENTITY_HELP)
 @click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
               help='Public key of a trusted publisher (repeatable).')
 @click.option('--allow-unsigned', is_flag=True,
@@ -633,6 +728,10 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
   # Failures are printed as actions; keep logging's last-resort handler from
   # printing them a second time (a configured root logger still gets them).
   logging.getLogger(serving.__name__).addHandler(logging.NullHandler())
+  # Once, up front: a key in the wrong role is a usage error before the
+  # first sync, `-` (stdin) is read once and a passphrase asked once.
+  identities = pkg.resolve_keys(identities, 'identity')
+  trusted = pkg.resolve_keys(trusted, 'trust')
 
   def sync():
     return serving.sync_serving(
@@ -657,9 +756,11 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
     except errors.UsageError as e:
       if first:  # bad arguments: give up at once
         raise
-      click.echo(f'tfx-encrypt: error: {e}', err=True)  # keep going
+      click.echo(f'tfx-encrypt: error: {_text.printable(str(e), limit=None)}',
+                 err=True)  # keep going
     except errors.TfxEncryptError as e:
-      click.echo(f'tfx-encrypt: error: {e}', err=True)
+      click.echo(f'tfx-encrypt: error: {_text.printable(str(e), limit=None)}',
+                 err=True)
     except OSError as e:
       if _stdout_closed(e):
         raise
@@ -719,11 +820,11 @@ def pull(ref, out, trusted, allow_unsigned, insecure, force):
                                    allow_unsigned=allow_unsigned,
                                    insecure=insecure, force=force)
   info = res.info
-  who = (f'signed by trusted {info.signer}' if info.signature_verified else
-         'UNSIGNED (accepted by --allow-unsigned)')
-  click.echo(f'pulled {ref} ({res.manifest_digest}) into {out}: '
-             f'{info.file_count} payloads verified; {who}; '
-             f'fingerprint {info.fingerprint}')
+  who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
+         else 'UNSIGNED (accepted by --allow-unsigned)')
+  click.echo(f'pulled {_show(ref)} ({_show(res.manifest_digest)}) into '
+             f'{_show(out)}: {info.file_count} payloads verified; {who}; '
+             f'fingerprint {_show(info.fingerprint)}')
 
 
 if __name__ == '__main__':

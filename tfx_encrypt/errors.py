@@ -22,6 +22,15 @@ class InvalidKeyUriError(UsageError):
   """A key URI could not be parsed or names no registered backend."""
 
 
+class KeyRoleError(UsageError):
+  """A key was given in a role it must not play.
+
+  E.g. a private key as a recipient or as a trust anchor (it would spread a
+  secret to every machine that encrypts or verifies), or a public key as an
+  identity or signer. Raised before any key or package operation.
+  """
+
+
 class KeyMaterialInParameterError(UsageError):
   """A value that must be a key *reference* looks like key material."""
 

@@ -16,6 +16,7 @@ independent of model size.
 import concurrent.futures
 import dataclasses
 import datetime
+import errno
 import hmac
 import logging
 import os
@@ -117,18 +118,43 @@ def _info(h: Header, path: str, bundle: bool, header_len: int,
 
 # --- keys ---------------------------------------------------------------------
 
-def _backend(k: KeyLike) -> KeyBackend:
+def _backend(k: KeyLike, role: Optional[str],
+             option: Optional[str] = None) -> KeyBackend:
+  """Resolve `k` and check it may play `role` (keys_lib.ROLES, or None).
+
+  Backends passed in as objects are checked too, so the Python API fails
+  as closed as the CLI: e.g. a private key as a recipient raises
+  KeyRoleError. role None (a key only named, as in remove_recipients)
+  skips the check.
+  """
   if isinstance(k, KeyBackend):
-    return k
-  return keys_lib.resolve(k)
+    return k if role is None else keys_lib.check_role(k, role, option)
+  return keys_lib.resolve(k, role, option=option)
 
 
-def _backends(ks: Optional[Iterable[KeyLike]]) -> List[KeyBackend]:
+def _backends(ks: Optional[Iterable[KeyLike]], role: Optional[str],
+              option: Optional[str] = None) -> List[KeyBackend]:
   if ks is None:
     return []
   if isinstance(ks, (str, KeyBackend)):
     ks = [ks]
-  return [_backend(k) for k in ks]
+  return [_backend(k, role, option) for k in ks]
+
+
+def resolve_keys(ks: Optional[Iterable[KeyLike]], role: str,
+                 option: Optional[str] = None) -> List[KeyBackend]:
+  """Key URIs (or backends) as backends checked for `role`, for reuse.
+
+  For callers that use the same keys many times (serve-sync): resolving
+  once reads `-` (stdin) and asks for a passphrase once, and a key in the
+  wrong role is refused before the first package is touched.
+  """
+  return _backends(ks, role, option)
+
+
+def _describe_keys(ks: Sequence[KeyBackend]) -> str:
+  """'a.pub.pem (sha256:...), aws-kms://...' for messages naming keys."""
+  return ', '.join(k.describe() for k in ks)
 
 
 def _check_user_context(context: Optional[Mapping[str, str]]) -> Dict[str, str]:
@@ -136,8 +162,8 @@ def _check_user_context(context: Optional[Mapping[str, str]]) -> Dict[str, str]:
   for k in ctx:
     if k.startswith(RESERVED_CONTEXT_PREFIX):
       raise errors.UsageError(
-          f'encryption context key {_text.quoted(k, 64)} uses the reserved prefix '
-          f'{RESERVED_CONTEXT_PREFIX!r}; rename it')
+          f'encryption context key {_text.quoted(k, 64)} uses the reserved '
+          f'prefix {RESERVED_CONTEXT_PREFIX!r}; rename it')
   return ctx
 
 
@@ -173,14 +199,14 @@ def _verify_signature(h: Header, trusted: Sequence[KeyBackend],
       if t.verify(msg, sig.sig, sig.alg):
         return True
       raise errors.TamperedPackageError(
-          f'the package signature by trusted key {_text.printable(sig.key_id)} '
+          f'the package signature by trusted key {t.describe()} '
           'is INVALID: the '
           'header was modified after signing, or the signature was forged')
   raise errors.UntrustedSignerError(
       f'package is signed by {_text.printable(sig.key_id)} '
       f'({_text.printable(sig.alg)}), which is not among the '
-      'trusted keys; pass that publisher\'s public key with --trust if you '
-      'trust it')
+      f'trusted keys ({_describe_keys(trusted)}); pass that publisher\'s '
+      'public key with --trust if you trust it')
 
 
 def _require_trust_choice(trusted: Sequence[KeyLike], allow_unsigned: bool,
@@ -206,13 +232,13 @@ def _check_resign(src_path: str, h: Header, verified: bool,
     return
   if not resign_unsigned:
     raise errors.UsageError(
-        f'package {src_path} is UNSIGNED, so nobody vouches for its origin; '
-        f'refusing to sign it with {sign_with.signer_id}. Pass '
+        f'package {_text.printable(src_path)} is UNSIGNED, so nobody vouches '
+        f'for its origin; refusing to sign it with {sign_with.describe()}. Pass '
         '--resign-unsigned (resign_unsigned=True) to vouch for it yourself, '
         'or drop --sign-with to keep it unsigned')
   _LOG.warning('re-signing an UNSIGNED package with %s: %s had no signature, '
-               'so its origin was never verified', sign_with.signer_id,
-               src_path)
+               'so its origin was never verified', sign_with.describe(),
+               _text.printable(src_path))
 
 
 def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
@@ -238,7 +264,7 @@ def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
     keys = header_lib.DerivedKeys(dek, package_id, suite)
     if not hmac.compare_digest(keys.commitment, commitment):
       return errors.TamperedPackageError(
-          f'the data key unwrapped with {_text.printable(ident.key_id)} does '
+          f'the data key unwrapped with {ident.describe()} does '
           'not match the '
           'package\'s key commitment: the recipient stanza was modified')
     derived['keys'] = keys
@@ -247,7 +273,7 @@ def unwrap_data_key(identities: Sequence[KeyBackend], stanzas: Sequence,
   attempts = _UnwrapAttempts(identities)
   dek = attempts.first(stanzas, WrapContext(package_id, context), accept)
   if dek is None:
-    have = ', '.join(_text.printable(i.key_id) for i in identities)
+    have = _describe_keys(identities)
     want = ', '.join(_text.printable(s.key_id) for s in stanzas)
     attempts.fail(f'none of the identities ({have}) can decrypt this package; '
                   f'it is encrypted for: {want}')
@@ -359,7 +385,7 @@ def open_key_groups(identities: Sequence[KeyBackend], stanzas: Sequence[Stanza],
     def accept(ident, share, gi=gi):
       if len(share) != SHARE_SIZE or share[-1] != gi + 1:
         return errors.TamperedPackageError(
-            f'the key share unwrapped with {_text.printable(ident.key_id)} for '
+            f'the key share unwrapped with {ident.describe()} for '
             'key group '
             f'{gi} is malformed: the recipient stanza was modified')
       return None
@@ -369,7 +395,7 @@ def open_key_groups(identities: Sequence[KeyBackend], stanzas: Sequence[Stanza],
     if share is not None:
       shares[gi] = share
   if len(shares) < groups.k:
-    have = ', '.join(i.key_id for i in identities)
+    have = _describe_keys(identities)
     opened = ', '.join(str(g) for g in sorted(shares)) or 'none'
     attempts.fail(
         f'{groups.k} of {groups.n} key groups needed, got {len(shares)}: the '
@@ -396,7 +422,7 @@ def _plan_recipients(recipients: Optional[Sequence[KeyLike]],
       raise errors.UsageError(
           'a threshold needs key groups: pass --key-group (at least two) '
           'instead of --recipient, or drop --threshold')
-    recips = _backends(recipients)
+    recips = _backends(recipients, 'recipient')
     if not recips:
       raise errors.UsageError('at least one --recipient is required')
     return recips, None
@@ -406,7 +432,7 @@ def _plan_recipients(recipients: Optional[Sequence[KeyLike]],
         'with a threshold (k of n groups decrypt), not both')
   if isinstance(key_groups, (str, KeyBackend)):
     raise errors.UsageError('key_groups must be a list of lists of keys')
-  groups = [_backends(g) for g in key_groups]
+  groups = [_backends(g, 'recipient', '--key-group') for g in key_groups]
   n = len(groups)
   if not 2 <= n <= header_lib.MAX_KEY_GROUPS:
     raise errors.UsageError(
@@ -424,7 +450,7 @@ def _plan_recipients(recipients: Optional[Sequence[KeyLike]],
     for r in g:
       if r.key_id in where and where[r.key_id] != gi:
         raise errors.UsageError(
-            f'key {r.key_id} is in key groups {where[r.key_id]} and {gi}; a '
+            f'key {r.describe()} is in key groups {where[r.key_id]} and {gi}; a '
             'key may be in only one group (it would hold two shares)')
       if r.key_id not in where:
         where[r.key_id] = gi
@@ -466,11 +492,13 @@ def _starts_with_magic(path: str) -> bool:
 def _refuse_in_model(src_dir: str, relpath: str, what: str) -> errors.UsageError:
   if not relpath:
     return errors.UsageError(
-        f'{src_dir} is {what}, not a model; refusing to encrypt it, even with '
-        '--any-dir (decrypt it, or rotate it to change its keys)')
+        f'{_text.printable(src_dir)} is {what}, not a model; refusing to '
+        'encrypt it, even with --any-dir (decrypt it, or rotate it to change '
+        'its keys)')
   return errors.UsageError(
-      f'{src_dir} contains {what} at {relpath!r}; refusing to encrypt it, '
-      'even with --any-dir: move it out of the model directory')
+      f'{_text.printable(src_dir)} contains {what} at '
+      f'{_text.quoted(relpath)}; refusing to encrypt it, even with '
+      '--any-dir: move it out of the model directory')
 
 
 def scan_model(src_dir: str, any_dir: bool = False
@@ -516,10 +544,10 @@ def scan_model(src_dir: str, any_dir: bool = False
       relpath = f'{rel}/{name}' if rel else name
       if _fsutil.is_temp_name(name):
         raise errors.UsageError(
-            f'{src_dir} contains a tfx-encrypt temporary file {relpath!r} '
-            '(a command is writing it, or was interrupted); refusing to '
-            'encrypt it, even with --any-dir: wait for that command, or '
-            'delete it')
+            f'{_text.printable(src_dir)} contains a tfx-encrypt temporary '
+            f'file {_text.quoted(relpath)} (a command is writing it, or was '
+            'interrupted); refusing to encrypt it, even with --any-dir: wait '
+            'for that command, or delete it')
       st = e.stat(follow_symlinks=False)
       if stat.S_ISLNK(st.st_mode):
         raise errors.UnsafePathError(
@@ -547,12 +575,6 @@ def scan_model(src_dir: str, any_dir: bool = False
     raise errors.EmptyModelError(
         f'{src_dir} contains no files; point at a SavedModel directory (it '
         'should contain saved_model.pb)')
-  if not looks_like_model and not any_dir:
-    raise errors.UsageError(
-        f'{src_dir} does not look like a model directory: no '
-        f'{", ".join(sorted(MODEL_MARKER_NAMES))} or '
-        f'{", ".join("*" + x for x in MODEL_MARKER_SUFFIXES)} file in it; '
-        'pass --any-dir (any_dir=True) to encrypt it anyway')
   if len(files) > header_lib.MAX_FILES or len(dirs) > header_lib.MAX_DIRS:
     raise errors.UsageError(
         f'model has more than {header_lib.MAX_FILES} files or directories')
@@ -561,6 +583,12 @@ def scan_model(src_dir: str, any_dir: bool = False
     if f.size > header_lib.MAX_FILE_SIZE:
       raise errors.UsageError(f'{f.path} is larger than 1 PiB')
   dirs = paths_lib.check_tree([f.path for f in files], dirs)
+  if not looks_like_model and not any_dir:
+    raise errors.UsageError(
+        f'{_text.printable(src_dir)} does not look like a model directory: no '
+        f'{", ".join(sorted(MODEL_MARKER_NAMES))} or '
+        f'{", ".join("*" + x for x in MODEL_MARKER_SUFFIXES)} file in it; '
+        'pass --any-dir (any_dir=True) to encrypt it anyway')
   return files, dirs
 
 
@@ -708,6 +736,42 @@ def _run_parallel(fn, items: Sequence, workers: int) -> list:
 
 # --- package sources (reading) -------------------------------------------------
 
+# O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
+# (then fstat refuses it); it means nothing for the regular files we read.
+_READ_FLAGS = (os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC |
+               getattr(os, 'O_NONBLOCK', 0))
+
+
+def _open_regular(path: str, what: str) -> Tuple[int, os.stat_result]:
+  """Open a file of a package for reading: a regular file, or refused.
+
+  Links are not followed and a FIFO, device, socket or directory raises
+  UnsafePathError before a single byte is read (the type comes from fstat of
+  the opened descriptor, so a rename after a check cannot slip one in).
+  Returns (fd, its stat); other OSErrors (missing, permission) propagate.
+  """
+  try:
+    fd = os.open(path, _READ_FLAGS)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise errors.UnsafePathError(
+          f'{what} {_text.printable(path)} is a symbolic link; links are '
+          'never followed') from None
+    raise
+  try:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      raise errors.UnsafePathError(
+          f'{what} {_text.printable(path)} is not a regular file (a FIFO, '
+          'device, socket or directory); only regular files are read')
+    if _READ_FLAGS & getattr(os, 'O_NONBLOCK', 0):
+      os.set_blocking(fd, True)
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd, st
+
+
 class _Source:
   """An opened package, directory or bundle form."""
 
@@ -719,10 +783,13 @@ class _Source:
       raise errors.UsageError(f'package {path} does not exist') from None
     self.bundle = stat.S_ISREG(st.st_mode)
     if not self.bundle and not stat.S_ISDIR(st.st_mode):
-      raise errors.UnsupportedFormatError(f'{path} is not a package')
+      raise errors.UnsafePathError(
+          f'{_text.printable(path)} is neither a regular file (a bundle) nor '
+          'a directory (a package); FIFOs, devices and sockets are never read')
     hpath = path if self.bundle else os.path.join(path, HEADER_NAME)
     try:
-      fd = os.open(hpath, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+      fd, _ = _open_regular(hpath, 'bundle' if self.bundle else
+                            'package header')
     except FileNotFoundError:
       raise errors.UnsupportedFormatError(
           f'{path} is not a tfx-encrypt package (no {HEADER_NAME})') from None
@@ -752,13 +819,20 @@ class _Source:
   def _check_dir(self, sizes):
     names = set(os.listdir(self.path))
     if names != {HEADER_NAME, PAYLOAD_DIR}:
+      extra = sorted(names - {HEADER_NAME, PAYLOAD_DIR})
+      shown = ', '.join(_text.quoted(n, 64) for n in extra[:5])
+      if len(extra) > 5:
+        shown += f' and {len(extra) - 5} more'
       raise errors.TamperedPackageError(
           f'package directory {self.path} has unexpected entries '
-          f'{sorted(names - {HEADER_NAME, PAYLOAD_DIR})} or is missing '
+          f'[{shown}] or is missing '
           f'{sorted({HEADER_NAME, PAYLOAD_DIR} - names)}')
     pdir = os.path.join(self.path, PAYLOAD_DIR)
-    if os.path.islink(pdir):
+    pmode = os.lstat(pdir).st_mode
+    if stat.S_ISLNK(pmode):
       raise errors.UnsafePathError(f'{pdir} is a symbolic link')
+    if not stat.S_ISDIR(pmode):
+      raise errors.UnsafePathError(f'{pdir} is not a directory')
     want = {payload_name(i) for i in range(len(sizes))}
     have = set(os.listdir(pdir))
     if have != want:
@@ -776,12 +850,24 @@ class _Source:
             'extended); fetch a fresh copy')
 
   def open_payload(self, i: int) -> Tuple[int, int]:
-    """Return (fd, offset of the stream within fd)."""
+    """Return (fd, offset of the stream within fd).
+
+    The file is opened anew, so it is checked anew: a regular file (never a
+    FIFO that would block, a device or a link), of the expected size.
+    """
     if self.bundle:
-      fd = os.open(self.path, os.O_RDONLY | _O_CLOEXEC)
-      return fd, self.offsets[i]
-    p = os.path.join(self.path, PAYLOAD_DIR, payload_name(i))
-    return os.open(p, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC), 0
+      fd, st = _open_regular(self.path, 'bundle')
+      want, offset = self._hfile_size, self.offsets[i]
+    else:
+      p = os.path.join(self.path, PAYLOAD_DIR, payload_name(i))
+      fd, st = _open_regular(p, 'payload file')
+      want, offset = self.header.payloads[i][0], 0
+    if st.st_size != want:
+      os.close(fd)
+      raise errors.TamperedPackageError(
+          f'{self.path} changed while it was being read (payload {i} has the '
+          'wrong size); fetch a fresh copy')
+    return fd, offset
 
   def read_stream_header(self, fd: int, offset: int) -> bytes:
     buf = bytearray(streaming.HEADER_SIZE)
@@ -881,12 +967,16 @@ def _open_authenticated(package: str, identities, trusted, allow_unsigned,
   `before_unwrap(src, header, verified)` may refuse the package after the
   signature check and before any key call.
   """
+  # Keys first: a key in the wrong role is refused before the package is
+  # read, and `-` (stdin) is read before anything else can fail.
+  trusted = _backends(trusted, 'trust')
+  identities = _backends(identities, 'identity')
   src = _Source(os.fspath(package))
   h = src.header
-  verified = _verify_signature(h, _backends(trusted), allow_unsigned)
+  verified = _verify_signature(h, trusted, allow_unsigned)
   if before_unwrap is not None:
     before_unwrap(src, h, verified)
-  _, keys = _unwrap(h, _backends(identities))
+  _, keys = _unwrap(h, identities)
   h.check_mac(keys.mac_key)
   entries, dirs = _decrypt_file_table(h, keys)
   return src, h, keys, entries, dirs, verified
@@ -904,9 +994,10 @@ def verify_package(package, *, trusted: Sequence[KeyLike] = (),
                    allow_unsigned: bool = False, workers: Optional[int] = None
                    ) -> PackageInfo:
   """Key-less check: the signature, then every payload's ciphertext digest."""
+  trusted = _backends(trusted, 'trust')
   src = _Source(os.fspath(package))
   h = src.header
-  verified = _verify_signature(h, _backends(trusted), allow_unsigned)
+  verified = _verify_signature(h, trusted, allow_unsigned)
 
   def check(i):
     size, want = h.payloads[i]
@@ -1011,9 +1102,9 @@ def resolve_signer(signer: Optional[KeyLike]) -> Optional[KeyBackend]:
   """The signing backend, checked to be able to sign, or None."""
   if signer is None:
     return None
-  sign_with = _backend(signer)
+  sign_with = _backend(signer, 'signer')
   if not sign_with.signature_alg:
-    sign_with.sign(b'')  # raises a UsageError naming the right key types
+    sign_with.sign(b'')  # raises a KeyRoleError naming the right key types
   return sign_with
 
 
@@ -1163,10 +1254,10 @@ def _write_bundle(path: str, hbytes: bytes, pdir: str, count: int,
   try:
     _fsutil.write_all(out, hbytes)
     for i in range(count):
-      fd = os.open(os.path.join(pdir, payload_name(i)),
-                   os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+      fd, st = _open_regular(os.path.join(pdir, payload_name(i)),
+                             'payload file')
       try:
-        _copy_fd(fd, out, os.fstat(fd).st_size)
+        _copy_fd(fd, out, st.st_size)
       finally:
         os.close(fd)
     if fsync:
@@ -1185,8 +1276,7 @@ def bundle_directory_package(package, out) -> None:
   src = _Source(os.fspath(package))
   if src.bundle:
     raise errors.UsageError(f'{src.path} is already a bundle')
-  fd = os.open(os.path.join(src.path, HEADER_NAME),
-               os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+  fd, _ = _open_regular(os.path.join(src.path, HEADER_NAME), 'package header')
   try:
     hbytes = bytearray(src.header_len)
     if _fsutil.read_into_exact(fd, hbytes, 0) != src.header_len:
@@ -1249,19 +1339,35 @@ def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
     for d in dirs:  # sorted, so parents come first
       os.mkdir(os.path.join(tmp, *d.split('/')), 0o700)
 
+    files = _fsutil.UnlinkedFiles(len(entries))
+
     def decrypt_one(i):
       e = entries[i]
-      out = _create(os.path.join(tmp, *e.path.split('/')), 0o600)
+      path = os.path.join(tmp, *e.path.split('/'))
+      out = files.create(path, 0o600)
       try:
         _decrypt_payload(src, h, keys, i, e,
                          lambda mv: _fsutil.write_all(out, mv), progress)
         if fsync:
           os.fsync(out)
-      finally:
-        os.close(out)
+      except OSError as err:
+        files.discard(out)
+        if err.filename is not None or err.errno is None:
+          raise
+        # write()/fsync() name no file (disk full, EFBIG): say which one.
+        raise OSError(err.errno, err.strerror, path) from err
+      except BaseException:
+        files.discard(out)
+        raise
+      files.done(path, out)
 
     order = sorted(range(len(entries)), key=lambda i: -entries[i].size)
-    _run_parallel(decrypt_one, order, workers or default_workers())
+    try:
+      _run_parallel(decrypt_one, order, workers or default_workers())
+      with _signals.deferred():
+        files.link_all()
+    finally:
+      files.close_all()
     _fsutil.mark_decrypted(tmp, out_dir)
     _fsutil.publish(tmp, out_dir, force=force)
   except BaseException:
@@ -1312,7 +1418,7 @@ def _write_header_only(src: _Source, h: Header) -> None:
   out = _create(tmp, 0o644)
   try:
     _fsutil.write_all(out, hbytes)
-    fd = os.open(src.path, os.O_RDONLY | _O_CLOEXEC)
+    fd, _ = _open_regular(src.path, 'bundle')
     try:
       _copy_fd(fd, out, h.ciphertext_bytes, src.header_len)
     finally:
@@ -1355,33 +1461,38 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   removals must leave every group non-empty. The threshold and the number
   of groups never change here: use :func:`rotate_package` for that.
   """
-  trust = _backends(trusted)
+  trust = _backends(trusted, 'trust')
   _require_trust_choice(trust, allow_unsigned, 'rewrap')
+  identities = _backends(identities, 'identity')
+  sign_with = _backend(signer, 'signer') if signer is not None else None
+  adds = _backends(add_recipients, 'recipient', '--add-recipient')
   src = _Source(os.fspath(package))
   h = src.header
   verified = _verify_signature(h, trust, allow_unsigned)
-  sign_with = _backend(signer) if signer is not None else None
   if h.signature is not None and sign_with is None:
     raise errors.UsageError(
         f'package is signed by {_text.printable(h.signature.key_id)}; '
         'rewrapping changes the '
         'header, so pass --sign-with KEY to re-sign it')
   _check_resign(src.path, h, verified, sign_with, resign_unsigned)
-  adds = _backends(add_recipients)
-  remove_ids = set()
+  remove_ids, removing = set(), {}
   for r in (remove_recipients or ()):
+    # A key id, or any key (public, private, KMS): only its id is used.
     if isinstance(r, str) and (r.startswith('sha256:') or
                                any(s.key_id == r for s in h.recipients)):
       remove_ids.add(r)
+      removing[r] = _text.printable(r)
     else:
-      remove_ids.add(_backend(r).key_id)
+      gone = _backend(r, None)
+      remove_ids.add(gone.key_id)
+      removing[gone.key_id] = gone.describe()
   unknown = remove_ids - {s.key_id for s in h.recipients}
   if unknown:
     raise errors.UsageError(
-        f'cannot remove {sorted(unknown)}: not a recipient of this package '
-        '(see "tfx-encrypt inspect")')
+        f'cannot remove {", ".join(removing[u] for u in sorted(unknown))}: '
+        'not a recipient of this package (see "tfx-encrypt inspect")')
   if h.threshold is not None:
-    return _rewrap_groups(src, h, _backends(identities), adds, remove_ids,
+    return _rewrap_groups(src, h, identities, adds, remove_ids,
                           add_to_group, sign_with)
   if add_to_group is not None:
     raise errors.UsageError(
@@ -1403,7 +1514,7 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   if len(recipients) + len(new) > header_lib.MAX_RECIPIENTS:
     raise errors.UsageError(
         f'a package can have at most {header_lib.MAX_RECIPIENTS} recipients')
-  dek, keys = _unwrap(h, _backends(identities))
+  dek, keys = _unwrap(h, identities)
   h.check_mac(keys.mac_key)
   _decrypt_file_table(h, keys)  # full header authentication before changing
   wctx = WrapContext(h.package_id, h.context)
@@ -1443,7 +1554,7 @@ def _rewrap_groups(src: '_Source', h: Header, identities: List[KeyBackend],
       gi = where.get(a.key_id)
       if gi is not None and gi != add_to_group:
         raise errors.UsageError(
-            f'key {a.key_id} is already a recipient in key group {gi}; a key '
+            f'key {a.describe()} is already a recipient in key group {gi}; a key '
             'may be in only one group (it would hold two shares)')
       if gi is None:
         where[a.key_id] = add_to_group

@@ -140,11 +140,12 @@ def check_context(context) -> Dict[str, str]:
   for k, v in context.items():
     if not (isinstance(k, str) and isinstance(v, str)):
       raise errors.UsageError(
-          f'encryption context entries must be strings: {k!r}={v!r}')
+          'encryption context entries must be strings: '
+          f'{_text.printable(repr(k), 64)}={_text.printable(repr(v), 64)}')
     if not 0 < len(k) <= MAX_CONTEXT_KEY or len(v) > MAX_CONTEXT_VALUE:
       raise errors.UsageError(
           f'encryption context key must be 1-{MAX_CONTEXT_KEY} characters '
-          f'and value at most {MAX_CONTEXT_VALUE}: {k[:40]!r}')
+          f'and value at most {MAX_CONTEXT_VALUE}: {_text.quoted(k, 40)}')
   return dict(context)
 
 

@@ -16,10 +16,13 @@ import functools
 import importlib
 import re
 import sys
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tfx_encrypt import errors
-from tfx_encrypt.keys.base import KeyBackend, Stanza, WrapContext, spki_key_id  # pylint: disable=unused-import
+from tfx_encrypt.keys.base import ROLE_OPTIONS, ROLES, KeyBackend, Stanza, WrapContext, spki_key_id  # pylint: disable=unused-import
+
+#: The key URI that means "read the key from standard input" (as age's -i -).
+STDIN = '-'
 
 ENTRY_POINT_GROUP = 'tfx_encrypt.key_backends'
 
@@ -101,10 +104,53 @@ def backend_class(scheme: str):
   return cls
 
 
-def resolve(uri: str) -> KeyBackend:
-  """Return the backend object for a key URI."""
-  return backend_class(uri_scheme(uri))(uri)
+def check_role(key: KeyBackend, role: str,
+               option: Optional[str] = None) -> KeyBackend:
+  """Return `key` if it may be used as `role`; else raise KeyRoleError.
+
+  Args:
+    key: a resolved backend.
+    role: one of ROLES: 'recipient', 'identity', 'trust', 'signer'.
+    option: how the caller named the key's role in messages (default the
+      role's CLI option, e.g. '--recipient'; '--key-group' for a key-group
+      member).
+
+  Fails closed: a private key given as a recipient or trust anchor (it would
+  be copied to every host that encrypts or verifies), or a public key given
+  as an identity or signer, is refused before any key operation, with the
+  key as the user typed it and what to pass instead.
+  """
+  if role not in ROLE_OPTIONS:
+    raise ValueError(f'unknown key role {role!r}; one of {ROLES}')
+  problem = key.role_problem(role)
+  if problem:
+    raise errors.KeyRoleError(
+        f'{option or ROLE_OPTIONS[role]} {key.display} {problem}')
+  return key
 
 
-def resolve_all(uris: Sequence[str]) -> List[KeyBackend]:
-  return [resolve(u) for u in uris]
+def resolve(uri: str, role: Optional[str] = None, *,
+            option: Optional[str] = None) -> KeyBackend:
+  """Return the backend object for a key URI, checked for `role` if given.
+
+  Args:
+    uri: a key URI or path as the user typed it; ``-`` reads one PEM private
+      key from standard input (identities only, at most once per process).
+    role: None (no check), or one of ROLES; see :func:`check_role`.
+    option: the option named in role errors (see :func:`check_role`).
+  """
+  if uri == STDIN:
+    if role != 'identity':
+      name = option or ROLE_OPTIONS.get(role, 'a key')
+      raise errors.KeyRoleError(
+          f'{name} -: only an identity (--identity -) can be read from '
+          'standard input; pass a key file or key URI')
+    from tfx_encrypt.keys import local  # pylint: disable=g-import-not-at-top
+    return check_role(local.LocalKey(STDIN), role, option)
+  key = backend_class(uri_scheme(uri))(uri)
+  return key if role is None else check_role(key, role, option)
+
+
+def resolve_all(uris: Sequence[str], role: Optional[str] = None
+                ) -> List[KeyBackend]:
+  return [resolve(u, role) for u in uris]

@@ -17,8 +17,10 @@ import abc
 import base64
 import hashlib
 import json
+import urllib.parse
 from typing import ClassVar, Dict, Mapping, Optional, Tuple
 
+from tfx_encrypt import _text
 from tfx_encrypt import errors
 
 # Limits a stanza must respect; enforced when a header is parsed.
@@ -26,6 +28,48 @@ MAX_STANZA_TYPE_LEN = 64
 MAX_KEY_ID_LEN = 1024
 MAX_STANZA_BODY_FIELDS = 16
 MAX_STANZA_FIELD_LEN = 16384
+
+#: The roles a key can be given in, and the CLI option that gives each one.
+#: A key is checked against its role when it is resolved, before any key or
+#: package operation (see :func:`tfx_encrypt.keys.check_role`).
+ROLE_OPTIONS: Dict[str, str] = {
+    'recipient': '--recipient',
+    'identity': '--identity',
+    'trust': '--trust',
+    'signer': '--sign-with',
+}
+ROLES = tuple(ROLE_OPTIONS)
+
+#: Query parameters of a key URI that may hold a secret; never shown.
+SECRET_QUERY_PARAMS = frozenset(
+    {'pin-value', 'password', 'passphrase', 'secret', 'token', 'access-token'})
+
+# What each role requires, said when a key cannot play it.
+_ROLE_NEEDS = {
+    'recipient': ('wrap keys', 'a recipient must be a public key (X25519, '
+                  'RSA >= 3072) or a KMS/HSM key URI'),
+    'identity': ('unwrap keys', 'an identity must be a private key (X25519, '
+                 'RSA) or a KMS/HSM key URI'),
+    'trust': ('verify signatures', "a trust anchor must be the publisher's "
+              'Ed25519 or ECDSA P-256 public key'),
+    'signer': ('sign', 'a signer must be an Ed25519 or ECDSA P-256 private '
+               'key'),
+}
+
+
+def redact_uri(uri: str) -> str:
+  """`uri` without secret query parameters (pin-value, token, ...).
+
+  Messages show keys as the user typed them, so that "which key?" is
+  answered at a glance; a PIN or token typed into the URI must not follow.
+  """
+  head, sep, query = uri.partition('?')
+  if not sep:
+    return uri
+  kept = [item for item in query.split('&')
+          if urllib.parse.unquote(item.partition('=')[0]).lower()
+          not in SECRET_QUERY_PARAMS]
+  return head + ('?' + '&'.join(kept) if kept else '')
 
 
 def b64e(data: bytes) -> str:
@@ -119,16 +163,50 @@ class KeyBackend(abc.ABC):
   def key_id(self) -> str:
     """A stable, public identifier of this key. Never secret."""
 
+  # -- how messages name the key ------------------------------------------
+  @property
+  def display(self) -> str:
+    """The key as the user typed it (path or URI), secrets removed.
+
+    Key ids alone (``sha256:...``) do not tell a user which of their files
+    is meant; the typed form does. Secret query parameters are stripped and
+    terminal control characters escaped, so the result is safe to print.
+    """
+    return _text.printable(redact_uri(self.uri))
+
+  def describe(self) -> str:
+    """`display (key_id)`: the form every message naming this key uses."""
+    shown, key_id = self.display, _text.printable(self.key_id)
+    return shown if shown == key_id else f'{shown} ({key_id})'
+
+  # -- roles ------------------------------------------------------------------
+  def role_problem(self, role: str) -> Optional[str]:
+    """Why this key cannot be used as `role` (one of ROLES), or None.
+
+    The text continues a sentence that starts with the key's option and
+    display form (see :func:`tfx_encrypt.keys.check_role`). This default
+    judges by capability: a backend serves a role iff it overrides the
+    method that role needs. LocalKey is stricter (see there): it also
+    refuses a private key where a public one must be given.
+    """
+    method = {'recipient': 'wrap', 'identity': 'unwrap', 'trust': 'verify',
+              'signer': 'sign'}[role]
+    if getattr(type(self), method) is not getattr(KeyBackend, method):
+      return None
+    verb, need = _ROLE_NEEDS[role]
+    backend = self.scheme or type(self).__name__
+    return f'is a key of the {backend!r} backend, which cannot {verb}; {need}'
+
   # -- key wrapping -------------------------------------------------------
   def wrap(self, dek: bytes, context: WrapContext) -> Stanza:
-    raise errors.UsageError(
-        f'key {self.key_id} cannot be used as a recipient (it cannot wrap '
-        'keys); pass a public or KMS key with --recipient')
+    raise errors.KeyRoleError(
+        f'key {self.describe()} cannot be used as a recipient (it cannot '
+        'wrap keys); pass a public or KMS key with --recipient')
 
   def unwrap(self, stanza: Stanza, context: WrapContext) -> bytes:
-    raise errors.UsageError(
-        f'key {self.key_id} cannot be used as an identity (it cannot unwrap '
-        'keys); pass a private or KMS key with --identity')
+    raise errors.KeyRoleError(
+        f'key {self.describe()} cannot be used as an identity (it cannot '
+        'unwrap keys); pass a private or KMS key with --identity')
 
   def matches(self, stanza: Stanza) -> bool:
     """True if this key could unwrap the stanza, decided without any call."""
@@ -139,14 +217,14 @@ class KeyBackend(abc.ABC):
   signature_alg: Optional[str] = None
 
   def sign(self, message: bytes) -> bytes:
-    raise errors.UsageError(
-        f'key {self.key_id} cannot sign; pass an Ed25519 or ECDSA P-256 '
+    raise errors.KeyRoleError(
+        f'key {self.describe()} cannot sign; pass an Ed25519 or ECDSA P-256 '
         'private key with --sign-with')
 
   def verify(self, message: bytes, signature: bytes, alg: str) -> bool:
     """Return True iff `signature` is valid for `message` under this key."""
-    raise errors.UsageError(
-        f'key {self.key_id} cannot verify signatures; pass an Ed25519 or '
+    raise errors.KeyRoleError(
+        f'key {self.describe()} cannot verify signatures; pass an Ed25519 or '
         'ECDSA P-256 public key with --trust')
 
   @property

@@ -40,6 +40,7 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from tfx_encrypt import _fsutil
+from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
 from tfx_encrypt.package import KeyLike
@@ -87,15 +88,18 @@ class SyncAction:
             if v is not None}
 
   def line(self) -> str:
-    """One human-readable line."""
+    """One human-readable line; every field is escaped (tfx_encrypt._text),
+    since signer, paths and messages can come from a package."""
+    f = {k: _text.printable(v, limit=None) if isinstance(v, str) else v
+         for k, v in dataclasses.asdict(self).items()}
     if self.action == FAILED:
-      return f'failed {self.version}: {self.error}: {self.message}'
+      return f'failed {f["version"]}: {f["error"]}: {f["message"]}'
     if self.action == INSTALLED:
-      who = (f'signed by trusted {self.signer}' if self.signer
+      who = (f'signed by trusted {f["signer"]}' if self.signer
              else 'UNSIGNED (accepted by allow_unsigned)')
-      return (f'installed {self.version} into {self.path} from {self.source}; '
-              f'{who}; fingerprint {self.fingerprint}')
-    return f'{self.action} {self.version} ({self.path})'
+      return (f'installed {f["version"]} into {f["path"]} from {f["source"]}; '
+              f'{who}; fingerprint {f["fingerprint"]}')
+    return f'{f["action"]} {f["version"]} ({f["path"]})'
 
 
 @dataclasses.dataclass
@@ -235,13 +239,21 @@ def _write_marker(serving_base: str, versions: Dict[str, dict]) -> None:
 # --- helpers -----------------------------------------------------------------
 
 def _make_group_readable(root: str) -> None:
-  """0750 for directories, 0640 for files (no links: decrypt makes none)."""
+  """0750 for directories, 0640 for files (no links: decrypt makes none).
+
+  Iterative (os.walk recurses once per level before Python 3.12), so a
+  model with a directory chain deeper than the recursion limit works.
+  """
   os.chmod(root, 0o750)
-  for dirpath, dirs, files in os.walk(root):
-    for d in dirs:
-      os.chmod(os.path.join(dirpath, d), 0o750, follow_symlinks=False)
-    for f in files:
-      os.chmod(os.path.join(dirpath, f), 0o640, follow_symlinks=False)
+  stack = [root]
+  while stack:
+    with os.scandir(stack.pop()) as it:
+      for e in it:
+        if e.is_dir(follow_symlinks=False):
+          os.chmod(e.path, 0o750, follow_symlinks=False)
+          stack.append(e.path)
+        elif e.is_file(follow_symlinks=False):
+          os.chmod(e.path, 0o640, follow_symlinks=False)
 
 
 def _now() -> str:
@@ -253,9 +265,12 @@ def _fail(result: SyncResult, version: str, path: str, e: BaseException
           ) -> None:
   message = str(e) if isinstance(e, errors.TfxEncryptError) else (
       f'{getattr(e, "strerror", None) or e}'
-      + (f' ({e.filename})' if getattr(e, 'filename', None) else ''))
-  logger.warning('serve-sync: version %s not published: %s: %s', version,
-                 type(e).__name__, message)
+      # Never a hidden temporary sibling's name: the destination it stood for.
+      + (f' ({_fsutil.public_path(e.filename)})'
+         if getattr(e, 'filename', None) else ''))
+  logger.warning('serve-sync: version %s not published: %s: %s',
+                 _text.printable(version), type(e).__name__,
+                 _text.printable(message, limit=None))
   result.actions.append(SyncAction(FAILED, version, path, source=path,
                                    error=type(e).__name__, message=message))
 
@@ -264,7 +279,7 @@ def _clean_stale(serving_base: str) -> None:
   """Remove staging leftovers of an interrupted sync (we hold the lock)."""
   for name in os.listdir(serving_base):
     if name.startswith((TMP_PREFIX, OLD_PREFIX)):
-      logger.info('serve-sync: removing leftover %s', name)
+      logger.info('serve-sync: removing leftover %s', _text.printable(name))
       _fsutil.remove_tree(os.path.join(serving_base, name))
 
 
@@ -330,7 +345,8 @@ def _install(version: str, package: str, serving_base: str,
   finally:
     _fsutil.remove_tree(stage)
   logger.info('serve-sync: installed version %s (package %s, fingerprint %s)',
-              version, info.package_id, info.fingerprint)
+              _text.printable(version), _text.printable(info.package_id),
+              _text.printable(info.fingerprint))
   return SyncAction(INSTALLED, version, target, source=package,
                     package_id=info.package_id, fingerprint=info.fingerprint,
                     signer=entry['signer'])
@@ -402,6 +418,11 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
   if not identities:
     raise errors.UsageError('no identity given: pass the key URI(s) that can '
                             'decrypt the packages')
+  # Resolved once per sync, before anything is touched: a key in the wrong
+  # role (a public key as identity, a private one as trust) is a
+  # KeyRoleError here, not a failure of every version.
+  identities = package_lib.resolve_keys(identities, 'identity')
+  trusted = package_lib.resolve_keys(trusted, 'trust')
   source_base = os.fspath(source_base)
   serving_base = os.fspath(serving_base)
   for name, base in (('source', source_base), ('serving base', serving_base)):

@@ -78,7 +78,7 @@ def _worker_stream_key(job: Mapping[str, Any]) -> bytes:
         bytes.fromhex(job['commitment']))
   except errors.NoMatchingKeyError:
     raise errors.NoMatchingKeyError(
-        f'the Beam worker identity {identity.key_id} cannot unwrap the data '
+        f'the Beam worker identity {identity.describe()} cannot unwrap the data '
         'key: it must be a recipient (a KMS key) or the private key of one'
     ) from None
   return keys.stream_key
@@ -410,11 +410,15 @@ def _counter(result, name: str) -> Optional[int]:
 
 def _model_bytes(model_dir: str) -> int:
   total = 0
-  for root, _, names in os.walk(model_dir):
-    for name in names:
-      st = os.lstat(os.path.join(root, name))
-      if stat.S_ISREG(st.st_mode):
-        total += st.st_size
+  stack = [model_dir]  # not os.walk: it recurses per level before 3.12
+  while stack:
+    with os.scandir(stack.pop()) as it:
+      for e in it:
+        st = e.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+          stack.append(e.path)
+        elif stat.S_ISREG(st.st_mode):
+          total += st.st_size
   return total
 
 

@@ -53,6 +53,7 @@ from tfx.types import artifact_utils
 from tfx.utils import io_utils
 
 from tfx_encrypt import _fsutil
+from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.components.encrypt_pusher import spec
 
@@ -127,7 +128,8 @@ def _remove_tree(path: str) -> None:
       else:
         fileio.remove(path)
   except Exception:  # pylint: disable=broad-except
-    logging.warning('Could not remove temporary path %s', path, exc_info=True)
+    logging.warning('Could not remove temporary path %s',
+                    _text.printable(path), exc_info=True)
 
 
 def push_package(package_path: str,
@@ -167,7 +169,7 @@ def _push_local(package_path: str, base: str, start: int) -> Tuple[str, str]:
         rename_noreplace(tmp, target)
       except FileExistsError:
         logging.info('Version %s already exists under %s; trying %s.', v,
-                     base, v + 1)
+                     _text.printable(base), v + 1)
         continue
       return target, str(v)
     raise errors.OutputExistsError(
@@ -193,8 +195,8 @@ def _push_remote(package_path: str, base: str, start: int
   for v in range(start, start + _MAX_VERSION_ATTEMPTS):
     target = os.path.join(base, str(v))
     if fileio.exists(target):
-      logging.info('Version %s already exists under %s; trying %s.', v, base,
-                   v + 1)
+      logging.info('Version %s already exists under %s; trying %s.', v,
+                   _text.printable(base), v + 1)
       continue
     try:
       last = []
@@ -268,10 +270,14 @@ class Executor(pusher_executor.Executor):
 
     model_path = self.GetModelPath(input_dict)
     context = self.EncryptionContext(input_dict, params)
+    # Log lines show artifact URIs and parameters escaped (tfx_encrypt._text):
+    # a newline or escape sequence in one cannot forge another log record.
     logging.info(
         'Encrypting %s for recipients %s (signer: %s, cipher: %s).',
-        model_path, params.recipients, params.signer or 'none',
-        params.cipher or 'default')
+        _text.printable(model_path),
+        _text.printable(params.recipients, limit=None),
+        _text.printable(params.signer or 'none'),
+        _text.printable(params.cipher or 'default'))
 
     with self._EncryptToArtifact(model_path, encrypted_model.uri, params,
                                  context) as (info, local_package):
@@ -283,15 +289,15 @@ class Executor(pusher_executor.Executor):
       if not params.push_destination:
         logging.info('No push_destination: the package is only recorded as '
                      'the EncryptedModel artifact at %s.',
-                     encrypted_model.uri)
+                     _text.printable(encrypted_model.uri))
         self._MarkNotPushed(model_push)
         self._MarkNotPushed(encrypted_model)
         return
 
       destination, version = push_package(local_package,
                                           params.push_destination)
-    logging.info('Encrypted model pushed to %s (version %s).', destination,
-                 version)
+    logging.info('Encrypted model pushed to %s (version %s).',
+                 _text.printable(destination), _text.printable(version))
     for artifact in (encrypted_model, model_push):
       self._MarkPushed(artifact, pushed_destination=destination,
                        pushed_version=version)
