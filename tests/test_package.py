@@ -174,14 +174,26 @@ def test_existing_output_needs_force(tmp_path, keys):
   te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')])
   with pytest.raises(errors.OutputExistsError):
     te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')])
+  # --force replaces what tfx-encrypt wrote (a package, a decrypted tree),
+  # never a directory of the user's (docs/SECURITY.md).
+  te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x2')],
+                   force=True)
   os.makedirs(tmp_path / 'o')
   (tmp_path / 'o' / 'old.txt').write_text('old')
   with pytest.raises(errors.OutputExistsError):
-    te.decrypt_model(tmp_path / 'p', tmp_path / 'o', identities=[keys.priv('x')],
+    te.decrypt_model(tmp_path / 'p', tmp_path / 'o', identities=[keys.priv('x2')],
                      allow_unsigned=True)
-  te.decrypt_model(tmp_path / 'p', tmp_path / 'o', identities=[keys.priv('x')],
+  with pytest.raises(errors.UnsafeOverwriteError):
+    te.decrypt_model(tmp_path / 'p', tmp_path / 'o', identities=[keys.priv('x2')],
+                     allow_unsigned=True, force=True)
+  assert (tmp_path / 'o' / 'old.txt').read_text() == 'old'
+  os.remove(tmp_path / 'o' / 'old.txt')  # an empty directory may be replaced
+  te.decrypt_model(tmp_path / 'p', tmp_path / 'o', identities=[keys.priv('x2')],
                    allow_unsigned=True, force=True)
   assert sorted(os.listdir(tmp_path / 'o')) == ['saved_model.pb']
+  # ... and so may the tree it just decrypted
+  te.decrypt_model(tmp_path / 'p', tmp_path / 'o', identities=[keys.priv('x2')],
+                   allow_unsigned=True, force=True)
   assert _util.leftovers(tmp_path, 'o') == []
 
 

@@ -332,10 +332,13 @@ def test_cli_interval_loop_stops_on_sigterm(keys, tmp_path, source):
   finally:
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=60)
-  assert p.returncode == 0, err
+  assert p.returncode == 128 + signal.SIGTERM, err
   assert out.splitlines()[:2] == [l for l in out.splitlines()
                                   if l.startswith('installed')][:2]
-  assert 'SIGTERM, stopping' in err
+  assert err.splitlines()[-1].startswith(
+      'tfx-encrypt: error: interrupted by SIGTERM')
+  assert sorted(n for n in os.listdir(serving_base) if n.startswith('.')) == [
+      '.tfxe-managed.json', '.tfxe-sync.lock']  # no staging left behind
 
 
 def test_import_does_not_load_tensorflow():
