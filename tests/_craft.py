@@ -74,12 +74,18 @@ def craft(out, recipient_pub: str, files: Sequence[Tuple[str, bytes]],
       payloads=payloads,
       file_table=streaming.encrypt_bytes(
           SUITE, keys.stream_key, header_lib.file_table_aad(pid, cd), table))
-  h.mac = h.compute_mac(keys.mac_key)
+  signer = None
   if signer_priv is not None:
     signer = local.LocalKey(signer_priv)
-    h.signature = header_lib.SignatureBlock(
-        signer.signature_alg, signer_key_id or signer.signer_id,
-        signer.sign(h.signature_message()))
+    h.signer = header_lib.SignerRef(signer.signature_alg,
+                                    signer_key_id or signer.signer_id)
+  h.mac = h.compute_mac(keys.mac_key)  # over the body, signer included
+  if signer is not None:
+    sig = signer.sign(h.signature_message())
+    if signer.signature_alg == 'ecdsa-p256-sha256':
+      sig = header_lib.ecdsa_der_to_raw(sig)
+    h.signature = header_lib.SignatureBlock(h.signer.alg, h.signer.key_id,
+                                            sig)
   with open(os.path.join(out, 'tfxe.header'), 'wb') as f:
     f.write(h.serialize())
   return out

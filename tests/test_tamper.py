@@ -239,21 +239,36 @@ def test_edit_context(tmp_path, signed_pkg, keys, signed):
   assert isinstance(e, errors.TamperedPackageError)
 
 
-def test_strip_signature(tmp_path, signed_pkg, keys):
-  pkg = _copy(signed_pkg / 'p', tmp_path / 'p')
-  _rewrite_body(pkg, lambda o: None, keep_sig=False)
-  e = _assert_rejected(pkg, tmp_path / 'o', keys)
-  assert isinstance(e, errors.UntrustedSignerError)
-  assert 'not signed' in str(e)
+@pytest.mark.parametrize('trust', [True, False])
+def test_strip_signature(tmp_path, signed_pkg, keys, trust):
+  # The body names the signer under the MAC (§3, §8): dropping the
+  # signature bytes alone is a malformed header, and also saying "unsigned"
+  # in the body breaks the MAC, whatever allow_unsigned says.
+  for edit in (lambda o: None, lambda o: o.update(signer=None)):
+    pkg = _copy(signed_pkg / 'p', tmp_path / 'p')
+    _rewrite_body(pkg, edit, keep_sig=False)
+    kwargs = {'allow_unsigned': True}
+    if trust:
+      kwargs['trusted'] = [keys.pub('ed')]
+    with pytest.raises(errors.TamperedPackageError):
+      te.decrypt_model(pkg, tmp_path / 'o', identities=[keys.priv('x')],
+                       **kwargs)
+    assert not os.path.lexists(tmp_path / 'o')
+    _util.leftovers(tmp_path, 'o') == []  # pylint: disable=expression-not-assigned
+    shutil.rmtree(pkg)
 
 
 def _resign(pkg_dir, signer_key, claimed_id):
+  """Re-sign the header as `claimed_id` with `signer_key` (no DEK needed:
+  the body, and so the MAC, stay as they are)."""
   hp = pkg_dir / 'tfxe.header'
   with open(hp, 'rb') as f:
     h, _ = header_lib.Header.read(f)
   sig = signer_key.sign(h.signature_message())
-  h.signature = header_lib.SignatureBlock('ed25519', claimed_id, sig)
+  h.signature = header_lib.SignatureBlock(h.signer.alg, h.signer.key_id, sig)
   hp.write_bytes(h.serialize())
+  if claimed_id != h.signer.key_id:  # naming another signer changes the body
+    _rewrite_body(pkg_dir, lambda o: o['signer'].update(key_id=claimed_id))
 
 
 def test_forged_signature_claiming_trusted_key(tmp_path, signed_pkg, keys):

@@ -93,3 +93,15 @@ class KeyNotFoundError(KeyBackendError):
 
 class BackendUnavailableError(KeyBackendError):
   """The backend could not be reached, or kept failing after retries."""
+
+
+class PolicyError(TfxEncryptError):
+  """Refused by the consumer's policy (tfx_encrypt.policy.Policy).
+
+  The package is authentic (its signature was checked first), but its
+  context does not say what the consumer requires: another model, another
+  environment, or an older version than the consumer accepts. Raised before
+  any key is unwrapped. Exit codes 9 and 10 are taken by OSError and the
+  OCI RegistryError.
+  """
+  exit_code = 11

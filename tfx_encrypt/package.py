@@ -31,12 +31,13 @@ from tfx_encrypt import _text
 from tfx_encrypt import _signals
 from tfx_encrypt import errors
 from tfx_encrypt import keys as keys_lib
+from tfx_encrypt import policy as policy_lib
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import paths as paths_lib
 from tfx_encrypt.format import streaming
 from tfx_encrypt.format.header import FileEntry, Header, KeyGroups
-from tfx_encrypt.format.header import SignatureBlock
+from tfx_encrypt.format.header import SignatureBlock, SignerRef
 from tfx_encrypt.keys import shamir
 from tfx_encrypt.keys.base import KeyBackend, Stanza, WrapContext
 
@@ -167,20 +168,34 @@ def _check_user_context(context: Optional[Mapping[str, str]]) -> Dict[str, str]:
   return ctx
 
 
-def _sign(h: Header, signer: Optional[KeyBackend]) -> None:
-  if signer is None:
-    h.signature = None
-    return
-  if not signer.signature_alg:
+def seal_header(h: Header, mac_key: bytes,
+                signer: Optional[KeyBackend]) -> None:
+  """Name the signer in the body, then MAC it, then sign it (§3, §8).
+
+  The body says who signs (or that nobody does) before the MAC is computed,
+  so the signature can be neither stripped nor added without the data key.
+  The signature is stored in its one canonical form: raw R || S for
+  Ed25519, raw r || s with low S for ECDSA P-256.
+  """
+  if signer is not None and not signer.signature_alg:
     signer.sign(b'')  # raises a UsageError explaining what to pass
-  sig = signer.sign(h.signature_message())
+  h.invalidate()
+  h.signer = (None if signer is None else
+              SignerRef(signer.signature_alg, signer.signer_id))
+  h.mac = h.compute_mac(mac_key)
+  if signer is None:
+    return
+  sig = signer.sign(h.signature_message())  # exactly one (remote) call
+  if signer.signature_alg == 'ecdsa-p256-sha256':
+    sig = header_lib.ecdsa_der_to_raw(sig)
+  header_lib.check_raw_signature(signer.signature_alg, sig)
   h.signature = SignatureBlock(signer.signature_alg, signer.signer_id, sig)
 
 
 def _verify_signature(h: Header, trusted: Sequence[KeyBackend],
                       allow_unsigned: bool) -> bool:
   """Return True if verified, False if unsigned-and-allowed; else raise."""
-  if h.signature is None:
+  if h.signer is None:  # the MAC-covered body says so (§10 step 2)
     if allow_unsigned:
       return False
     raise errors.UntrustedSignerError(
@@ -194,9 +209,12 @@ def _verify_signature(h: Header, trusted: Sequence[KeyBackend],
         'key was given; '
         'pass the publisher\'s public key with --trust')
   msg = h.signature_message()
+  raw = sig.sig
+  if sig.alg == 'ecdsa-p256-sha256':  # canonical (low S) checked on parse
+    raw = header_lib.ecdsa_raw_to_der(raw)
   for t in trusted:
     if t.signature_alg == sig.alg and t.signer_id == sig.key_id:
-      if t.verify(msg, sig.sig, sig.alg):
+      if t.verify(msg, raw, sig.alg):
         return True
       raise errors.TamperedPackageError(
           f'the package signature by trusted key {t.describe()} '
@@ -228,7 +246,7 @@ def _check_resign(src_path: str, h: Header, verified: bool,
   verified; an unsigned one (accepted by allow_unsigned) gets the signer's
   signature only with `resign_unsigned`, and then a warning is logged.
   """
-  if verified or h.signature is not None or sign_with is None:
+  if verified or h.signer is not None or sign_with is None:
     return
   if not resign_unsigned:
     raise errors.UsageError(
@@ -961,11 +979,13 @@ def _decrypt_file_table(h: Header, keys: header_lib.DerivedKeys
 
 def _open_authenticated(package: str, identities, trusted, allow_unsigned,
                         before_unwrap: Optional[
-                            Callable[['_Source', Header, bool], None]] = None):
+                            Callable[['_Source', Header, bool], None]] = None,
+                        policy: Optional[policy_lib.Policy] = None):
   """Open, verify the signature, then unwrap and check the whole header.
 
-  `before_unwrap(src, header, verified)` may refuse the package after the
-  signature check and before any key call.
+  `policy` is checked against the context right after the signature (a
+  refused package costs no key call); then `before_unwrap(src, header,
+  verified)` may refuse the package before any key call.
   """
   # Keys first: a key in the wrong role is refused before the package is
   # read, and `-` (stdin) is read before anything else can fail.
@@ -974,6 +994,8 @@ def _open_authenticated(package: str, identities, trusted, allow_unsigned,
   src = _Source(os.fspath(package))
   h = src.header
   verified = _verify_signature(h, trusted, allow_unsigned)
+  if policy is not None:  # §10 step 3: after the signature, before any key
+    policy.check(h.context)
   if before_unwrap is not None:
     before_unwrap(src, h, verified)
   _, keys = _unwrap(h, identities)
@@ -1144,8 +1166,7 @@ def finish_package(env: Envelope, tmp: str, package: str, *,
           env.suite, env.keys.stream_key,
           header_lib.file_table_aad(env.package_id, env.ctx_digest),
           header_lib.encode_file_table(entries, dirs)))
-  h.mac = h.compute_mac(env.keys.mac_key)
-  _sign(h, signer)
+  seal_header(h, env.keys.mac_key, signer)
   hbytes = h.serialize()
   pdir = os.path.join(tmp, PAYLOAD_DIR)
   if bundle:
@@ -1469,7 +1490,7 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   src = _Source(os.fspath(package))
   h = src.header
   verified = _verify_signature(h, trust, allow_unsigned)
-  if h.signature is not None and sign_with is None:
+  if h.signer is not None and sign_with is None:
     raise errors.UsageError(
         f'package is signed by {_text.printable(h.signature.key_id)}; '
         'rewrapping changes the '
@@ -1521,9 +1542,7 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   recipients.extend(a.wrap(dek, wctx) for a in new)  # one call per recipient
   del dek
   h.recipients = recipients
-  h.invalidate()
-  h.mac = h.compute_mac(keys.mac_key)
-  _sign(h, sign_with)
+  seal_header(h, keys.mac_key, sign_with)
   _write_header_only(src, h)
   return _info(h, src.path, src.bundle, len(h.serialize()),
                verified=sign_with is not None)
@@ -1587,9 +1606,7 @@ def _rewrap_groups(src: '_Source', h: Header, identities: List[KeyBackend],
     stanzas.extend(g)
   h.recipients = stanzas
   h.threshold = KeyGroups(kg.k, indices)
-  h.invalidate()
-  h.mac = h.compute_mac(keys.mac_key)
-  _sign(h, sign_with)
+  seal_header(h, keys.mac_key, sign_with)
   _write_header_only(src, h)
   return _info(h, src.path, src.bundle, len(h.serialize()),
                verified=sign_with is not None)

@@ -21,12 +21,14 @@ from tfx_encrypt.format import paths as paths_lib
 from tfx_encrypt.format import streaming
 from tfx_encrypt.keys.base import Stanza
 
-MAGIC = b'TFXENC\x00\x01'
-FORMAT_NAME = 'tfx-encrypt/1'
-FORMAT_VERSION = 1
+MAGIC = b'TFXENC\x00\x02'
+FORMAT_NAME = 'tfx-encrypt/2'
+FORMAT_VERSION = 2
 
 MAX_BODY = 16 << 20
-MAX_SIG = 64 << 10
+#: Raw signature bytes (§8): Ed25519 R || S, ECDSA P-256 r || s (low S).
+SIG_SIZE = 64
+MAX_SIG = SIG_SIZE
 MAC_SIZE = 32
 PREFIX_SIZE = len(MAGIC) + 4
 MAX_HEADER = PREFIX_SIZE + MAX_BODY + MAC_SIZE + 4 + MAX_SIG
@@ -42,10 +44,14 @@ MAX_FILE_TABLE = 12 << 20
 
 _BODY_KEYS = {'format', 'suite', 'hash', 'package_id', 'created', 'context',
               'recipients', 'threshold', 'commitment', 'fingerprint',
-              'payloads', 'file_table'}
+              'payloads', 'file_table', 'signer'}
 _THRESHOLD_KEYS = {'k', 'groups'}
-_SIG_KEYS = {'alg', 'key_id', 'sig'}
+_SIGNER_KEYS = {'alg', 'key_id'}
 SIGNATURE_ALGS = ('ed25519', 'ecdsa-p256-sha256')
+MAX_SIGNER_KEY_ID = 1024
+# Group orders: Ed25519's L (RFC 8032) and P-256's n (SEC 2).
+_ED25519_L = 2**252 + 27742317777372353535851937790883648493
+_P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 # Matched with fullmatch (a `$` would also accept a trailing newline).
 _HEX64 = re.compile(r'[0-9a-f]{64}')
 _HEX32 = re.compile(r'[0-9a-f]{32}')
@@ -121,9 +127,13 @@ def _str(v, what: str, max_len: int = 4096, pattern=None) -> str:
 def _b64(v, what: str, max_len: int) -> bytes:
   _str(v, what, max_len * 4 // 3 + 4)
   try:
-    return base64.b64decode(v.encode('ascii'), validate=True)
+    out = base64.b64decode(v.encode('ascii'), validate=True)
   except (binascii.Error, ValueError):
     raise _bad(f'{what} is not base64') from None
+  # One byte form only: padding bits must be zero (RFC 4648 §3.5).
+  if base64.b64encode(out).decode('ascii') != v:
+    raise _bad(f'{what} is not canonical base64')
+  return out
 
 
 # --- context ----------------------------------------------------------------
@@ -179,28 +189,77 @@ def file_table_aad(package_id: bytes, ctx_digest: bytes) -> bytes:
   return b'tfxe1 file table\x00' + package_id + ctx_digest
 
 
-# --- signature block ----------------------------------------------------------
+# --- signature (§8) -------------------------------------------------------------
+
+class SignerRef:
+  """The body's `signer` field: which key signs the header, under the MAC."""
+
+  __slots__ = ('alg', 'key_id')
+
+  def __init__(self, alg: str, key_id: str):
+    self.alg, self.key_id = alg, key_id
+
+  def to_json(self) -> Dict[str, str]:
+    return {'alg': self.alg, 'key_id': self.key_id}
+
+  @classmethod
+  def parse(cls, obj) -> Optional['SignerRef']:
+    if obj is None:
+      return None
+    if not isinstance(obj, dict) or set(obj) != _SIGNER_KEYS:
+      raise _bad('signer fields')
+    alg = _str(obj['alg'], 'signature algorithm', 64)
+    if alg not in SIGNATURE_ALGS:
+      raise errors.UnsupportedFormatError(
+          f'unsupported signature algorithm {_text.quoted(alg, 64)}; upgrade '
+          'tfx-encrypt')
+    key_id = _str(obj['key_id'], 'signer key id', MAX_SIGNER_KEY_ID)
+    if not key_id:
+      raise _bad('signer key id')
+    return cls(alg, key_id)
+
 
 class SignatureBlock:
+  """A header's signature: the body's signer and the raw signature bytes."""
+
   __slots__ = ('alg', 'key_id', 'sig')
 
   def __init__(self, alg: str, key_id: str, sig: bytes):
     self.alg, self.key_id, self.sig = alg, key_id, sig
 
-  def encode(self) -> bytes:
-    return canonical_json({'alg': self.alg, 'key_id': self.key_id,
-                           'sig': base64.b64encode(self.sig).decode('ascii')})
 
-  @classmethod
-  def decode(cls, data: bytes) -> 'SignatureBlock':
-    obj = strict_json(data, 'signature block')
-    if not isinstance(obj, dict) or set(obj) != _SIG_KEYS:
-      raise _bad('signature block fields')
-    alg = _str(obj['alg'], 'signature algorithm', 64)
-    if alg not in SIGNATURE_ALGS:
-      raise _bad(f'unknown signature algorithm {_text.quoted(alg, 64)}')
-    return cls(alg, _str(obj['key_id'], 'signer key id', 1024),
-               _b64(obj['sig'], 'signature', 4096))
+def check_raw_signature(alg: str, sig: bytes) -> None:
+  """Refuse every byte form of a signature but the canonical one (§8).
+
+  Ed25519: S < L (RFC 8032 §5.1.7; a non-canonical R fails verification).
+  ECDSA P-256: 1 <= r < n and 1 <= s <= n/2 (low S, as Bitcoin's BIP 62
+  and Ethereum require): (r, n - s) would verify too, so only one is valid.
+  """
+  if len(sig) != SIG_SIZE:
+    raise _bad('signature length')
+  if alg == 'ed25519':
+    if int.from_bytes(sig[32:], 'little') >= _ED25519_L:
+      raise _bad('non-canonical Ed25519 signature (S >= L)')
+    return
+  r, s = int.from_bytes(sig[:32], 'big'), int.from_bytes(sig[32:], 'big')
+  if not (0 < r < _P256_N and 0 < s <= _P256_N // 2):
+    raise _bad('non-canonical ECDSA signature (r or s out of range, or high '
+               'S)')
+
+
+def ecdsa_der_to_raw(der: bytes) -> bytes:
+  """A DER ECDSA P-256 signature (what signers return) as raw r || low-S s."""
+  from cryptography.hazmat.primitives.asymmetric import utils  # pylint: disable=g-import-not-at-top
+  r, s = utils.decode_dss_signature(der)
+  if s > _P256_N // 2:
+    s = _P256_N - s
+  return r.to_bytes(32, 'big') + s.to_bytes(32, 'big')
+
+
+def ecdsa_raw_to_der(raw: bytes) -> bytes:
+  from cryptography.hazmat.primitives.asymmetric import utils  # pylint: disable=g-import-not-at-top
+  return utils.encode_dss_signature(int.from_bytes(raw[:32], 'big'),
+                                    int.from_bytes(raw[32:], 'big'))
 
 
 # --- key groups (k of n) ----------------------------------------------------
@@ -270,7 +329,8 @@ class Header:
                payloads: List[Tuple[int, str]], file_table: bytes,
                mac: bytes = b'', signature: Optional[SignatureBlock] = None,
                body: Optional[bytes] = None,
-               threshold: Optional[KeyGroups] = None):
+               threshold: Optional[KeyGroups] = None,
+               signer: Optional[SignerRef] = None):
     self.suite = suite
     self.hash_alg = hash_alg
     self.package_id = package_id
@@ -283,7 +343,8 @@ class Header:
     self.payloads = payloads
     self.file_table = file_table
     self.mac = mac
-    self.signature = signature
+    self.signer = signer  # in the body: who signs (None: unsigned)
+    self.signature = signature  # the signature itself, after the MAC
     self._body = body  # raw received bytes, when parsed
 
   # -- encoding ---------------------------------------------------------------
@@ -302,6 +363,7 @@ class Header:
         'fingerprint': self.fingerprint,
         'payloads': [[s, d] for s, d in self.payloads],
         'file_table': base64.b64encode(self.file_table).decode('ascii'),
+        'signer': None if self.signer is None else self.signer.to_json(),
     }
 
   def body(self) -> bytes:
@@ -324,7 +386,7 @@ class Header:
     return MAGIC + struct.pack('>I', len(body)) + body
 
   def signature_message(self) -> bytes:
-    return (b'tfxe1 header signature\x00' +
+    return (b'tfxe2 header signature\x00' +
             hashlib.sha256(self.signed_part()).digest())
 
   def compute_mac(self, mac_key: bytes) -> bytes:
@@ -340,7 +402,13 @@ class Header:
   def serialize(self) -> bytes:
     if len(self.mac) != MAC_SIZE:
       raise ValueError('header MAC not set')
-    sig = self.signature.encode() if self.signature else b''
+    sig = b''
+    if self.signer is not None:
+      if (self.signature is None or self.signature.alg != self.signer.alg or
+          self.signature.key_id != self.signer.key_id):
+        raise ValueError('the header names a signer but is not signed by it')
+      sig = self.signature.sig
+      check_raw_signature(self.signer.alg, sig)
     return self.signed_part() + self.mac + struct.pack('>I', len(sig)) + sig
 
   @property
@@ -373,12 +441,20 @@ class Header:
     body = _read_exact(f, body_len, 'header body')
     mac = _read_exact(f, MAC_SIZE, 'header MAC')
     (sig_len,) = struct.unpack('>I', _read_exact(f, 4, 'signature length'))
-    if sig_len > MAX_SIG:
+    if sig_len not in (0, SIG_SIZE):
       raise _bad('signature length')
     sig = _read_exact(f, sig_len, 'signature') if sig_len else b''
     h = cls.parse_body(body)
     h.mac = mac
-    h.signature = SignatureBlock.decode(sig) if sig_len else None
+    # The body says whether the package is signed, under the MAC (as the
+    # AWS Encryption SDK's signed suites do): a signature cannot be
+    # stripped, or added, without changing the body.
+    if (h.signer is None) != (sig_len == 0):
+      raise _bad('the signature does not match the signer the header names'
+                 if sig_len == 0 else 'a signature on an unsigned header')
+    if h.signer is not None:
+      check_raw_signature(h.signer.alg, sig)
+      h.signature = SignatureBlock(h.signer.alg, h.signer.key_id, sig)
     return h, PREFIX_SIZE + body_len + MAC_SIZE + 4 + sig_len
 
   @classmethod
@@ -439,11 +515,17 @@ class Header:
       streaming.segments_of_ciphertext(size)
       payloads.append((size, _str(p[1], 'payload digest', 64, _HEX64)))
     file_table = _b64(obj['file_table'], 'file table', MAX_FILE_TABLE)
+    signer = SignerRef.parse(obj['signer'])
+    # One byte form per header (§4): the body must be exactly what a writer
+    # produces, so a package's bytes (and its OCI digest) cannot be varied.
+    if canonical_json(obj) != body:
+      raise _bad('header body is not canonical JSON')
     return cls(suite=suite, hash_alg=hash_alg, package_id=package_id,
                created=created, context=ctx, recipients=recipients,
                threshold=threshold, commitment=commitment,
                fingerprint=fingerprint,
-               payloads=payloads, file_table=file_table, body=body)
+               payloads=payloads, file_table=file_table, body=body,
+               signer=signer)
 
 
 def _read_exact(f, n: int, what: str) -> bytes:
@@ -479,6 +561,8 @@ def decode_file_table(data: bytes, payload_count: int
   obj = strict_json(data, 'file table')
   if not isinstance(obj, dict) or set(obj) != {'dirs', 'files'}:
     raise _bad('file table fields')
+  if canonical_json(obj) != data:
+    raise _bad('file table is not canonical JSON')
   files, dirs = obj['files'], obj['dirs']
   if not isinstance(files, list) or len(files) != payload_count:
     raise _bad('file table does not match the payload list')

@@ -10,6 +10,11 @@ is the URI scheme and whose value is a :class:`KeyBackend` subclass, e.g.::
 
 Cloud SDKs are imported lazily by their backend module, so resolving a local
 key never imports boto3, google-cloud-kms, hvac, azure or pkcs11.
+
+Every key is resolved for a role (`resolve(uri, role=...)`: 'recipient',
+'identity', 'trust' or 'signer') and refused with KeyRoleError when it
+cannot play it, e.g. a private key as a recipient (docs/BACKENDS.md, "Key
+roles"). The URI ``-`` is an identity read from standard input.
 """
 
 import functools
