@@ -7,7 +7,7 @@ checks, so only the reader's own rules can reject it.
 """
 
 import os
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
@@ -23,7 +23,10 @@ def craft(out, recipient_pub: str, files: Sequence[Tuple[str, bytes]],
           recipient_key_id: Optional[str] = None,
           signer_priv: Optional[str] = None,
           signer_key_id: Optional[str] = None,
-          created: str = '2026-01-01T00:00:00Z') -> str:
+          created: str = '2026-01-01T00:00:00Z',
+          fingerprint: Optional[str] = None,
+          seal: Optional[Callable[[int, bytes, bytes, bytes], bytes]] = None
+          ) -> str:
   """Write the directory package `out` holding `files` ((path, bytes), in
   the order given) and listing `dirs`, encrypted for `recipient_pub`.
 
@@ -39,6 +42,11 @@ def craft(out, recipient_pub: str, files: Sequence[Tuple[str, bytes]],
     signer_key_id: the key id the signature block claims (default: the
       signer's own).
     created: the header's creation time.
+    fingerprint: the header's fingerprint (default: the right one).
+    seal: seal(index, stream_key, aad, plaintext) -> the payload stream
+      written (default: streaming.encrypt_bytes); the header's ciphertext
+      size and digest describe what it returns, the file table still
+      describes `plaintext`.
 
   Returns:
     str(out).
@@ -51,8 +59,9 @@ def craft(out, recipient_pub: str, files: Sequence[Tuple[str, bytes]],
   os.makedirs(os.path.join(out, 'payload'))
   table_files, payloads, digests = [], [], []
   for i, (path, data) in enumerate(files):
-    ct = streaming.encrypt_bytes(SUITE, keys.stream_key,
-                                 header_lib.payload_aad(pid, i, cd), data)
+    aad = header_lib.payload_aad(pid, i, cd)
+    ct = (seal(i, keys.stream_key, aad, data) if seal is not None else
+          streaming.encrypt_bytes(SUITE, keys.stream_key, aad, data))
     with open(os.path.join(out, 'payload', f'{i:08d}'), 'wb') as f:
       f.write(ct)
     pd = digest_lib.new_hash('sha256')
@@ -70,7 +79,7 @@ def craft(out, recipient_pub: str, files: Sequence[Tuple[str, bytes]],
   h = header_lib.Header(
       suite=SUITE, hash_alg='sha256', package_id=pid, created=created,
       context=ctx, recipients=[stanza], commitment=keys.commitment,
-      fingerprint=digest_lib.root_digest('sha256', digests),
+      fingerprint=fingerprint or digest_lib.root_digest('sha256', digests),
       payloads=payloads,
       file_table=streaming.encrypt_bytes(
           SUITE, keys.stream_key, header_lib.file_table_aad(pid, cd), table))

@@ -444,3 +444,43 @@ def test_insider_payload_substitution_caught_by_digest(tmp_path, keys):
   e = _assert_rejected(pkg, tmp_path / 'out' / 'o', keys, signed=False)
   assert isinstance(e, errors.TamperedPackageError)
   assert 'digest' in str(e)
+
+
+def _reencrypt_payload(pkg_dir, keys, index=0):
+  """What a recipient can do: same plaintext, fresh stream header (salt,
+  nonce prefix) under the package's own stream key."""
+  from tfx_encrypt import package as pkg_lib  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.format import streaming  # pylint: disable=g-import-not-at-top
+  hp = pkg_dir / 'tfxe.header'
+  with open(hp, 'rb') as f:
+    h, _ = header_lib.Header.read(f)
+  _, dk = pkg_lib.unwrap_data_key(
+      [local.LocalKey(keys.priv('x'))], h.recipients, h.package_id,
+      h.context, h.suite, h.commitment)
+  aad = header_lib.payload_aad(h.package_id, index, h.ctx_digest)
+  path = pkg_dir / 'payload' / f'{index:08d}'
+  old = path.read_bytes()
+  plain = streaming.decrypt_bytes(h.suite, dk.stream_key, aad, old)
+  new = streaming.encrypt_bytes(h.suite, dk.stream_key, aad, plain)
+  assert new != old and len(new) == len(old)
+  path.write_bytes(new)
+
+
+def test_recipient_cannot_reencrypt_a_payload_of_a_signed_package(
+    tmp_path, signed_pkg, keys):
+  # The payload still decrypts and its plaintext digest still matches, but
+  # its ciphertext is not the one the signature covers (FORMAT.md §10).
+  pkg = _copy(signed_pkg / 'p', tmp_path / 'p')
+  _reencrypt_payload(pkg, keys)
+  e = _assert_rejected(pkg, tmp_path / 'o', keys)
+  assert isinstance(e, errors.TamperedPackageError)
+  assert 'ciphertext digest' in str(e)
+  with pytest.raises(errors.TamperedPackageError, match='ciphertext digest'):
+    list(te.iter_decrypted_files(pkg, identities=[keys.priv('x')],
+                                 trusted=[keys.pub('ed')]))
+  with pytest.raises(errors.TamperedPackageError, match='ciphertext digest'):
+    te.rotate_package(pkg, tmp_path / 'r', identities=[keys.priv('x')],
+                      recipients=[keys.pub('x')], trusted=[keys.pub('ed')])
+  assert not os.path.lexists(tmp_path / 'r')
+  with pytest.raises(errors.TamperedPackageError):
+    te.verify_package(pkg, trusted=[keys.pub('ed')])

@@ -8,7 +8,7 @@ standard library. TFX, TensorFlow, Beam and MLMD are used only by
 from tfx_encrypt.__about__ import __version__  # noqa: F401
 from tfx_encrypt.errors import (  # noqa: F401
     EmptyModelError, KeyBackendError, NoMatchingKeyError, OutputExistsError,
-    TamperedPackageError, TfxEncryptError, UnsafePathError,
+    PolicyError, TamperedPackageError, TfxEncryptError, UnsafePathError,
     UnsupportedFormatError, UntrustedSignerError, UsageError)
 
 # The package operations are imported on first use (PEP 562), so that
@@ -17,10 +17,13 @@ from tfx_encrypt.errors import (  # noqa: F401
 _PACKAGE_API = ('PackageInfo', 'decrypt_model', 'encrypt_model',
                 'inspect_package', 'iter_decrypted_files', 'rewrap_package',
                 'rotate_package', 'verify_package')
-__all__ = ['__version__', 'EncryptedModel', *_PACKAGE_API]
+__all__ = ['__version__', 'EncryptedModel', 'Policy', *_PACKAGE_API]
 
 
 def __getattr__(name):
+  if name == 'Policy':  # the consumer policy (stdlib only)
+    from tfx_encrypt.policy import Policy  # pylint: disable=g-import-not-at-top
+    return Policy
   if name in _PACKAGE_API:
     from tfx_encrypt import package  # pylint: disable=g-import-not-at-top
     return getattr(package, name)

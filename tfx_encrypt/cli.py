@@ -6,6 +6,7 @@ non-zero exit code taken from the error class (see tfx_encrypt.errors).
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from tfx_encrypt import _signals
 from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
+from tfx_encrypt import policy as policy_lib
 from tfx_encrypt.__about__ import __version__
 from tfx_encrypt.keys import local as local_keys
 
@@ -97,6 +99,88 @@ def _key_groups(groups: Sequence[str], threshold: Optional[int]):
         f'--key-group needs --threshold K: how many of the {len(parsed)} '
         'groups must take part in decryption')
   return parsed, threshold
+
+
+def _build_policy(require_context: Sequence[str], min_version: Optional[str],
+                  version_key: Optional[str], policy_file: Optional[str]
+                  ) -> Optional[policy_lib.Policy]:
+  """--require-context/--min-version/--version-key or --policy, not both.
+
+  Nothing is merged: a policy file is the whole policy, so combining it
+  with the flags is refused rather than silently adding to or overriding it.
+  """
+  flags = [name for name, given in (
+      ('--require-context', require_context),
+      ('--min-version', min_version is not None),
+      ('--version-key', version_key is not None)) if given]
+  if policy_file is not None:
+    if flags:
+      raise errors.UsageError(
+          f'--policy FILE is the whole policy; put {flags[0]} into the file '
+          'instead of combining the two')
+    return policy_lib.Policy.from_file(policy_file)
+  if not flags:
+    return None
+  required = {}
+  for p in require_context:
+    k, sep, v = p.partition('=')
+    if not sep or not k:
+      raise errors.UsageError(
+          f'--require-context expects KEY=VALUE, got {_text.quoted(p, 64)}')
+    if k in required:
+      raise errors.UsageError(
+          f'--require-context key {_text.quoted(k, 64)} given twice')
+    required[k] = v
+  if version_key is not None and min_version is None:
+    raise errors.UsageError('--version-key names the key --min-version '
+                            'checks; pass --min-version N too')
+  if min_version is not None and not policy_lib.is_canonical_version(
+      min_version):
+    raise errors.UsageError(
+        f'--min-version expects a non-negative integer (ASCII digits, no '
+        f'sign or leading zero, at most {policy_lib.MAX_VERSION_DIGITS}), '
+        f'got {_text.quoted(min_version, 64)}')
+  return policy_lib.Policy(
+      require_context=required,
+      min_version=None if min_version is None else int(min_version),
+      version_key=(policy_lib.DEFAULT_VERSION_KEY if version_key is None
+                   else version_key))
+
+
+def _policy_options(f):
+  """The consumer-policy options, defined once; the command gets `policy`.
+
+  Used by every command that accepts a package: decrypt, verify, rotate,
+  serve-sync and pull.
+  """
+
+  @functools.wraps(f)
+  def command(*args, require_context, min_version, version_key, policy_file,
+              **kwargs):
+    return f(*args, policy=_build_policy(require_context, min_version,
+                                         version_key, policy_file), **kwargs)
+
+  options = (
+      click.option('--require-context', 'require_context', multiple=True,
+                   metavar='K=V',
+                   help='Refuse a package whose signed context does not hold '
+                   'K with exactly the value V (repeatable; exit 11).'),
+      click.option('--min-version', 'min_version', metavar='N',
+                   help='Refuse a package whose context version (see '
+                   '--version-key) is missing, not an integer, or below N '
+                   '(exit 11).'),
+      click.option('--version-key', 'version_key', metavar='K',
+                   help='Context key --min-version reads [default: version, '
+                   'as EncryptPusher records it].'),
+      click.option('--policy', 'policy_file', metavar='FILE',
+                   type=click.Path(dir_okay=False),
+                   help='The same rules from a JSON file ({"require_context": '
+                   '{...}, "min_version": N, "version_key": "..."}); not '
+                   'combined with the three options above.'),
+  )
+  for option in reversed(options):
+    command = option(command)
+  return command
 
 
 def _require_trust(trusted: Sequence[str], allow_unsigned: bool) -> None:
@@ -413,8 +497,9 @@ def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
               help='Accept a package without a signature.')
 @click.option('--force', is_flag=True, help='Replace OUT_DIR atomically.')
 @click.option('--fsync', is_flag=True, help='fsync before publishing.')
+@_policy_options
 def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
-            fsync):
+            fsync, policy):
   """Verify and decrypt PACKAGE into OUT_DIR."""
   _require_trust(trusted, allow_unsigned)
   total = pkg.inspect_package(package).ciphertext_bytes
@@ -422,7 +507,7 @@ def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
     info = pkg.decrypt_model(package, out_dir, identities=list(identities),
                              trusted=list(trusted),
                              allow_unsigned=allow_unsigned, force=force,
-                             progress=progress, fsync=fsync)
+                             progress=progress, fsync=fsync, policy=policy)
   who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
          else 'UNSIGNED (accepted by --allow-unsigned)')
   click.echo(f'decrypted {info.file_count} files into {_show(out_dir)}; {who}; '
@@ -477,10 +562,11 @@ def inspect(package, as_json):
 @click.argument('package')
 @click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI')
 @click.option('--allow-unsigned', is_flag=True)
-def verify(package, trusted, allow_unsigned):
+@_policy_options
+def verify(package, trusted, allow_unsigned, policy):
   """Check the signature and every ciphertext digest, without any key."""
   info = pkg.verify_package(package, trusted=list(trusted),
-                            allow_unsigned=allow_unsigned)
+                            allow_unsigned=allow_unsigned, policy=policy)
   who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
          else 'UNSIGNED')
   click.echo(f'OK: {info.file_count} payloads match their digests; {who}')
@@ -548,9 +634,10 @@ def rewrap(package, identities, adds, removes, add_to_group, sign_with,
 @click.option('--bundle/--directory', 'bundle', default=None,
               help='Output form (default: same as PACKAGE).')
 @click.option('--force', is_flag=True)
+@_policy_options
 def rotate(package, out, identities, recipients, key_groups, threshold,
            trusted, allow_unsigned, sign_with, resign_unsigned, cipher, bundle,
-           force):
+           force, policy):
   """Re-encrypt PACKAGE under a fresh data key into OUT (no plaintext on disk)."""
   _require_trust(trusted, allow_unsigned)
   groups, k = _key_groups(key_groups, threshold)
@@ -567,7 +654,7 @@ def rotate(package, out, identities, recipients, key_groups, threshold,
                               allow_unsigned=allow_unsigned, signer=sign_with,
                               resign_unsigned=resign_unsigned,
                               cipher=cipher, bundle=bundle, force=force,
-                              progress=p)
+                              progress=p, policy=policy)
   click.echo(f'rotated into {_summary(info)}')
 
 
@@ -710,8 +797,9 @@ def _print_sync(result, as_json: bool) -> None:
               'TF Serving running as another user of the same group.')
 @click.option('--json', 'as_json', is_flag=True,
               help='One JSON object per sync instead of one line per action.')
+@_policy_options
 def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
-               once, interval, group_readable, as_json):
+               once, interval, group_readable, as_json, policy):
   """Keep SERVING_BASE (TF Serving's model base path) in sync with SOURCE.
 
   Decrypts the newest --keep versions pushed to SOURCE into
@@ -737,7 +825,7 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
     return serving.sync_serving(
         source, serving_base, identities=list(identities),
         trusted=list(trusted), allow_unsigned=allow_unsigned, keep=keep,
-        group_readable=group_readable)
+        group_readable=group_readable, policy=policy)
 
   if once:
     _signals.install(commit_on_publish=False)
@@ -808,7 +896,8 @@ def push(package, ref, insecure):
 @click.option('--insecure', is_flag=True,
               help='Plain HTTP, for a loopback registry only (tests).')
 @click.option('--force', is_flag=True, help='Replace OUT atomically.')
-def pull(ref, out, trusted, allow_unsigned, insecure, force):
+@_policy_options
+def pull(ref, out, trusted, allow_unsigned, insecure, force, policy):
   """Pull REF into the bundle file OUT, verified before it appears.
 
   Checks the manifest's shape and the layer's digest, then the signature
@@ -818,7 +907,8 @@ def pull(ref, out, trusted, allow_unsigned, insecure, force):
   _require_trust(trusted, allow_unsigned)
   res = _import_oci().pull_package(ref, out, trusted=list(trusted),
                                    allow_unsigned=allow_unsigned,
-                                   insecure=insecure, force=force)
+                                   insecure=insecure, force=force,
+                                   policy=policy)
   info = res.info
   who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
          else 'UNSIGNED (accepted by --allow-unsigned)')

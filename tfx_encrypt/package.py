@@ -895,8 +895,11 @@ class _Source:
 
 
 def _segment_opener(src: _Source, index: int, sc: streaming.StreamCipher,
-                    fd: int, offset: int, ct_size: int):
-  """A read_segment(i, mv) that decrypts old segment i into mv (rotation)."""
+                    fd: int, offset: int, ct_size: int,
+                    ct_hash):
+  """A read_segment(i, mv) that decrypts old segment i into mv (rotation),
+  feeding the ciphertext into `ct_hash` (check it with _check_ciphertext)."""
+  del src  # unused
   n = streaming.segments_of_ciphertext(ct_size)
   cbuf = bytearray(streaming.SEGMENT_SIZE)
 
@@ -905,14 +908,26 @@ def _segment_opener(src: _Source, index: int, sc: streaming.StreamCipher,
     seg = memoryview(cbuf)[:ln]
     if _fsutil.read_into_exact(fd, seg, offset + off) != ln:
       raise errors.TamperedPackageError(f'payload {index} is truncated')
+    ct_hash.update(seg)
     k = sc.decrypt_into(i, i == n - 1, seg, mv)
     if k != len(mv):
       raise errors.TamperedPackageError(f'payload {index} has a bad segment')
   return read_segment
 
 
+def _check_ciphertext(h: Header, index: int, ct_hash) -> None:
+  """The streamed ciphertext must be the one the header (and so the
+  signature) names: a recipient cannot re-encrypt a payload (§10 step 6)."""
+  if not hmac.compare_digest(ct_hash.hexdigest(), h.payloads[index][1]):
+    raise errors.TamperedPackageError(
+        f'payload {index} does not match its ciphertext digest in the '
+        'header: it was re-encrypted or modified after signing')
+
+
 def _open_stream(src: _Source, h: Header, keys: header_lib.DerivedKeys,
                  index: int):
+  """Open payload `index`: (fd, offset, stream cipher, ciphertext hash
+  already fed with the stream header)."""
   fd, offset = src.open_payload(index)
   try:
     sh = src.read_stream_header(fd, offset)
@@ -922,7 +937,9 @@ def _open_stream(src: _Source, h: Header, keys: header_lib.DerivedKeys,
   except BaseException:
     os.close(fd)
     raise
-  return fd, offset, sc
+  ct_hash = digest_lib.new_hash(h.hash_alg)
+  ct_hash.update(sh)
+  return fd, offset, sc, ct_hash
 
 
 def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
@@ -935,7 +952,7 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
   if ct_size != streaming.ciphertext_size(entry.size):
     raise errors.TamperedPackageError(
         f'payload {index} size does not match the file table')
-  fd, offset, sc = _open_stream(src, h, keys, index)
+  fd, offset, sc, ct_hash = _open_stream(src, h, keys, index)
   try:
     n = streaming.num_segments(entry.size)
     plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
@@ -946,11 +963,13 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
       seg = cipher[:ln]
       if _fsutil.read_into_exact(fd, seg, offset + off) != ln:
         raise errors.TamperedPackageError(f'payload {index} is truncated')
+      ct_hash.update(seg)
       k = sc.decrypt_into(i, i == n - 1, seg, plain)
       ph.update(plain[:k])
       sink(plain[:k])
       if progress:
         progress(k)
+    _check_ciphertext(h, index, ct_hash)
     if ph.hexdigest() != entry.digest:
       raise errors.TamperedPackageError(
           f'{_text.printable(entry.path)}: plaintext digest does not match '
@@ -1013,13 +1032,20 @@ def inspect_package(package) -> PackageInfo:
 
 
 def verify_package(package, *, trusted: Sequence[KeyLike] = (),
-                   allow_unsigned: bool = False, workers: Optional[int] = None
+                   allow_unsigned: bool = False, workers: Optional[int] = None,
+                   policy: Optional[policy_lib.Policy] = None
                    ) -> PackageInfo:
-  """Key-less check: the signature, then every payload's ciphertext digest."""
+  """Key-less check: the signature, then every payload's ciphertext digest.
+
+  With `policy`, the signed context must also satisfy it (PolicyError,
+  checked right after the signature, before any payload is read).
+  """
   trusted = _backends(trusted, 'trust')
   src = _Source(os.fspath(package))
   h = src.header
   verified = _verify_signature(h, trusted, allow_unsigned)
+  if policy is not None:
+    policy.check(h.context)
 
   def check(i):
     size, want = h.payloads[i]
@@ -1339,18 +1365,21 @@ def _now() -> str:
 def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
                   trusted: Sequence[KeyLike] = (), allow_unsigned: bool = False,
                   force: bool = False, progress: Progress = None,
-                  workers: Optional[int] = None, fsync: bool = False
+                  workers: Optional[int] = None, fsync: bool = False,
+                  policy: Optional[policy_lib.Policy] = None
                   ) -> PackageInfo:
   """Verify and decrypt a package into `out_dir`, atomically.
 
   The signature is checked against `trusted` before any key is unwrapped;
-  unsigned packages are refused unless `allow_unsigned`. Plaintext is
-  written only into a private (0700) temporary sibling of `out_dir`, which
-  is renamed into place on success and deleted on any failure.
+  unsigned packages are refused unless `allow_unsigned`. Then `policy`, if
+  given, is checked against the signed context (PolicyError), still before
+  any key call. Plaintext is written only into a private (0700) temporary
+  sibling of `out_dir`, which is renamed into place on success and deleted
+  on any failure.
   """
   out_dir = _fsutil.check_output(out_dir, force=force, sources=[package])
   src, h, keys, entries, dirs, verified = _open_authenticated(
-      package, identities, trusted, allow_unsigned)
+      package, identities, trusted, allow_unsigned, policy=policy)
   parent = os.path.dirname(out_dir)
   if not os.path.isdir(parent):
     raise errors.UsageError(f'parent directory {parent} does not exist')
@@ -1400,16 +1429,18 @@ def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
 
 def iter_decrypted_files(package, *, identities: Sequence[KeyLike],
                          trusted: Sequence[KeyLike] = (),
-                         allow_unsigned: bool = False):
+                         allow_unsigned: bool = False,
+                         policy: Optional[policy_lib.Policy] = None):
   """Yield (relpath, bytes) for every file, decrypted in memory only.
 
   For runtimes that load a model without writing plaintext to disk. Each
   file's digest is checked before it is yielded, and the fingerprint was
   checked against the authenticated file table, so a consumer only ever
-  sees authentic bytes.
+  sees authentic bytes. `policy` is checked as in :func:`decrypt_model`,
+  when the first file is asked for (this is a generator).
   """
   src, h, keys, entries, dirs, _ = _open_authenticated(
-      package, identities, trusted, allow_unsigned)
+      package, identities, trusted, allow_unsigned, policy=policy)
   del dirs
   for i, e in enumerate(entries):
     data = bytearray()
@@ -1623,7 +1654,8 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
                    cipher: Optional[str] = None, bundle: Optional[bool] = None,
                    force: bool = False, progress: Progress = None,
                    workers: Optional[int] = None,
-                   resign_unsigned: bool = False) -> PackageInfo:
+                   resign_unsigned: bool = False,
+                   policy: Optional[policy_lib.Policy] = None) -> PackageInfo:
   """Re-encrypt under a fresh DEK (after a suspected DEK leak).
 
   Streams each payload segment from the old package through decryption and
@@ -1634,7 +1666,8 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
   The old package's signature is checked against `trusted` before any key
   call (or `allow_unsigned=True` accepts an unsigned one); an unsigned
   package is signed by `signer` only with `resign_unsigned=True`, as in
-  :func:`rewrap_package`.
+  :func:`rewrap_package`. `policy` is checked against the old package's
+  context right after its signature, before any key call (PolicyError).
   """
   out = _fsutil.check_output(out, force=force, sources=[package])
   _require_trust_choice(trusted, allow_unsigned, 'rotate')
@@ -1643,7 +1676,7 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
   src, h, old_keys, entries, dirs, _ = _open_authenticated(
       package, identities, trusted, allow_unsigned,
       before_unwrap=lambda s, hh, verified: _check_resign(
-          s.path, hh, verified, sign_with, resign_unsigned))
+          s.path, hh, verified, sign_with, resign_unsigned), policy=policy)
   env = prepare_envelope(
       recipients, context=h.context if context is None else context,
       hash_alg=h.hash_alg,
@@ -1657,10 +1690,10 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
 
     def rotate_one(i):
       e = entries[i]
-      fd, offset, old_sc = _open_stream(src, h, old_keys, i)
+      fd, offset, old_sc, ct_hash = _open_stream(src, h, old_keys, i)
       try:
         read_segment = _segment_opener(src, i, old_sc, fd, offset,
-                                       h.payloads[i][0])
+                                       h.payloads[i][0], ct_hash)
         outfd = _create(os.path.join(pdir, payload_name(i)), 0o644)
         try:
           results[i] = _seal_stream(read_segment, e.size, env.new_stream(i),
@@ -1669,6 +1702,7 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
           os.close(outfd)
       finally:
         os.close(fd)
+      _check_ciphertext(h, i, ct_hash)
       if results[i][0] != e.digest:
         raise errors.TamperedPackageError(
             f'{_text.printable(e.path)}: plaintext digest does not match the '

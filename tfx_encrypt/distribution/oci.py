@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from tfx_encrypt import _fsutil
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
+from tfx_encrypt import policy as policy_lib
 
 #: Media type of the single layer: the package's bundle bytes.
 PACKAGE_MEDIA_TYPE = 'application/vnd.tfx-encrypt.package.v1'
@@ -532,7 +533,8 @@ def _parse_manifest(body: bytes, ref: Reference, max_bytes: int
 def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
                  allow_unsigned: bool = False, insecure: bool = False,
                  force: bool = False, max_bytes: int = DEFAULT_MAX_PACKAGE_BYTES,
-                 timeout: float = DEFAULT_TIMEOUT) -> PullResult:
+                 timeout: float = DEFAULT_TIMEOUT,
+                 policy: Optional[policy_lib.Policy] = None) -> PullResult:
   """Pull a package from the registry into the bundle file `out`, verified.
 
   Refuses a manifest that is not exactly {config: tfx-encrypt config, one
@@ -541,8 +543,9 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
   (checking its size and sha256 digest), then `verify_package` checks the
   signature against `trusted` (or accepts an unsigned package only with
   `allow_unsigned`) and every ciphertext digest, and the config is checked
-  against the header. Only then is `out` published atomically; on any error
-  nothing is left at `out`.
+  against the header. With `policy`, the signed context must satisfy it too
+  (PolicyError, checked right after the signature). Only then is `out`
+  published atomically; on any error nothing is left at `out`.
   """
   r = parse_reference(ref)
   out = os.path.abspath(os.fspath(out))
@@ -584,7 +587,7 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
     finally:
       os.close(fd)
     info = pkg.verify_package(tmp, trusted=trusted,
-                              allow_unsigned=allow_unsigned)
+                              allow_unsigned=allow_unsigned, policy=policy)
     if facts != config_facts(info):
       raise errors.TamperedPackageError(
           f'{ref}: the manifest config does not describe the package it '

@@ -24,6 +24,15 @@ def new_hash(name: str):
       f'unknown hash {name!r}; choose one of {", ".join(HASHES)}')
 
 
+def require_for_reading(name: str) -> None:
+  """A reader's check (§12): a package whose hash this install cannot
+  compute is an unsupported format (exit 3), not a usage error."""
+  try:
+    new_hash(name)
+  except errors.UsageError as e:
+    raise errors.UnsupportedFormatError(str(e)) from None
+
+
 def digest_size(name: str) -> int:
   if name not in HASHES:
     raise errors.UnsupportedFormatError(f'unknown hash {name!r}')

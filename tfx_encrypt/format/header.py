@@ -476,6 +476,7 @@ class Header:
       raise errors.UnsupportedFormatError(
           f'unsupported hash {_text.quoted(hash_alg, 64)}; upgrade '
           'tfx-encrypt')
+    digest_lib.require_for_reading(hash_alg)
     package_id = bytes.fromhex(_str(obj['package_id'], 'package id', 32,
                                     _HEX32))
     created = _str(obj['created'], 'creation time', 20, _CREATED)

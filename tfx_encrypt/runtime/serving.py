@@ -24,9 +24,10 @@ integers, so every name below that is not a version starts with a dot):
   .tfxe-tmp-<random>/     staging directory of a decryption in progress
   .tfxe-old-<random>      a version being removed
 
-Every failure of one version (tampered, untrusted signer, no key, conflicting
-directory) is reported in the returned `SyncResult` and logged; nothing is
-published for it, and the other versions are still synced.
+Every failure of one version (tampered, untrusted signer, refused by the
+consumer policy, no key, conflicting directory) is reported in the returned
+`SyncResult` and logged; nothing is published for it, and the other versions
+are still synced.
 """
 
 import dataclasses
@@ -43,6 +44,7 @@ from tfx_encrypt import _fsutil
 from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
+from tfx_encrypt import policy as policy_lib
 from tfx_encrypt.package import KeyLike
 
 logger = logging.getLogger(__name__)
@@ -309,7 +311,8 @@ class _Lock:
 
 def _install(version: str, package: str, serving_base: str,
              managed: Dict[str, dict], identities, trusted, allow_unsigned,
-             group_readable: bool, model_check=None) -> SyncAction:
+             group_readable: bool, model_check=None,
+             policy: Optional[policy_lib.Policy] = None) -> SyncAction:
   """Decrypt `package` to serving_base/<version>; update `managed`."""
   target = os.path.join(serving_base, version)
   stage = os.path.join(serving_base, TMP_PREFIX + os.urandom(8).hex())
@@ -318,7 +321,7 @@ def _install(version: str, package: str, serving_base: str,
     staged = os.path.join(stage, version)
     info = package_lib.decrypt_model(
         package, staged, identities=identities, trusted=trusted,
-        allow_unsigned=allow_unsigned)
+        allow_unsigned=allow_unsigned, policy=policy)
     if model_check is not None:
       try:
         model_check(staged)
@@ -330,7 +333,10 @@ def _install(version: str, package: str, serving_base: str,
       _make_group_readable(staged)
     entry = {'package_id': info.package_id, 'fingerprint': info.fingerprint,
              'signer': info.signer if info.signature_verified else None,
-             'source': os.path.abspath(package), 'installed': _now()}
+             'source': os.path.abspath(package), 'installed': _now(),
+             # Authenticated with the package: a later sync re-checks a
+             # changed policy against it without reading the package.
+             'context': dict(info.context)}
     # Record first: after a crash between the two steps the marker names a
     # missing directory, which the next sync forgets; the opposite order
     # would leave a version that looks foreign and is never removed.
@@ -350,6 +356,35 @@ def _install(version: str, package: str, serving_base: str,
   return SyncAction(INSTALLED, version, target, source=package,
                     package_id=info.package_id, fingerprint=info.fingerprint,
                     signer=entry['signer'])
+
+
+def _recheck(version: str, entry: dict, package: Optional[str],
+             serving_base: str, managed: Dict[str, dict], trusted,
+             allow_unsigned: bool, policy: policy_lib.Policy) -> None:
+  """Raise PolicyError if installed `version` no longer satisfies `policy`.
+
+  Uses the context recorded in the marker at install time. A version
+  installed before the marker recorded contexts is checked once against its
+  source package (signature and ciphertext digests verified, no key; the
+  same package id required), and its context is then recorded.
+  """
+  context = entry.get('context')
+  if not isinstance(context, dict):
+    try:
+      if package is None:
+        raise errors.UsageError('its source package is gone')
+      info = package_lib.verify_package(package, trusted=trusted,
+                                        allow_unsigned=allow_unsigned)
+      if info.package_id != entry.get('package_id'):
+        raise errors.UsageError(
+            f'its source {package} now holds another package')
+    except (errors.TfxEncryptError, OSError) as e:
+      raise policy_lib.PolicyError(
+          f'installed version {version} recorded no context, and it cannot '
+          f'be checked against the policy: {e}') from e
+    context = entry['context'] = dict(info.context)
+    _write_marker(serving_base, managed)
+  policy.check(context)
 
 
 def _remove(version: str, serving_base: str, managed: Dict[str, dict]
@@ -373,7 +408,8 @@ def _remove(version: str, serving_base: str, managed: Dict[str, dict]
 def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
                  trusted: Sequence[KeyLike] = (), allow_unsigned: bool = False,
                  keep: int = 2, group_readable: bool = False,
-                 model_check=None) -> SyncResult:
+                 model_check=None,
+                 policy: Optional[policy_lib.Policy] = None) -> SyncResult:
   """Make `serving_base` hold the newest `keep` versions of `source_base`.
 
   Versions are taken newest first; each one that is not yet in
@@ -386,6 +422,13 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
   removed, but only those listed in the marker file (installed by
   tfx-encrypt); any other directory is never touched. A second call with
   nothing new changes nothing.
+
+  With `policy`, every version must also satisfy it: a new one is checked
+  (per version, right after its signature, before any key call) and
+  reported failed with PolicyError if refused; an installed one is
+  re-checked against the context recorded when it was installed, and one
+  the policy now refuses (e.g. after raising `min_version`) is reported
+  failed and removed.
 
   Args:
     source_base: local directory the packages are pushed to (EncryptPusher's
@@ -400,6 +443,7 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
       for a TF Serving that runs as another user in the owner's group.
     model_check: optional callable(path) run on each decrypted version before
       it is published; raising rejects the version (reported as failed).
+    policy: optional tfx_encrypt.policy.Policy every version must satisfy.
 
   Returns:
     A SyncResult listing every installed, kept, removed and failed version.
@@ -411,6 +455,10 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
   """
   if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
     raise errors.UsageError(f'keep must be an integer >= 1, got {keep!r}')
+  if policy is not None and not isinstance(policy, policy_lib.Policy):
+    raise errors.UsageError(
+        f'policy must be a tfx_encrypt.policy.Policy, got '
+        f'{type(policy).__name__}')
   if not trusted and not allow_unsigned:
     raise errors.UsageError(
         'say whom you trust: trusted=[PUBLISHER_PUBLIC_KEY], or '
@@ -469,8 +517,19 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
               bad[version])
         continue
       if version in managed:
-        kept.append(version)
         e = managed[version]
+        if policy is not None:
+          try:
+            _recheck(version, e, packages.get(version), serving_base, managed,
+                     trusted, allow_unsigned, policy)
+          except errors.PolicyError as err:
+            _fail(result, version, target, err)
+            try:  # ours, and no longer acceptable: take it down
+              result.actions.append(_remove(version, serving_base, managed))
+            except OSError as err2:
+              _fail(result, version, target, err2)
+            continue
+        kept.append(version)
         result.actions.append(SyncAction(
             KEPT, version, target, source=e.get('source'),
             package_id=e.get('package_id'), fingerprint=e.get('fingerprint'),
@@ -485,7 +544,7 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
       try:
         action = _install(version, packages[version], serving_base, managed,
                           identities, trusted, allow_unsigned, group_readable,
-                          model_check)
+                          model_check, policy)
       except (errors.TfxEncryptError, OSError, ValueError) as e:
         _fail(result, version, packages[version], e)
         continue
