@@ -162,7 +162,7 @@ class Policy:
       raise PolicyError(
           f'{_REFUSED}: context key {_q(key, 64)} is {_q(got, 64)}, not a '
           'version number (ASCII digits, no sign or leading zero, at most '
-          f'{MAX_VERSION_DIGITS}); the policy requires {need}')
+          f'{MAX_VERSION_DIGITS} digits); the policy requires {need}')
     if int(got) < self.min_version:
       raise PolicyError(
           f'{_REFUSED}: context key {_q(key, 64)} is {_q(got, 64)}; the '

@@ -14,6 +14,7 @@ from tfx.dsl.components.base import base_executor
 from tfx.proto.orchestration import pipeline_pb2
 from tfx.types import standard_artifacts
 
+from tfx_encrypt.format import header as header_lib
 from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
 from tfx_encrypt import types as tfxe_types
@@ -87,7 +88,7 @@ def test_blessed_model_is_encrypted_and_pushed(tmp_path, model_uri, keys,
     assert a.get_int_custom_property('pushed') == 1
     assert a.get_string_custom_property('pushed_destination') == pushed_path
     assert a.get_string_custom_property('pushed_version') == version
-    assert a.get_int_custom_property('format_version') == 1
+    assert a.get_int_custom_property('format_version') == header_lib.FORMAT_VERSION
     assert a.get_string_custom_property('cipher') == 'aes-256-gcm'
     assert a.get_string_custom_property('signer_id').startswith('sha256:')
     assert a.get_string_custom_property('model_fingerprint').startswith(
@@ -371,3 +372,19 @@ def test_file_uri_model_is_read_not_moved(tmp_path, model_uri, keys):
   assert encrypted.get_int_custom_property('pushed') == 1
   assert encrypted.get_string_custom_property(
       'pushed_destination').startswith('file://')
+
+
+def test_remote_artifact_with_foreign_content_is_never_replaced(
+    tmp_path, model_uri, keys):
+  """docs/SECURITY.md §1: only an empty directory or a package is replaced."""
+  from tfx.dsl.io import fileio  # pylint: disable=g-import-not-at-top
+  root = f'ram://encrypt-pusher-foreign-{os.getpid()}-{time.monotonic_ns()}'
+  inputs, outputs, encrypted, _ = _artifacts(tmp_path, model_uri)
+  encrypted.uri = f'{root}/out/encrypted_model/8'
+  fileio.makedirs(encrypted.uri)
+  with fileio.open(f'{encrypted.uri}/notes.txt', 'wb') as f:
+    f.write(b'not ours')
+  with pytest.raises(errors.OutputExistsError, match='never replaces'):
+    executor_lib.Executor().Do(inputs, outputs, _props(keys, None))
+  with fileio.open(f'{encrypted.uri}/notes.txt', 'rb') as f:
+    assert f.read() == b'not ours'

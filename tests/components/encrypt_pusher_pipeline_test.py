@@ -15,6 +15,7 @@ from tfx import v1 as tfx
 from tfx.orchestration import metadata
 
 from pipelines import local_pipeline
+from tfx_encrypt.format import header as header_lib
 from tfx_encrypt import cli
 from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
@@ -89,7 +90,7 @@ def test_type_registered_and_artifact_recorded(two_runs, model_uri, keys):
   assert len(encrypted) == 2
   props = _props(encrypted[0])
   assert props['pushed'] == 1
-  assert props['format_version'] == 1
+  assert props['format_version'] == header_lib.FORMAT_VERSION
   assert props['cipher'] == 'aes-256-gcm'
   assert json.loads(props['recipient_uris']) == [keys.recipient]
   assert json.loads(props['recipient_key_ids'])[0].startswith('sha256:')

@@ -18,7 +18,13 @@ possibly large model); its `encrypted_model_uri` custom property points at the
 package instead. Both artifacts carry the same custom properties.
 
 Push semantics:
-* The version is a Unix timestamp, as in Pusher (`str(int(time.time()))`).
+* The version is a Unix timestamp, as in Pusher (`str(int(time.time()))`),
+  chosen before encrypting: the package's signed encryption context records
+  it as `version` (spec.CONTEXT_VERSION, the key a consumer's
+  `--min-version` reads), unless the user's `encryption_context` sets
+  `version` itself (then that value, a canonical integer, is kept). The push
+  directory normally carries the same number; after a collision it moves to
+  the next free one while the context keeps the chosen one.
 * The package is copied into a hidden temporary sibling inside the
   destination base directory (`<base>/.tmp-<version>-<random>/`) and then
   renamed to `<base>/<version>` with an atomic create-if-absent rename
@@ -42,7 +48,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from absl import logging
@@ -61,7 +66,6 @@ from tfx_encrypt.components.encrypt_pusher import spec
 BUNDLE_FILE_NAME = 'model.tfxe'
 # How many consecutive versions to try after a collision.
 _MAX_VERSION_ATTEMPTS = 1000
-_TMP_PREFIX = '.tmp-'
 # tfx_encrypt.format.header.MAX_CONTEXT_VALUE
 _MAX_CONTEXT_VALUE = 1024
 
@@ -117,11 +121,7 @@ def _copy_tree(src: str, dst: str) -> None:
 def _remove_tree(path: str) -> None:
   try:
     if is_local_path(path):
-      p = local_path(path)
-      if os.path.isdir(p) and not os.path.islink(p):
-        shutil.rmtree(p)
-      elif os.path.lexists(p):
-        os.unlink(p)
+      _fsutil.remove_tree(local_path(path))
     elif fileio.exists(path):
       if fileio.isdir(path):
         fileio.rmtree(path)
@@ -130,6 +130,24 @@ def _remove_tree(path: str) -> None:
   except Exception:  # pylint: disable=broad-except
     logging.warning('Could not remove temporary path %s',
                     _text.printable(path), exc_info=True)
+
+
+def _is_empty_or_package(uri: str) -> bool:
+  """A remote directory tfx-encrypt may replace (docs/SECURITY.md §1)."""
+  from tfx_encrypt.format import header  # pylint: disable=g-import-not-at-top
+  if not fileio.isdir(uri):
+    return False
+  names = sorted(n.rstrip('/') for n in fileio.listdir(uri))
+  if not names:
+    return True
+  if names == ['payload', 'tfxe.header']:
+    first = os.path.join(uri, 'tfxe.header')
+  elif names == [BUNDLE_FILE_NAME]:
+    first = os.path.join(uri, BUNDLE_FILE_NAME)
+  else:
+    return False
+  with fileio.open(first, 'rb') as f:
+    return f.read(len(header.MAGIC)) == header.MAGIC
 
 
 def push_package(package_path: str,
@@ -160,7 +178,9 @@ def push_package(package_path: str,
 def _push_local(package_path: str, base: str, start: int) -> Tuple[str, str]:
   """Temp sibling in `base`, then an atomic no-replace rename per version."""
   os.makedirs(base, exist_ok=True)
-  tmp = os.path.join(base, f'{_TMP_PREFIX}{start}-{uuid.uuid4().hex[:12]}')
+  # An owned temporary sibling (docs/SECURITY.md): a SIGKILLed push leaves
+  # it for the next command writing into `base` (or tfx-encrypt clean).
+  tmp = _fsutil.temp_sibling(os.path.join(base, str(start)), 'push')
   try:
     _copy_tree(package_path, tmp)
     for v in range(start, start + _MAX_VERSION_ATTEMPTS):
@@ -269,7 +289,11 @@ class Executor(pusher_executor.Executor):
       return
 
     model_path = self.GetModelPath(input_dict)
+    # The version is chosen before encrypting so that the signed context can
+    # carry it; push_package tries it first.
+    push_version = str(int(time.time()))
     context = self.EncryptionContext(input_dict, params)
+    context.setdefault(spec.CONTEXT_VERSION, push_version)
     # Log lines show artifact URIs and parameters escaped (tfx_encrypt._text):
     # a newline or escape sequence in one cannot forge another log record.
     logging.info(
@@ -295,7 +319,8 @@ class Executor(pusher_executor.Executor):
         return
 
       destination, version = push_package(local_package,
-                                          params.push_destination)
+                                          params.push_destination,
+                                          version=push_version)
     logging.info('Encrypted model pushed to %s (version %s).',
                  _text.printable(destination), _text.printable(version))
     for artifact in (encrypted_model, model_push):
@@ -366,8 +391,8 @@ class Executor(pusher_executor.Executor):
       uri = local_path(artifact_uri).rstrip('/')
       parent = os.path.dirname(uri)
       os.makedirs(parent, exist_ok=True)
-      staging_root = tempfile.mkdtemp(
-          prefix=f'.{os.path.basename(uri)}{_TMP_PREFIX}', dir=parent)
+      staging_root = _fsutil.temp_sibling(uri, 'stage')
+      os.mkdir(staging_root, 0o700)
     else:
       staging_root = tempfile.mkdtemp(prefix='tfx-encrypt-staging-')
     try:
@@ -388,7 +413,7 @@ class Executor(pusher_executor.Executor):
         info = self.EncryptModel(src, package, params, context)
       finally:
         if src.startswith(staging_root + os.sep):
-          shutil.rmtree(src, ignore_errors=True)
+          _fsutil.remove_tree(src)
       if local_artifact:
         if os.path.isdir(uri) and not os.listdir(uri):
           os.rmdir(uri)  # TFX pre-creates output dirs; replace the empty one.
@@ -396,11 +421,18 @@ class Executor(pusher_executor.Executor):
         yield info, uri
       else:
         if fileio.exists(artifact_uri):
-          fileio.rmtree(artifact_uri)
+          # TFX creates the output directory: replace it only empty, or
+          # holding a package (an earlier attempt of this execution).
+          if _is_empty_or_package(artifact_uri):
+            fileio.rmtree(artifact_uri)
+          else:
+            raise errors.OutputExistsError(
+                f'the EncryptedModel artifact {artifact_uri} already has '
+                'content; tfx-encrypt never replaces what it did not write')
         io_utils.copy_dir(pkg_root, artifact_uri)
         yield info, pkg_root
     finally:
-      shutil.rmtree(staging_root, ignore_errors=True)
+      _fsutil.remove_tree(staging_root)
 
   def EncryptModel(self, model_dir: str, package: str, params: spec.Params,
                    context: Mapping[str, str]) -> Any:

@@ -26,7 +26,9 @@ from tfx.types.component_spec import ComponentSpec
 from tfx.types.component_spec import ExecutionParameter
 from tfx.types.system_executions import Deploy
 
+from tfx_encrypt import _text
 from tfx_encrypt import errors
+from tfx_encrypt import policy as policy_lib
 from tfx_encrypt import types as tfxe_types
 
 # Inputs (the TFX Pusher's names; see standard_component_specs).
@@ -82,6 +84,11 @@ from tfx_encrypt.mlmd_names import (  # pylint: disable=g-multiple-import,unused
     CONTEXT_MODEL_VERSION,
     RESERVED_CONTEXT_PREFIXES,
 )
+
+# Encryption-context key of the push version, set by the executor unless the
+# user's encryption_context sets it (then it must be a canonical integer):
+# the key a consumer's Policy(min_version=...) reads by default.
+CONTEXT_VERSION = policy_lib.DEFAULT_VERSION_KEY
 
 
 class EncryptPusherSpec(ComponentSpec):
@@ -389,6 +396,14 @@ def normalize_context(context: Any) -> Dict[str, str]:
       raise errors.UsageError(
           f'{ENCRYPTION_CONTEXT_KEY}[{k!r}] must be a string or a number')
     out[k] = v if isinstance(v, str) else json.dumps(v)
+  if CONTEXT_VERSION in out and not policy_lib.is_canonical_version(
+      out[CONTEXT_VERSION]):
+    raise errors.UsageError(
+        f'{ENCRYPTION_CONTEXT_KEY}[{CONTEXT_VERSION!r}] must be a '
+        'non-negative integer (ASCII digits, no sign or leading zero, at most '
+        f'{policy_lib.MAX_VERSION_DIGITS} digits), got '
+        f'{_text.quoted(out[CONTEXT_VERSION], 64)}: consumers compare it with --min-version. '
+        'Leave it out to get the push version')
   check_value(out, ENCRYPTION_CONTEXT_KEY)
   return out
 

@@ -1,0 +1,416 @@
+"""One test per security check that mutation testing found unguarded.
+
+Each test fails when the check it is named for is removed or weakened: its
+docstring names the mutant it kills (docs/TESTING.md lists the mutation
+runs and how each test was shown to kill its mutant). Hostile packages are
+built as an insider could build them, with the data key and, where it
+matters, a signing key the test holds (tests/_craft.py, or a header
+re-sealed through `package.seal_header`), so that nothing but the check
+under test can refuse them. Real keys, real packages, a real registry; no
+mocks.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+import tfx_encrypt as te
+from tfx_encrypt import errors
+from tfx_encrypt import package as package_lib
+from tfx_encrypt.distribution import oci
+from tfx_encrypt.format import digest as digest_lib
+from tfx_encrypt.format import header as header_lib
+from tfx_encrypt.format import paths
+from tfx_encrypt.format import streaming
+from tfx_encrypt.keys import local
+from tfx_encrypt.keys import shamir
+from tfx_encrypt.runtime import serving
+from tests import _craft
+from tests import _util
+
+V1, V2, V3 = '1700000001', '1700000002', '1700000003'
+SUITE = _craft.SUITE
+
+
+@pytest.fixture(scope='module')
+def keys(tmp_path_factory):
+  return _util.Keys(tmp_path_factory.mktemp('keys'))
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+  return _util.make_tree(tmp_path_factory.mktemp('model') / 'm', {
+      'saved_model.pb': 900,
+      'variables/variables.index': 120,
+      'variables/variables.data-00000-of-00001': 70_000,
+  })
+
+
+def _read_header(pkg_dir):
+  with open(os.path.join(pkg_dir, package_lib.HEADER_NAME), 'rb') as f:
+    h, _ = header_lib.Header.read(f)
+  return h
+
+
+def _write_header(pkg_dir, h):
+  with open(os.path.join(pkg_dir, package_lib.HEADER_NAME), 'wb') as f:
+    f.write(h.serialize())
+
+
+def _tree_digest(path):
+  """SHA-256 over every name and byte of a directory package."""
+  h = hashlib.sha256()
+  for d, dirs, files in os.walk(path):
+    dirs.sort()
+    for name in sorted(files):
+      p = os.path.join(d, name)
+      h.update(os.path.relpath(p, path).encode() + b'\0')
+      with open(p, 'rb') as f:
+        h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()
+
+
+def _assert_nothing_at(out):
+  assert not os.path.lexists(out), 'no output may exist after a refusal'
+  assert _util.leftovers(os.path.dirname(str(out)),
+                         os.path.basename(str(out))) == []
+
+
+# --- serve-sync: a trust list means signed packages only ---------------------
+
+def test_serve_sync_refuses_unsigned_package_when_trust_is_given(
+    keys, model, tmp_path):
+  """Kills: sync_serving/_install decrypting with allow_unsigned=True (or
+  dropping `trusted`), i.e. installing an unsigned package although a trust
+  list was given and allow_unsigned was not."""
+  source = tmp_path / 'push'
+  source.mkdir()
+  te.encrypt_model(model, source / V1, recipients=[keys.pub('x')],
+                   signer=keys.priv('ed'))
+  te.encrypt_model(model, source / V2, recipients=[keys.pub('x')])
+  te.encrypt_model(model, source / (V3 + '.tfxe'), recipients=[keys.pub('x')],
+                   bundle=True)
+  serving_base = tmp_path / 'serving'
+  result = serving.sync_serving(source, serving_base,
+                                identities=[keys.priv('x')],
+                                trusted=[keys.pub('ed')], keep=1)
+  assert [(a.action, a.version) for a in result.actions] == [
+      ('failed', V3), ('failed', V2), ('installed', V1)]
+  assert {a.error for a in result.failed} == {'UntrustedSignerError'}
+  assert sorted(n for n in os.listdir(serving_base) if n.isdigit()) == [V1]
+  assert set(serving.read_marker(str(serving_base))) == {V1}
+  assert result.installed[0].signer == local.LocalKey(keys.pub('ed')).key_id
+
+  # The CLI the same way (`--trust` without `--allow-unsigned`).
+  p = subprocess.run(
+      [sys.executable, '-m', 'tfx_encrypt', 'serve-sync', str(source),
+       str(tmp_path / 'serving2'), '--identity', keys.priv('x'), '--trust',
+       keys.pub('ed'), '--keep', '1', '--once', '--json'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert p.returncode == 1, p.stderr
+  doc = json.loads(p.stdout)
+  assert [(a['action'], a['version'], a.get('error'))
+          for a in doc['actions']] == [
+              ('failed', V3, 'UntrustedSignerError'),
+              ('failed', V2, 'UntrustedSignerError'),
+              ('installed', V1, None)]
+  assert sorted(n for n in os.listdir(tmp_path / 'serving2')
+                if n.isdigit()) == [V1]
+
+
+# --- rewrap: the old data key and the whole header first ---------------------
+
+def test_rewrap_remove_recipient_needs_the_data_key(keys, model, tmp_path):
+  """Kills: rewrap --remove-recipient proceeding without unwrapping the data
+  key (an identity that opens no stanza must not be able to rewrite the
+  recipient list, even of an unsigned package)."""
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, recipients=[keys.pub('x'), keys.pub('x2')])
+  before = _tree_digest(pkg)
+  with pytest.raises(errors.NoMatchingKeyError):
+    te.rewrap_package(pkg, identities=[keys.priv('rsa')],
+                      remove_recipients=[keys.pub('x2')], allow_unsigned=True)
+  assert _tree_digest(pkg) == before
+  # Control: with the data key the same removal goes through.
+  te.rewrap_package(pkg, identities=[keys.priv('x')],
+                    remove_recipients=[keys.pub('x2')], allow_unsigned=True)
+  assert [r['key_id'] for r in te.inspect_package(pkg).recipients] == [
+      local.LocalKey(keys.pub('x')).key_id]
+
+
+def test_rewrap_remove_recipient_checks_header_mac_first(keys, model,
+                                                         tmp_path):
+  """Kills: rewrap skipping `h.check_mac` before it re-MACs: a header
+  modified without the data key (here its `created` time) must be refused,
+  not laundered into a valid MAC."""
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, recipients=[keys.pub('x'), keys.pub('x2')])
+  h = _read_header(pkg)
+  mac = h.mac
+  h.created = '2001-01-01T00:00:00Z'
+  h.invalidate()
+  h.mac = mac  # the old MAC: whoever edited this had no data key
+  _write_header(pkg, h)
+  before = _tree_digest(pkg)
+  with pytest.raises(errors.TamperedPackageError, match='MAC'):
+    te.rewrap_package(pkg, identities=[keys.priv('x')],
+                      remove_recipients=[keys.pub('x2')], allow_unsigned=True)
+  assert _tree_digest(pkg) == before
+
+
+def test_rewrap_authenticates_file_table_before_resealing(keys, tmp_path):
+  """Kills: rewrap skipping `_decrypt_file_table` before it re-MACs and
+  re-signs: a package whose file table contradicts its fingerprint is
+  refused, not re-signed by the rewrapper."""
+  pkg = _craft.craft(
+      tmp_path / 'p', keys.pub('x'), [('saved_model.pb', b'graph')],
+      signer_priv=keys.priv('ed'),
+      fingerprint=digest_lib.root_digest('sha256', ['00' * 32]))
+  before = _tree_digest(pkg)
+  with pytest.raises(errors.TamperedPackageError, match='fingerprint'):
+    te.rewrap_package(pkg, identities=[keys.priv('x')],
+                      add_recipients=[keys.pub('x2')],
+                      trusted=[keys.pub('ed')], signer=keys.priv('ed'))
+  assert _tree_digest(pkg) == before
+
+
+# --- the file table's fingerprint ----------------------------------------------
+
+def test_fingerprint_compared_with_file_table(keys, tmp_path):
+  """Kills: `_decrypt_file_table` not comparing the root of the file
+  table's digests with the header's `fingerprint` (which inspect, lineage
+  and serve-sync's marker report as the model's identity)."""
+  claimed = digest_lib.root_digest('sha256', ['00' * 32])
+  pkg = _craft.craft(tmp_path / 'p', keys.pub('x'),
+                     [('saved_model.pb', b'graph')],
+                     signer_priv=keys.priv('ed'), fingerprint=claimed)
+  assert te.inspect_package(pkg).fingerprint == claimed
+  out = tmp_path / 'o'
+  with pytest.raises(errors.TamperedPackageError, match='fingerprint'):
+    te.decrypt_model(pkg, out, identities=[keys.priv('x')],
+                     trusted=[keys.pub('ed')])
+  _assert_nothing_at(out)
+  with pytest.raises(errors.TamperedPackageError, match='fingerprint'):
+    list(te.iter_decrypted_files(pkg, identities=[keys.priv('x')],
+                                 trusted=[keys.pub('ed')]))
+
+
+# --- payload streams -----------------------------------------------------------
+
+TWO_SEGMENTS = (streaming.FIRST_PLAINTEXT_SEGMENT_SIZE +
+                streaming.PLAINTEXT_SEGMENT_SIZE)
+
+
+def _cut_after_two_segments(i, key, aad, plaintext):
+  """seal() for _craft: the writer sealed three segments (so segment 1 is
+  not the last one); the stream was cut at the end of segment 1."""
+  del i
+  full = streaming.encrypt_bytes(SUITE, key, aad, plaintext + b'rest')
+  assert streaming.segments_of_ciphertext(len(full)) == 3
+  return full[:streaming.ciphertext_size(len(plaintext))]
+
+
+def test_last_segment_flag_refuses_stream_cut_at_segment_boundary(
+    keys, tmp_path):
+  """Kills: the payload path (decrypt's `_decrypt_payload`, rotate's
+  `_segment_opener`) opening segment i without the right last-segment
+  flag. A stream cut exactly at a segment boundary, described consistently
+  by a (signed) header, must still be refused: its final segment was not
+  sealed as the last one."""
+  data = _util.pattern(TWO_SEGMENTS)
+  files = [('saved_model.pb', data)]
+  good = _craft.craft(tmp_path / 'good', keys.pub('x'), files,
+                      signer_priv=keys.priv('ed'))
+  cut = _craft.craft(tmp_path / 'cut', keys.pub('x'), files,
+                     signer_priv=keys.priv('ed'),
+                     seal=_cut_after_two_segments)
+  assert (os.path.getsize(os.path.join(cut, 'payload', '00000000')) ==
+          os.path.getsize(os.path.join(good, 'payload', '00000000')))
+  kw = {'identities': [keys.priv('x')], 'trusted': [keys.pub('ed')]}
+  # Control: the same bytes, sealed as two segments, decrypt.
+  te.decrypt_model(good, tmp_path / 'ok', **kw)
+  assert (tmp_path / 'ok' / 'saved_model.pb').read_bytes() == data
+
+  out = tmp_path / 'o'
+  with pytest.raises(errors.TamperedPackageError, match='segment 1'):
+    te.decrypt_model(cut, out, **kw)
+  _assert_nothing_at(out)
+  with pytest.raises(errors.TamperedPackageError, match='segment 1'):
+    list(te.iter_decrypted_files(cut, **kw))
+  with pytest.raises(errors.TamperedPackageError, match='segment 1'):
+    te.rotate_package(cut, tmp_path / 'r', recipients=[keys.pub('x2')], **kw)
+  _assert_nothing_at(tmp_path / 'r')
+
+
+def _substitute_first_payload(i, key, aad, plaintext):
+  """seal() for _craft: payload 0 holds other bytes of the same length; the
+  file table still lists the digest of `plaintext`."""
+  if i == 0:
+    plaintext = b'E' * len(plaintext)
+  return streaming.encrypt_bytes(SUITE, key, aad, plaintext)
+
+
+def _substituted(keys, tmp_path):
+  return _craft.craft(
+      tmp_path / 'p', keys.pub('x'),
+      [('saved_model.pb', b'the real graph'), ('variables/variables.index',
+                                               b'index')],
+      dirs=['variables'], signer_priv=keys.priv('ed'),
+      seal=_substitute_first_payload)
+
+
+def test_decrypt_checks_plaintext_digest(keys, tmp_path):
+  """Kills: `_decrypt_payload` not comparing a payload's plaintext digest
+  with the file table. The payload's ciphertext digest is the one the
+  signed header names, so only the plaintext digest tells."""
+  pkg = _substituted(keys, tmp_path)
+  kw = {'identities': [keys.priv('x')], 'trusted': [keys.pub('ed')]}
+  out = tmp_path / 'o'
+  with pytest.raises(errors.TamperedPackageError, match='plaintext digest'):
+    te.decrypt_model(pkg, out, **kw)
+  _assert_nothing_at(out)
+  with pytest.raises(errors.TamperedPackageError, match='plaintext digest'):
+    dict(te.iter_decrypted_files(pkg, **kw))
+
+
+def test_rotate_checks_plaintext_digest(keys, tmp_path):
+  """Kills: rotate not comparing each re-encrypted file's plaintext digest
+  with the file table: it would re-encrypt and re-sign a payload that is
+  not the signed model's."""
+  pkg = _substituted(keys, tmp_path)
+  out = tmp_path / 'rotated'
+  with pytest.raises(errors.TamperedPackageError, match='plaintext digest'):
+    te.rotate_package(pkg, out, identities=[keys.priv('x')],
+                      recipients=[keys.pub('x2')], trusted=[keys.pub('ed')],
+                      signer=keys.priv('ed'))
+  _assert_nothing_at(out)
+
+
+# --- path rules ------------------------------------------------------------------
+
+def test_dotdot_rule_refuses_dotdot_when_no_other_rule_does():
+  """Kills: '..' accepted by the component rule of `check_relpath`. The
+  parent of 'a/..' is listed, so only that rule can refuse it (in
+  tests/test_path_rules.py another rule would refuse it too)."""
+  with pytest.raises(errors.UnsafePathError, match='".." component'):
+    paths.check_relpath('..')
+  with pytest.raises(errors.UnsafePathError, match='".." component'):
+    paths.check_tree(['a/..'], ['a'])
+  with pytest.raises(errors.UnsafePathError, match='".." component'):
+    paths.check_tree([], ['a', 'a/..'])
+  # The reader's path: an (authenticated) file table naming 'a/..'.
+  table = header_lib.canonical_json({
+      'dirs': ['a'],
+      'files': [{'path': 'a/..', 'size': 0, 'digest': '00' * 32}]})
+  with pytest.raises(errors.UnsafePathError, match='".." component'):
+    header_lib.decode_file_table(table, 1)
+  # Control: the same shape with a plain name is accepted.
+  assert paths.check_tree(['a/b'], ['a']) == ['a']
+
+
+# --- key groups: a share is tagged with its group ---------------------------------
+
+def test_key_group_share_tag_must_match_group(keys, model, tmp_path):
+  """Kills: `open_key_groups` not checking a share's x byte against its
+  group (`share[-1] != gi + 1`). A DEK holder puts group 1's genuine share
+  into group 2's stanza and re-MACs the header: combined with group 0's
+  share it rebuilds the right DEK, so only the tag check refuses it."""
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, threshold=2, key_groups=[
+      [keys.pub('x')], [keys.pub('x2')], [keys.pub('rsa')]])
+  h = _read_header(pkg)
+  assert h.threshold.groups == [[0], [1], [2]]
+  pid, ctx = h.package_id, h.context
+  share0 = local.LocalKey(keys.priv('x')).unwrap(
+      h.recipients[0], package_lib.share_context(pid, ctx, 0))
+  share1 = local.LocalKey(keys.priv('x2')).unwrap(
+      h.recipients[1], package_lib.share_context(pid, ctx, 1))
+  assert (share0[-1], share1[-1]) == (1, 2)
+  dek = shamir.combine([share0, share1])
+  h.recipients[2] = local.LocalKey(keys.pub('rsa')).wrap(
+      share1, package_lib.share_context(pid, ctx, 2))
+  package_lib.seal_header(h, header_lib.DerivedKeys(dek, pid, h.suite).mac_key,
+                          None)
+  _write_header(pkg, h)
+  # Control: groups 0 and 1 are untouched and still open the package.
+  te.decrypt_model(pkg, tmp_path / 'ok', allow_unsigned=True,
+                   identities=[keys.priv('x'), keys.priv('x2')])
+  out = tmp_path / 'o'
+  with pytest.raises(errors.TamperedPackageError, match='key group 2'):
+    te.decrypt_model(pkg, out, allow_unsigned=True,
+                     identities=[keys.priv('x'), keys.priv('rsa')])
+  _assert_nothing_at(out)
+
+
+# --- OCI pull: the manifest config must describe the package ---------------------
+
+def _upload_blob(registry, repo, data):
+  digest = f'sha256:{hashlib.sha256(data).hexdigest()}'
+  req = urllib.request.Request(
+      f'http://{registry.host}/v2/{repo}/blobs/uploads/', method='POST',
+      data=b'')
+  with urllib.request.urlopen(req, timeout=10) as r:
+    loc = r.headers['Location']
+  if loc.startswith('/'):
+    loc = f'http://{registry.host}{loc}'
+  req = urllib.request.Request(
+      f'{loc}{"&" if "?" in loc else "?"}digest={digest}', method='PUT',
+      data=data, headers={'Content-Type': 'application/octet-stream'})
+  urllib.request.urlopen(req, timeout=10).read()
+  return digest
+
+
+@pytest.mark.integration
+def test_oci_pull_compares_config_facts_with_package(keys, model, tmp_path,
+                                                     tmp_path_factory):
+  """Kills: pull_package not comparing the manifest config's facts with the
+  verified package. A registry (or anyone who can push a manifest) may not
+  relabel a genuine, signed package: another fingerprint, package id,
+  signer, recipient list, cipher or format version in the config is
+  refused, and nothing is published."""
+  from tests import test_oci  # pylint: disable=g-import-not-at-top
+  src = tmp_path / 'm.tfxe'
+  te.encrypt_model(model, src, recipients=[keys.pub('x')],
+                   signer=keys.priv('ed'), bundle=True)
+  other_model = _util.make_tree(tmp_path / 'other', {'saved_model.pb': 901})
+  other = te.encrypt_model(other_model, tmp_path / 'other.tfxe',
+                           recipients=[keys.pub('x2')],
+                           signer=keys.priv('evil'), bundle=True,
+                           cipher='chacha20-poly1305')
+  edits = {
+      'fingerprint': other.fingerprint,
+      'package_id': other.package_id,
+      'signer_key_id': other.signer,
+      'recipient_key_ids': [r['key_id'] for r in other.recipients],
+      'cipher': other.cipher,
+      'format_version': header_lib.FORMAT_VERSION - 1,
+  }
+  with test_oci._running_registry(tmp_path_factory.mktemp('reg')) as registry:  # pylint: disable=protected-access
+    ref = registry.ref('models/facts:1')
+    oci.push_package(src, ref, insecure=True)
+    manifest = registry.manifest('models/facts', '1')
+    facts = json.loads(registry.blob('models/facts',
+                                     manifest['config']['digest']))
+    assert facts == oci.config_facts(te.inspect_package(src))
+    out = tmp_path / 'pulled.tfxe'
+    # Control: the genuine config pulls.
+    oci.pull_package(ref, out, trusted=[keys.pub('ed')], insecure=True)
+    os.unlink(out)
+    for n, (field, value) in enumerate(sorted(edits.items())):
+      assert facts[field] != value, field
+      config = oci._canonical(dict(facts, **{field: value}))  # pylint: disable=protected-access
+      digest = _upload_blob(registry, 'models/facts', config)
+      test_oci._put_manifest(  # pylint: disable=protected-access
+          registry, 'models/facts', f'edit{n}',
+          dict(manifest, config=dict(manifest['config'], digest=digest,
+                                     size=len(config))))
+      with pytest.raises(errors.TamperedPackageError,
+                         match='manifest config does not describe'):
+        oci.pull_package(registry.ref(f'models/facts:edit{n}'), out,
+                         trusted=[keys.pub('ed')], insecure=True)
+      _assert_nothing_at(out)
