@@ -137,3 +137,20 @@ def test_force_does_replace_its_own_outputs(ws):
     assert r.returncode == 0, (args, r.stderr)
   assert sorted(os.listdir(work / 'out')) == ['saved_model.pb', 'variables']
   assert not [n for n in os.listdir(work) if '.tfxe-' in n]
+
+
+def test_keygen_force_replaces_only_pem_key_files(ws):
+  root, work, _ = ws
+  (work / 'notes.key.pem').write_text('my notes, not a key')
+  before = _snapshot(root)
+  r = _run(['keygen', 'x25519', 'notes', '--force'], work)
+  assert r.returncode == 2 and 'not a PEM key file' in r.stderr, r.stderr
+  assert len(r.stderr.splitlines()) == 1
+  assert _snapshot(root) == before
+  r = _run(['keygen', 'x25519', 'fresh'], work)
+  assert r.returncode == 0, r.stderr
+  old = (work / 'fresh.key.pem').read_bytes()
+  r = _run(['keygen', 'x25519', 'fresh', '--force'], work)
+  assert r.returncode == 0, r.stderr
+  assert (work / 'fresh.key.pem').read_bytes() != old
+  assert not [n for n in os.listdir(work) if '.tfxe-' in n]

@@ -257,6 +257,15 @@ def publish(tmp: str, dst: str, force: bool = False,
       _signals.mark_committed()
 
 
+def replace_checked(tmp: str, dst: str) -> None:
+  """rename(2) `tmp` over `dst`, for callers that applied their own
+  replacement rule to `dst` (keygen --force: only PEM key files)."""
+  with _signals.deferred():
+    os.replace(tmp, dst)
+    _release(tmp)
+    _signals.mark_committed()
+
+
 def _rename_noreplace(tmp: str, dst: str) -> None:
   try:
     if _call_renameat2(tmp, dst, _RENAME_NOREPLACE):

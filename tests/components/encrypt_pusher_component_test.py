@@ -194,6 +194,18 @@ def test_rejects_reserved_context_keys(model):
       _make(model, encryption_context={key: 'x'})
 
 
+def test_context_version_must_be_canonical_at_build_time(model):
+  """`version` is what consumers compare with --min-version (issue 9)."""
+  for bad in ('07', '-1', '1.0', '', '١٢', 'v7', 7.5):
+    with pytest.raises(errors.UsageError,
+                       match=r"encryption_context\['version'\] must be"):
+      _make(model, encryption_context={'version': bad})
+  for good, want in (('0', '0'), ('1700000000', '1700000000'), (42, '42')):
+    c = _make(model, encryption_context={'version': good})
+    assert json.loads(c.exec_properties['encryption_context']) == {
+        'version': want}
+
+
 def test_executor_rechecks_exec_properties():
   """A hand-edited compiled pipeline is refused at run time too."""
   with pytest.raises(errors.KeyMaterialInParameterError):

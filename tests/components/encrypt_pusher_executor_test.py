@@ -388,3 +388,84 @@ def test_remote_artifact_with_foreign_content_is_never_replaced(
     executor_lib.Executor().Do(inputs, outputs, _props(keys, None))
   with fileio.open(f'{encrypted.uri}/notes.txt', 'rb') as f:
     assert f.read() == b'not ours'
+
+
+# --- the push version in the context (consumer policy, issue 9) ----------------
+
+
+def _cli(*args):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  return subprocess.run(
+      [sys.executable, '-m', 'tfx_encrypt', *map(str, args)],
+      capture_output=True, text=True, timeout=180, check=False,
+      env=dict(os.environ, PYTHONPATH=root))
+
+
+def test_context_records_the_push_version(tmp_path, model_uri, keys):
+  """`version` in the signed context equals the pushed version, so that
+  `decrypt --min-version` works out of the box."""
+  dest = str(tmp_path / 'serving')
+  inputs, outputs, encrypted, pushed = _artifacts(tmp_path, model_uri)
+  executor_lib.Executor(_context(tmp_path)).Do(inputs, outputs,
+                                               _props(keys, dest))
+  version = pushed.get_string_custom_property('pushed_version')
+  pushed_path = os.path.join(dest, version)
+  info = package_lib.inspect_package(pushed_path)
+  assert info.context[spec.CONTEXT_VERSION] == version
+  assert json.loads(encrypted.get_string_custom_property(
+      'encryption_context'))[spec.CONTEXT_VERSION] == version
+  v = int(version)
+  common = ['decrypt', pushed_path, '-i', keys.recipient_key, '--trust',
+            keys.signer_pub]
+  r = _cli(*common[:2], tmp_path / 'newer', *common[2:], '--min-version',
+           v + 1)
+  assert r.returncode == 11, r.stderr
+  assert r.stderr.startswith('tfx-encrypt: error: refused by the consumer '
+                             f"policy: context key 'version' is '{version}'")
+  assert len(r.stderr.splitlines()) == 1
+  assert not (tmp_path / 'newer').exists()
+  for i, min_version in enumerate((v, v - 1, 0)):
+    r = _cli(*common[:2], tmp_path / f'ok{i}', *common[2:], '--min-version',
+             min_version, '--require-context', 'team=ml')
+    assert r.returncode == 0, r.stderr
+
+
+def test_context_version_after_a_same_second_collision(tmp_path, model_uri,
+                                                       keys):
+  """The push directory moves to the next free number; the context keeps
+  the version chosen before encrypting."""
+  dest = tmp_path / 'serving'
+  now = int(time.time())
+  (dest / str(now)).mkdir(parents=True)
+  inputs, outputs, _, pushed = _artifacts(tmp_path, model_uri)
+  with mock.patch.object(executor_lib.time, 'time', return_value=now):
+    executor_lib.Executor().Do(inputs, outputs, _props(keys, str(dest)))
+  assert pushed.get_string_custom_property('pushed_version') == str(now + 1)
+  info = package_lib.inspect_package(str(dest / str(now + 1)))
+  assert info.context[spec.CONTEXT_VERSION] == str(now)
+
+
+def test_user_context_version_is_kept(tmp_path, model_uri, keys):
+  dest = str(tmp_path / 'serving')
+  inputs, outputs, _, pushed = _artifacts(tmp_path, model_uri)
+  executor_lib.Executor().Do(inputs, outputs, _props(
+      keys, dest, **{spec.ENCRYPTION_CONTEXT_KEY: json.dumps(
+          {'team': 'ml', 'version': 42})}))
+  version = pushed.get_string_custom_property('pushed_version')
+  assert abs(int(version) - time.time()) < 120  # the push is still dated
+  info = package_lib.inspect_package(os.path.join(dest, version))
+  assert info.context[spec.CONTEXT_VERSION] == '42'
+
+
+@pytest.mark.parametrize('bad', ['07', '-1', '1.0', '', '١٢', 'v7', 7.5])
+def test_user_context_version_must_be_canonical(tmp_path, model_uri, keys,
+                                                bad):
+  dest = str(tmp_path / 'serving')
+  inputs, outputs, encrypted, _ = _artifacts(tmp_path, model_uri)
+  with pytest.raises(errors.UsageError, match=r"encryption_context\['version'\]"
+                     ' must be a non-negative integer'):
+    executor_lib.Executor().Do(inputs, outputs, _props(
+        keys, dest, **{spec.ENCRYPTION_CONTEXT_KEY: json.dumps(
+            {'version': bad})}))
+  assert not os.path.exists(dest) and os.listdir(encrypted.uri) == []

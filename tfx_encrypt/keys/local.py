@@ -496,6 +496,10 @@ def keygen(kind: str, out_prefix: str, force: bool = False,
     if os.path.lexists(p) and not force:
       raise errors.OutputExistsError(
           f'{p} already exists; choose another prefix or remove it')
+    if os.path.lexists(p) and not _is_pem_key_file(p):
+      raise errors.UnsafeOverwriteError(
+          f'--force will not replace {p}: it is not a PEM key file. Remove it '
+          'yourself if you mean to replace it, or choose another prefix')
   if callable(passphrase):
     passphrase = passphrase()
   priv, pub = generate(kind, passphrase)
@@ -504,18 +508,32 @@ def keygen(kind: str, out_prefix: str, force: bool = False,
   return priv_path, pub_path
 
 
-def _write_atomic(path: str, data: bytes, mode: int):
-  d = os.path.dirname(os.path.abspath(path))
-  tmp = os.path.join(d, f'.{os.path.basename(path)}.tmp-{os.urandom(6).hex()}')
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def _is_pem_key_file(path: str) -> bool:
+  """What keygen --force may replace: a regular file holding a PEM key."""
   try:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_PEM_BYTES:
+      return False
+    with open(path, 'rb') as f:
+      head = f.read(MAX_PEM_BYTES)
+  except OSError:
+    return False
+  return head.startswith(b'-----BEGIN ') and b' KEY-----' in head
+
+
+def _write_atomic(path: str, data: bytes, mode: int):
+  """Write `path` through an owned temporary sibling (docs/SECURITY.md)."""
+  from tfx_encrypt import _fsutil  # pylint: disable=g-import-not-at-top
+  tmp = _fsutil.temp_sibling(path)
+  try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                 getattr(os, 'O_NOFOLLOW', 0), mode)
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    _fsutil.replace_checked(tmp, path)
   except BaseException:
-    if os.path.lexists(tmp):
-      os.unlink(tmp)
+    _fsutil.remove_tree(tmp)
     raise
