@@ -272,6 +272,26 @@ def exit_10(ws, tmp_path, request):
   assert not out.exists()
 
 
+def exit_11(ws, tmp_path, request):
+  """The same trusted publisher's package, but not the one the consumer's
+  policy asks for: another model, or an older version."""
+  del request  # unused
+  pkg = tmp_path / 'taxi.pkg'
+  ok('encrypt', ws.model, pkg, '-r', ws.pub('r'), '--sign-with', ws.key('s'),
+     '--context', 'model=taxi', '--context', 'version=7')
+  out = tmp_path / 'o'
+  args = ['decrypt', pkg, out, '-i', ws.key('r'), '--trust', ws.pub('s')]
+  assert_error(cli(*args, '--require-context', 'model=fraud'), 11,
+               "refused by the consumer policy: context key 'model' is "
+               "'taxi'; the policy requires 'fraud'")
+  assert_error(cli(*args, '--min-version', '8'), 11,
+               "context key 'version' is '7'; the policy requires a version "
+               '>= 8')
+  assert_error(cli('verify', pkg, '--trust', ws.pub('s'), '--min-version',
+                   '8'), 11)
+  assert not out.exists() and temp_entries(tmp_path) == []
+
+
 def exit_141(ws, tmp_path, request):
   """stdout's reader goes away (`| head -c1`): quiet, 141, no traceback."""
   del request  # unused
@@ -359,7 +379,8 @@ def _interrupted(signum):
 
 SCENARIOS = {
     1: exit_1, 2: exit_2, 3: exit_3, 4: exit_4, 5: exit_5, 6: exit_6,
-    7: exit_7, 8: exit_8, 9: exit_9, 10: exit_10, 141: exit_141,
+    7: exit_7, 8: exit_8, 9: exit_9, 10: exit_10, 11: exit_11,
+    141: exit_141,
     128 + signal.SIGHUP: _interrupted(signal.SIGHUP),    # 129
     128 + signal.SIGINT: _interrupted(signal.SIGINT),    # 130
     128 + signal.SIGTERM: _interrupted(signal.SIGTERM),  # 143
@@ -371,7 +392,7 @@ SCENARIOS = {
 
 def test_readme_lists_the_exit_codes():
   codes = readme_exit_codes()
-  assert set(range(1, 11)) <= codes, codes  # the parser still finds them
+  assert set(range(1, 12)) <= codes, codes  # the parser still finds them
 
 
 def test_every_readme_exit_code_has_a_scenario():

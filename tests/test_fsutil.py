@@ -247,7 +247,7 @@ def test_force_refuses_what_tfx_encrypt_did_not_make(place, what):
   (place / 'mine').mkdir()
   (place / 'mine' / 'keep').write_bytes(b'keep')
   (place / 'notes.txt').write_bytes(b'keep')
-  (place / 'fake.tfxe').write_bytes(b'TFXENC\x00\x02 not our magic')
+  (place / 'fake.tfxe').write_bytes(b'TFXENC\x00\x09 not a version we write')
   real = place / 'real'
   _package_dir(real / 'pkg')
   os.symlink(real / 'pkg', place / 'link')

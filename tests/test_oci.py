@@ -26,6 +26,7 @@ from tests._util import Keys, leftovers, make_tree, read_tree
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
 from tfx_encrypt.distribution import oci
+from tfx_encrypt.format import header as header_lib
 
 pytestmark = pytest.mark.integration
 
@@ -226,7 +227,7 @@ def test_manifest_and_config_carry_media_types_and_no_secret(
   config = json.loads(registry.blob('models/meta', m['config']['digest']))
   info = pkg.inspect_package(src)
   assert config == {
-      'format_version': 1, 'cipher': 'aes-256-gcm',
+      'format_version': header_lib.FORMAT_VERSION, 'cipher': 'aes-256-gcm',
       'fingerprint': info.fingerprint, 'package_id': info.package_id,
       'signer_key_id': info.signer,
       'recipient_key_ids': [r['key_id'] for r in info.recipients]}

@@ -211,7 +211,7 @@ def test_extras():
 def test_console_script_and_key_backend_entry_points():
   eps = importlib.metadata.entry_points()
   scripts = {ep.name: ep.value for ep in eps.select(group='console_scripts')}
-  assert scripts.get('tfx-encrypt') == 'tfx_encrypt.cli:main'
+  assert scripts.get('tfx-encrypt') == 'tfx_encrypt._entry:main'
 
   backends = {ep.name: ep.value
               for ep in eps.select(group='tfx_encrypt.key_backends')}

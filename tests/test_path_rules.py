@@ -177,6 +177,12 @@ def test_files_not_sorted():
 def test_decode_file_table_requires_sorted_dirs():
   table = {'dirs': ['b', 'a'], 'files': []}
   with pytest.raises(errors.TamperedPackageError, match='not sorted'):
+    header_lib.decode_file_table(header_lib.canonical_json(table), 0)
+
+
+def test_decode_file_table_requires_canonical_json():
+  table = {'dirs': ['a'], 'files': []}
+  with pytest.raises(errors.TamperedPackageError, match='not canonical'):
     header_lib.decode_file_table(json.dumps(table).encode(), 0)
 
 
@@ -323,3 +329,37 @@ def test_tree_walkers_do_not_recurse(tmp_path, deep):
   serving._make_group_readable(str(src))  # pylint: disable=protected-access
   leaf = os.path.join(str(src), *['a'] * 1100, 'leaf')
   assert os.stat(leaf).st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize('unlinked_files', [True, False])
+def test_failed_decrypt_of_a_1000_level_chain_leaves_nothing(
+    tmp_path, deep, unlinked_files):
+  """The cleanup path at depth (docs/SECURITY.md §2): a payload that fails
+  its check ends the decrypt with one typed line and no plaintext anywhere,
+  whether files were written unlinked (O_TMPFILE) or, with too few file
+  descriptors for that, by name inside the temporary tree."""
+  keys = _util.Keys(tmp_path)
+  src, out = tmp_path / 'm', tmp_path / 'out' / 'o'
+  os.mkdir(tmp_path / 'out')
+  deep.append(src)
+  _make_chain(str(src), 1000)
+  bundle = tmp_path / 'p.tfxe'
+  r = cli('encrypt', src, bundle, '--bundle', '--recipient', keys.pub('x'))
+  assert r.returncode == 0, r.stderr[-2000:]
+  with open(bundle, 'r+b') as f:  # the last payload's last tag byte
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)
+    f.seek(-1, os.SEEK_END)
+    f.write(bytes([last[0] ^ 1]))
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  limit = '' if unlinked_files else (
+      'import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); ')
+  code = (limit + 'import sys; from tfx_encrypt import _entry; '
+          'sys.argv = ["tfx-encrypt"] + sys.argv[1:]; _entry.main()')
+  r = subprocess.run(
+      [sys.executable, '-c', code, 'decrypt', str(bundle), str(out),
+       '--identity', keys.priv('x'), '--allow-unsigned'],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert r.returncode == 4, r.stderr[-2000:]
+  assert len(r.stderr.splitlines()) == 1, r.stderr[-2000:]
+  assert os.listdir(tmp_path / 'out') == []

@@ -98,7 +98,7 @@ class CountingIdentity(KeyBackend):
 PROD_TAXI = Policy({'model': 'taxi', 'env': 'prod'}, min_version=1700000006)
 
 
-# --- Policy.check ---------------------------------------------------------------
+# --- Policy.check -------------------------------------------------------------
 
 
 def test_empty_policy_accepts_everything():
@@ -239,7 +239,7 @@ def test_policy_is_frozen_hashable_and_picklable():
   assert Policy.from_dict(p.to_dict()) == p
 
 
-# --- Policy.from_file -------------------------------------------------------------
+# --- Policy.from_file ---------------------------------------------------------
 
 
 def _write(tmp_path, text, name='policy.json'):
@@ -302,7 +302,7 @@ def test_from_file_size_bound_and_missing(tmp_path):
     Policy.from_file(tmp_path / 'missing.json')
 
 
-# --- the API ------------------------------------------------------------------------
+# --- the API ------------------------------------------------------------------
 
 
 def _decrypt(keys, package, out, policy, identity=None, **kwargs):
@@ -386,7 +386,8 @@ def test_verify_package_with_policy(keys, pkgs, monkeypatch):
                                     policy=PROD_TAXI)
   assert info.signature_verified
   # Refused before any payload is read.
-  monkeypatch.setattr(package_lib._Source, 'open_payload',  # pylint: disable=protected-access
+  source_cls = package_lib._Source  # pylint: disable=protected-access
+  monkeypatch.setattr(source_cls, 'open_payload',
                       lambda *a: pytest.fail('payload read after refusal'))
   for name in ('fraud', 'older', 'no_version'):
     with pytest.raises(errors.PolicyError):
@@ -408,7 +409,7 @@ def test_rotate_package_with_policy(keys, pkgs, tmp_path):
   assert info.context == TAXI and ident.calls == 1
 
 
-# --- the CLI ---------------------------------------------------------------------------
+# --- the CLI ------------------------------------------------------------------
 
 
 def cli(*args):
@@ -524,7 +525,7 @@ def test_every_package_reading_command_has_the_options():
   assert len(helps) == 1
 
 
-# --- serve-sync -------------------------------------------------------------------------
+# --- serve-sync ---------------------------------------------------------------
 
 
 def _push(keys, model, source, version, context, signer='ed'):
@@ -623,7 +624,7 @@ def test_cli_serve_sync_policy(keys, model, tmp_path):
   assert lines[1].startswith('installed 1700000001 into '), lines
 
 
-# --- OCI pull ---------------------------------------------------------------------------
+# --- OCI pull -----------------------------------------------------------------
 
 
 @pytest.mark.integration
@@ -650,7 +651,7 @@ def test_pull_refuses_and_publishes_nothing(keys, pkgs, tmp_path_factory,
     assert res.info.context == TAXI and out.is_file()
 
 
-# --- runtime.load_model -----------------------------------------------------------------
+# --- runtime.load_model -------------------------------------------------------
 
 
 @pytest.mark.tfx

@@ -91,8 +91,13 @@ def _timed_run(args, parent, output):
 def _signal_trials(args, parent, output, check_output, seed):
   """TRIALS signalled runs; returns how many ended interrupted."""
   rng = random.Random(seed)
-  window = 1.2 * _timed_run(args, parent, output)
-  _fsutil.remove_tree(output)
+  # The median of three runs, so that one run slowed by the (shared)
+  # machine does not stretch the window past most commands' commit point.
+  runs = []
+  for _ in range(3):
+    runs.append(_timed_run(args, parent, output))
+    _fsutil.remove_tree(output)
+  window = sorted(runs)[1]
   interrupted = 0
   for t in range(TRIALS):
     sig = SIGNALS[t % len(SIGNALS)]

@@ -436,6 +436,25 @@ def keygen(kind, out_prefix, force, protect, passphrase_file):
 
 
 @main.command()
+@click.argument('key')
+def pubkey(key):
+  """Print the public key of KEY as PEM on stdout, its key id on stderr.
+
+  KEY is a local key file (private or public) or the URI of a KMS signing
+  key (aws-kms://, gcp-kms://.../cryptoKeyVersions/N, hcvault://,
+  azure-kv://), whose public key is fetched from the service: e.g.
+  `tfx-encrypt pubkey aws-kms://arn:... > release.pub.pem` gives consumers
+  a --trust key with the same key id as the KMS key.
+  """
+  from tfx_encrypt import keys as keys_lib  # pylint: disable=g-import-not-at-top
+  backend = keys_lib.resolve(key)
+  pem = backend.public_key_pem()
+  key_id = backend.signer_id
+  click.echo(pem.decode('ascii'), nl=False)
+  click.echo(f'key id {_text.printable(key_id)}', err=True)
+
+
+@main.command()
 @click.argument('src_dir', type=click.Path(file_okay=False))
 @click.argument('package')
 @click.option('--recipient', '-r', 'recipients', multiple=True,

@@ -955,20 +955,31 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
   fd, offset, sc, ct_hash = _open_stream(src, h, keys, index)
   try:
     n = streaming.num_segments(entry.size)
-    plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
     ph = digest_lib.new_hash(h.hash_alg)
-    for i in range(n):
-      _signals.check()
+
+    def open_segment(i: int, cipher: memoryview, plain: memoryview) -> int:
+      """Read, hash and decrypt ciphertext segment i into `plain`."""
       off, ln = streaming.ciphertext_segment(i, ct_size)
       seg = cipher[:ln]
       if _fsutil.read_into_exact(fd, seg, offset + off) != ln:
         raise errors.TamperedPackageError(f'payload {index} is truncated')
       ct_hash.update(seg)
-      k = sc.decrypt_into(i, i == n - 1, seg, plain)
-      ph.update(plain[:k])
-      sink(plain[:k])
+      return sc.decrypt_into(i, i == n - 1, seg, plain)
+
+    def consume(mv: memoryview) -> None:
+      ph.update(mv)
+      sink(mv)
       if progress:
-        progress(k)
+        progress(len(mv))
+
+    if n < PIPELINE_MIN_SEGMENTS:
+      plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
+      for i in range(n):
+        _signals.check()
+        k = open_segment(i, cipher, plain)
+        consume(plain[:k])
+    else:
+      _open_pipelined(n, open_segment, consume)
     _check_ciphertext(h, index, ct_hash)
     if ph.hexdigest() != entry.digest:
       raise errors.TamperedPackageError(
@@ -977,6 +988,53 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
           'table; the package was modified by a key holder')
   finally:
     os.close(fd)
+
+
+def _open_pipelined(n: int,
+                    open_segment: Callable[[int, memoryview, memoryview], int],
+                    consume: Callable[[memoryview], None]) -> None:
+  """Decrypt a large payload with two threads (the mirror of _seal_stream).
+
+  A helper thread reads segment i + 1, hashes its ciphertext and decrypts
+  it while this thread hashes segment i's plaintext and hands it to the
+  sink, so the two digests run on two cores even for a model that is one
+  large variables shard. Segments reach `consume` in order; the first
+  error on either side stops both, and this thread raises it.
+  """
+  free: 'queue.Queue' = queue.Queue()
+  for _ in range(_PIPELINE_DEPTH):
+    free.put(bytearray(streaming.PLAINTEXT_SEGMENT_SIZE))
+  ready: 'queue.Queue' = queue.Queue()
+  stop = threading.Event()
+
+  def produce():
+    cipher = memoryview(bytearray(streaming.SEGMENT_SIZE))
+    try:
+      for i in range(n):
+        buf = free.get()
+        if stop.is_set():
+          return
+        _signals.check()
+        ready.put((buf, open_segment(i, cipher, memoryview(buf))))
+    except BaseException as e:  # pylint: disable=broad-except
+      ready.put(e)
+
+  opener = threading.Thread(target=produce, name='tfxe-open-reader',
+                            daemon=True)
+  opener.start()
+  try:
+    for _ in range(n):
+      item = ready.get()
+      if isinstance(item, BaseException):
+        raise item
+      buf, k = item
+      _signals.check()
+      consume(memoryview(buf)[:k])
+      free.put(buf)
+  finally:
+    stop.set()
+    free.put(bytearray(0))  # wakes the helper if it waits for a buffer
+    opener.join()
 
 
 def _decrypt_file_table(h: Header, keys: header_lib.DerivedKeys

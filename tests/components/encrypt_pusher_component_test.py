@@ -174,11 +174,56 @@ def test_rejects_key_material_elsewhere(model, kwargs):
     '?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/run/pin',
 ])
 def test_accepts_key_uris(model, uri):
-  c = _make(model, recipients=[uri], signer=uri,
+  # A Cloud KMS signer names a key version (see the test below).
+  signer = (uri + '/cryptoKeyVersions/1' if uri.startswith('gcp-kms://')
+            else uri)
+  c = _make(model, recipients=[uri], signer=signer,
             encryption_context={'model_sha': 'sha256:' + 'ab' * 32,
                                 'git': 'e83c5163316f89bfbde7d9ab23ca2e25604af290',
                                 'owner': 'ml-platform@example.com'})
   assert json.loads(c.exec_properties['recipients']) == [uri]
+
+
+@pytest.mark.parametrize('signer, error, match', [
+    ('gcp-kms://projects/p/locations/global/keyRings/r/cryptoKeys/k',
+     errors.KeyRoleError, 'append /cryptoKeyVersions/N'),
+    ('gcp-kms://projects/p/locations/global/keyRings/r/cryptoKeys/k/'
+     'cryptoKeyVersions/0', errors.InvalidKeyUriError, 'CryptoKeyVersion'),
+    ('aws-kms://arn:aws:kms:us-east-1:123456789012:grant/abc',
+     errors.InvalidKeyUriError, 'key ARN'),
+    ('aws-kms://1234abcd-12ab-34cd-56ef-1234567890ab',
+     errors.InvalidKeyUriError, 'key ARN'),
+    ('hcvault://vault.example.com:8200/transit/release',
+     errors.InvalidKeyUriError, 'MOUNT/keys/NAME'),
+    ('azure-kv://myvault/keys/release', errors.InvalidKeyUriError,
+     'VAULT.vault.azure.net'),
+])
+def test_signer_uri_form_is_checked_at_build_time(model, signer, error,
+                                                  match, monkeypatch):
+  """Issue 13: a KMS signer URI of the wrong form fails when the pipeline is
+  built, not when it runs; checking it makes no network call."""
+  import socket  # pylint: disable=g-import-not-at-top
+
+  def no_network(*args, **kwargs):
+    raise AssertionError('the component made a network call')
+
+  monkeypatch.setattr(socket.socket, 'connect', no_network)
+  with pytest.raises(error, match=match) as ei:
+    _make(model, signer=signer)
+  assert isinstance(ei.value, errors.UsageError)
+  assert str(ei.value).startswith('signer ') or error is not errors.KeyRoleError
+  for good in ('gcp-kms://projects/p/locations/global/keyRings/r/cryptoKeys/'
+               'k/cryptoKeyVersions/7',
+               'aws-kms://arn:aws:kms:us-east-1:123456789012:alias/release',
+               'hcvault://vault.example.com:8200/transit/keys/release',
+               'azure-kv://myvault.vault.azure.net/keys/release'):
+    assert _make(model, signer=good).exec_properties['signer'] == good
+    assert BeamEncryptPusher(
+        model=model, recipients=['/keys/a.pub.pem'], signer=good,
+        push_destination='/d').exec_properties['signer'] == good
+  with pytest.raises(error, match=match):
+    BeamEncryptPusher(model=model, recipients=['/keys/a.pub.pem'],
+                      signer=signer, push_destination='/d')
 
 
 def test_rejects_unknown_cipher_and_hash(model):

@@ -390,7 +390,7 @@ def test_remote_artifact_with_foreign_content_is_never_replaced(
     assert f.read() == b'not ours'
 
 
-# --- the push version in the context (consumer policy, issue 9) ----------------
+# --- the push version in the context (consumer policy, issue 9) ---------------
 
 
 def _cli(*args):

@@ -1,4 +1,5 @@
-"""TEST-ONLY fake of the Azure Key Vault keys REST API (get, wrap, unwrap).
+"""TEST-ONLY fake of the Azure Key Vault keys REST API (get, wrap, unwrap,
+sign).
 
 Served over HTTPS on a loopback port with a throwaway certificate, so the
 backend is exercised through the real azure-keyvault-keys client, including
@@ -8,7 +9,11 @@ resource=...`` challenge, after which the SDK asks the credential for a
 token and repeats the request. It is not Key Vault: RSA keys with versions
 live in memory, key ids carry the *public* vault name given to the
 constructor (as the real service's do), and errors have Key Vault's
-``{"error": {"code", "message", "innererror"}}`` shape.
+``{"error": {"code", "message", "innererror"}}`` shape. EC keys
+(``add_key(name, kty='EC')``) are real `cryptography` P-256 keys: GET
+answers their ``crv``/``x``/``y`` JWK, ``POST .../sign`` with ``alg=ES256``
+signs the 32-byte digest and answers raw ``r || s`` (base64url), as Key
+Vault does.
 """
 
 import base64
@@ -24,7 +29,7 @@ from typing import Dict, List, Optional
 from urllib.parse import urlparse
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from tests.fakes.httpserver import LoopbackServer
 
@@ -32,7 +37,7 @@ TENANT = '72f988bf-0000-0000-0000-000000000000'
 CHALLENGE = (f'Bearer authorization="https://login.microsoftonline.com/'
              f'{TENANT}", resource="https://vault.azure.net"')
 _PATH_RE = re.compile(r'^/keys/(?P<name>[A-Za-z0-9-]+)(?:/(?P<version>'
-                      r'[A-Za-z0-9]*))?(?:/(?P<op>wrapkey|unwrapkey))?/?$')
+                      r'[A-Za-z0-9]*))?(?:/(?P<op>wrapkey|unwrapkey|sign))?/?$')
 _OAEP256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()),
                         algorithm=hashes.SHA256(), label=None)
 
@@ -51,16 +56,20 @@ def _int_to_bytes(n: int) -> bytes:
 
 class FakeAzureKey:
 
-  def __init__(self, bits: int = 2048):
-    self.versions: Dict[str, rsa.RSAPrivateKey] = {}
+  def __init__(self, bits: int = 2048, kty: str = 'RSA'):
+    self.kty = kty           # 'RSA', or 'EC' (P-256)
+    self.versions: Dict[str, object] = {}
     self.enabled = True
     self.expires = None      # unix time, or None
-    self.key_ops = ['encrypt', 'decrypt', 'wrapKey', 'unwrapKey']
+    self.key_ops = (['sign', 'verify'] if kty == 'EC' else
+                    ['encrypt', 'decrypt', 'wrapKey', 'unwrapKey'])
     self.rotate(bits)
 
   def rotate(self, bits: int = 2048) -> str:
     version = uuid.uuid4().hex
-    self.versions[version] = rsa.generate_private_key(65537, bits)
+    self.versions[version] = (ec.generate_private_key(ec.SECP256R1())
+                              if self.kty == 'EC' else
+                              rsa.generate_private_key(65537, bits))
     self.latest = version
     return version
 
@@ -83,8 +92,9 @@ class FakeAzureKeyVault:
     self.endpoint = self._http.url
 
   # -- test API ---------------------------------------------------------------
-  def add_key(self, name: str, bits: int = 2048) -> FakeAzureKey:
-    key = FakeAzureKey(bits)
+  def add_key(self, name: str, bits: int = 2048,
+              kty: str = 'RSA') -> FakeAzureKey:
+    key = FakeAzureKey(bits, kty)
     self.keys[name] = key
     return key
 
@@ -152,16 +162,32 @@ class FakeAzureKeyVault:
                     'recoverableDays': 90}
       if key.expires is not None:
         attributes['exp'] = key.expires
-      return self._reply(200, {
-          'key': {'kid': kid, 'kty': 'RSA', 'key_ops': key.key_ops,
-                  'n': _b64url(_int_to_bytes(nums.n)),
-                  'e': _b64url(_int_to_bytes(nums.e))},
-          'attributes': attributes})
+      if key.kty == 'EC':
+        jwk = {'kid': kid, 'kty': 'EC', 'key_ops': key.key_ops,
+               'crv': 'P-256', 'x': _b64url(nums.x.to_bytes(32, 'big')),
+               'y': _b64url(nums.y.to_bytes(32, 'big'))}
+      else:
+        jwk = {'kid': kid, 'kty': 'RSA', 'key_ops': key.key_ops,
+               'n': _b64url(_int_to_bytes(nums.n)),
+               'e': _b64url(_int_to_bytes(nums.e))}
+      return self._reply(200, {'key': jwk, 'attributes': attributes})
     try:
       req = json.loads(raw or b'{}')
       value = _unb64url(req['value'])
     except (ValueError, KeyError, TypeError, binascii.Error):
       return self._error(400, 'BadParameter', 'Invalid request body')
+    if op == 'sign':
+      if key.kty != 'EC' or req.get('alg') != 'ES256' or len(value) != 32:
+        return self._error(400, 'BadParameter',
+                           f'Invalid signing request (alg '
+                           f'{req.get("alg")!r}, key type {key.kty}).')
+      r, s = utils.decode_dss_signature(priv.sign(
+          value, ec.ECDSA(utils.Prehashed(hashes.SHA256()))))
+      raw = r.to_bytes(32, 'big') + s.to_bytes(32, 'big')
+      return self._reply(200, {'kid': kid, 'value': _b64url(raw)})
+    if key.kty != 'RSA':
+      return self._error(400, 'BadParameter',
+                         'Operation is not supported for this key type.')
     if req.get('alg') != 'RSA-OAEP-256':
       return self._error(400, 'BadParameter',
                          f'Unsupported algorithm {req.get("alg")!r}')

@@ -74,6 +74,13 @@ class AwsEnv:
     meta = self.admin.create_key(Description=description)['KeyMetadata']
     return 'aws-kms://' + meta['Arn']
 
+  def create_signing_key(self, key_spec: str = 'ECC_NIST_P256') -> str:
+    """Creates an asymmetric SIGN_VERIFY key; returns its key URI."""
+    meta = self.admin.create_key(Description='tfx-encrypt test signer',
+                                 KeyUsage='SIGN_VERIFY',
+                                 KeySpec=key_spec)['KeyMetadata']
+    return 'aws-kms://' + meta['Arn']
+
   @staticmethod
   def arn(uri: str) -> str:
     return uri[len('aws-kms://'):]
@@ -172,6 +179,19 @@ class SoftHsm:
     with self._session(token_label, pin) as s:
       s.generate_keypair(
           KeyType.RSA, bits, label=label, store=True,
+          private_template={Attribute.SENSITIVE: True,
+                            Attribute.EXTRACTABLE: False})
+
+  def generate_ec(self, token_label: str, pin: str, label: str,
+                  key_id: bytes = b'') -> None:
+    """An EC P-256 key pair; the private half is sensitive, non-extractable."""
+    from pkcs11 import Attribute, KeyType  # pylint: disable=g-import-not-at-top
+    p256 = bytes.fromhex('06082a8648ce3d030107')  # DER OID of secp256r1
+    with self._session(token_label, pin) as s:
+      params = s.create_domain_parameters(
+          KeyType.EC, {Attribute.EC_PARAMS: p256}, local=True)
+      params.generate_keypair(
+          store=True, label=label, id=key_id or None,
           private_template={Attribute.SENSITIVE: True,
                             Attribute.EXTRACTABLE: False})
 

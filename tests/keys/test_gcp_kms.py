@@ -37,10 +37,17 @@ def test_uri():
   assert key.key_id == uri and key.name == uri[len('gcp-kms://'):]
   assert isinstance(keys.resolve(uri), GcpKmsKey)
   for bad in ('gcp-kms://projects/p/locations/l/keyRings/r',
-              uri + '/cryptoKeyVersions/1', uri + '?x=1',
+              uri + '/cryptoKeyVersions/0', uri + '?x=1',
               'gcp-kms://p/l/r/k'):
     with pytest.raises(errors.InvalidKeyUriError):
       GcpKmsKey(bad)
+  # A CryptoKeyVersion signs (tests/keys/test_kms_signing.py); it cannot wrap.
+  version = GcpKmsKey(uri + '/cryptoKeyVersions/1')
+  assert version.version == '1' and version.key_id.endswith('Versions/1')
+  with pytest.raises(errors.KeyRoleError, match='drop /cryptoKeyVersions/N'):
+    keys.resolve(version.uri, 'recipient')
+  with pytest.raises(errors.KeyRoleError, match='names a CryptoKeyVersion'):
+    version.wrap(DEK, CTX)   # the Python API without a role check
 
 
 def test_roundtrip_one_call_each(gcp):

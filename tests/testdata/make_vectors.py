@@ -6,6 +6,10 @@
   vectors/keys.json       keys derived from a DEK (§5), the context digest
                           (§4) and the associated data of payload and
                           file-table streams (§6).
+  vectors/packages.json, vectors/packages/, vectors/negative.json,
+  vectors/package-keys/, vectors/ecdsa-signatures.json
+                          whole packages, valid and hostile, with fixed
+                          keys: see tests/testdata/package_vectors.py.
 
 Everything is deterministic: the fixed inputs are SHA-256 of a label, and a
 plaintext is described by a generator instead of being stored:
@@ -15,9 +19,12 @@ i = 0 … N-1. A stream vector stores the SHA-256 of the whole ciphertext, the
 most HEX_LIMIT bytes.
 
 tests/test_vectors.py checks that the library reproduces every vector and
-that an independent from-scratch implementation of §5–§6 (cryptography's
-HKDF + AESGCM/ChaCha20Poly1305 only) agrees; tests/test_tink_interop.py has
-Google Tink decrypt the AES256_GCM_HKDF_1MB vectors.
+that an independent from-scratch implementation of §3–§9 (cryptography's
+primitives only) agrees; tests/test_tink_interop.py has Google Tink decrypt
+the AES256_GCM_HKDF_1MB vectors; tests/test_negative_vectors.py feeds every
+negative vector to the reader and the CLI. ECDSA signatures are randomized:
+a stored one is reused while it verifies, so `--check` verifies them rather
+than making new ones.
 
 Regenerate (only when the format deliberately changes) with the project's
 venv, from the repository root:
@@ -32,6 +39,7 @@ import json
 import pathlib
 import sys
 
+from tests.testdata import package_vectors
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import streaming
 
@@ -189,8 +197,17 @@ def render(obj) -> str:
 
 
 def outputs():
-  return {STREAMING_FILE: render(build_streaming()),
-          KEYS_FILE: render(build_keys())}
+  """{path: bytes} of every generated file."""
+  out = {STREAMING_FILE: render(build_streaming()).encode(),
+         KEYS_FILE: render(build_keys()).encode()}
+  out.update(package_vectors.outputs())
+  return out
+
+
+def stale_files(out) -> list:
+  """Files under the generated directories that the generator no longer
+  writes (a renamed or removed vector)."""
+  return sorted(set(package_vectors.owned_files()) - set(out))
 
 
 def main(argv) -> int:
@@ -199,14 +216,19 @@ def main(argv) -> int:
                   help='exit 1 if the files on disk differ from a fresh build')
   args = ap.parse_args(argv)
   stale = []
-  for path, text in outputs().items():
-    old = path.read_text() if path.exists() else None
-    if old == text:
+  out = outputs()
+  for path, data in out.items():
+    old = path.read_bytes() if path.exists() else None
+    if old == data:
       continue
     stale.append(path)
     if not args.check:
       path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(text)
+      path.write_bytes(data)
+  for path in stale_files(out):
+    stale.append(path)
+    if not args.check:
+      path.unlink()
   for path in stale:
     print(f'{"stale" if args.check else "wrote"}: {path}')
   return 1 if args.check and stale else 0

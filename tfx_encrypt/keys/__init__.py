@@ -23,6 +23,7 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.keys.base import ROLE_OPTIONS, ROLES, KeyBackend, Stanza, WrapContext, spki_key_id  # pylint: disable=unused-import
 
@@ -132,6 +133,36 @@ def check_role(key: KeyBackend, role: str,
     raise errors.KeyRoleError(
         f'{option or ROLE_OPTIONS[role]} {key.display} {problem}')
   return key
+
+
+# Built-in schemes whose module can judge a URI's form for a role without
+# I/O or client library (module-level `role_form_problem(uri, role)`).
+_FORM_CHECKED = ('aws-kms', 'gcp-kms', 'hcvault', 'azure-kv')
+
+
+def check_uri_form(uri: str, role: Optional[str] = None, *,
+                   option: Optional[str] = None) -> None:
+  """Check a key URI's form for `role`, without any I/O or client library.
+
+  For build-time validation (EncryptPusher, before a pipeline runs): a
+  built-in KMS URI must parse (InvalidKeyUriError) and have the form its
+  role needs, e.g. a Cloud KMS signer names a CryptoKeyVersion
+  (KeyRoleError). Paths, ``pkcs11:`` and third-party schemes are left to
+  :func:`resolve` at run time (the file or module may exist only there).
+  """
+  if role is not None and role not in ROLE_OPTIONS:
+    raise ValueError(f'unknown key role {role!r}; one of {ROLES}')
+  scheme = uri_scheme(uri)
+  if scheme not in _FORM_CHECKED:
+    return
+  module = importlib.import_module(_BUILTIN[scheme].partition(':')[0])
+  problem = module.role_form_problem(uri, role)
+  if problem:
+    from tfx_encrypt.keys.base import redact_uri  # pylint: disable=g-import-not-at-top
+    raise errors.KeyRoleError(
+        f'{option or ROLE_OPTIONS.get(role, "key")} '
+        f'{_text.printable(redact_uri(uri))} '
+        f'{problem}')
 
 
 def resolve(uri: str, role: Optional[str] = None, *,

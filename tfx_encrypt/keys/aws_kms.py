@@ -16,6 +16,14 @@ botocore's own retries are switched off (``total_max_attempts=1``); retries
 of throttling, 5xx and connection failures are done by
 :mod:`tfx_encrypt.keys._retry`, so a successful wrap or unwrap is exactly
 one request.
+
+Signing (``--sign-with`` / ``--trust``, :mod:`tfx_encrypt.keys._signing`):
+an asymmetric ``SIGN_VERIFY`` key with key spec ``ECC_NIST_P256``.
+``GetPublicKey`` once per key and process; then one ``Sign`` per signature
+with ``SigningAlgorithm=ECDSA_SHA_256`` and ``MessageType=RAW`` over the
+55-byte signature message itself (FORMAT.md §8), so KMS hashes it with
+SHA-256 exactly as a local ECDSA P-256 key does, and CloudTrail shows the
+message. The signer id is the public key's ``sha256:`` id.
 """
 
 import re
@@ -23,9 +31,12 @@ from typing import Any, Callable, Dict, Optional
 
 from tfx_encrypt import errors
 from tfx_encrypt.keys import _retry
+from tfx_encrypt.keys import _signing
 from tfx_encrypt.keys.base import KeyBackend, Stanza, WrapContext, b64d, b64e
 
 STANZA_TYPE = 'aws-kms'
+SIGNING_ALGORITHM = 'ECDSA_SHA_256'
+_SIGNING_OPS = ('Sign', 'GetPublicKey')
 
 _URI_RE = re.compile(
     r'^aws-kms://(?P<arn>arn:(?P<partition>aws[a-z-]*):kms:'
@@ -70,8 +81,20 @@ def _safe(uri: str) -> str:
   return str(uri).split('?', 1)[0][:300]
 
 
-class AwsKmsKey(KeyBackend):
-  """A symmetric AWS KMS key used to wrap the package data key."""
+def role_form_problem(uri: str, role: Optional[str]) -> Optional[str]:
+  """Why the URI's form cannot play `role`, or None; no I/O, no SDK.
+
+  A key ARN or an alias ARN serves every role: whether the key is
+  symmetric (wrap) or SIGN_VERIFY (sign) is known only to KMS.
+  """
+  del role
+  parse_uri(uri)
+  return None
+
+
+class AwsKmsKey(_signing.RemoteSigner, KeyBackend):
+  """An AWS KMS key: a symmetric one wraps the package data key, an
+  ECC_NIST_P256 SIGN_VERIFY one signs packages."""
 
   scheme = 'aws-kms'
   stanza_types = (STANZA_TYPE,)
@@ -160,6 +183,52 @@ class AwsKmsKey(KeyBackend):
           f'AWS KMS Decrypt with {self.key_id} returned no plaintext')
     return bytes(plaintext)
 
+  # -- signing (tfx_encrypt.keys._signing) ----------------------------------
+  def _public_cache_key(self):
+    return ('aws-kms', self.arn, str(self._kms().meta.endpoint_url))
+
+  def _fetch_public_key(self) -> _signing.PublicKeyInfo:
+    resp = self._call('GetPublicKey',
+                      lambda: self._kms().get_public_key(KeyId=self.arn))
+    usage = resp.get('KeyUsage')
+    algorithms = resp.get('SigningAlgorithms') or []
+    if (usage and usage != 'SIGN_VERIFY') or (
+        SIGNING_ALGORITHM not in algorithms):
+      spec = resp.get('KeySpec') or resp.get('CustomerMasterKeySpec') or '?'
+      raise errors.UsageError(
+          f'{self.key_id} is a {usage or "?"} key with key spec {spec}; '
+          'signing needs an asymmetric SIGN_VERIFY key with key spec '
+          'ECC_NIST_P256 (aws kms create-key --key-usage SIGN_VERIFY '
+          '--key-spec ECC_NIST_P256)')
+    der = resp.get('PublicKey')
+    if not isinstance(der, (bytes, bytearray)) or not der:
+      raise errors.KeyBackendError(
+          f'AWS KMS GetPublicKey with {self.key_id} returned no public key; '
+          'check the endpoint (AWS_ENDPOINT_URL) points at AWS KMS')
+    return _signing.PublicKeyInfo.from_der(
+        der, self.key_id, native_id=str(resp.get('KeyId') or ''))
+
+  def _sign_remote(self, info: _signing.PublicKeyInfo,
+                   message: bytes) -> bytes:
+    def call():
+      return self._kms().sign(KeyId=self.arn, Message=message,
+                              MessageType='RAW',
+                              SigningAlgorithm=SIGNING_ALGORITHM)
+
+    resp = self._call('Sign', call)
+    used = resp.get('KeyId')
+    if info.native_id and used and _bare_key_id(used) != _bare_key_id(
+        info.native_id):
+      raise errors.KeyBackendError(
+          f'AWS KMS signed with {used}, not with {info.native_id} whose '
+          f'public key {self.key_id} named earlier in this process; the '
+          'alias was re-pointed while in use. Run the command again')
+    signature = resp.get('Signature')
+    if not isinstance(signature, (bytes, bytearray)) or not signature:
+      raise errors.KeyBackendError(
+          f'AWS KMS Sign with {self.key_id} returned no signature')
+    return bytes(signature)
+
   # -- errors ---------------------------------------------------------------
   def _call(self, op: str, fn: Callable[[], Any]) -> Any:
     what = f'AWS KMS {op} with {self.key_id}'
@@ -236,13 +305,20 @@ class AwsKmsKey(KeyBackend):
       return errors.NoMatchingKeyError(
           f'{what} failed: the wrapped data key was not produced by this '
           'KMS key (IncorrectKeyException)')
-    if code in ('InvalidKeyUsageException', 'UnsupportedOperationException'):
-      return errors.UsageError(
-          f'{what} failed {detail}: the key must be a symmetric '
-          'ENCRYPT_DECRYPT KMS key')
+    signing = op in _SIGNING_OPS
+    if code in ('InvalidKeyUsageException', 'UnsupportedOperationException') or (
+        signing and code == 'ValidationException' and 'SIGN_VERIFY' in msg):
+      need = ('an asymmetric SIGN_VERIFY key with key spec ECC_NIST_P256'
+              if signing else 'a symmetric ENCRYPT_DECRYPT KMS key')
+      return errors.UsageError(f'{what} failed {detail}: the key must be {need}')
     if code in ('ValidationException', 'InvalidArnException'):
       return errors.InvalidKeyUriError(f'{what} failed {detail}')
     return errors.KeyBackendError(f'{what} failed {detail}')
+
+
+def _bare_key_id(key_id: str) -> str:
+  """'1234abcd-...' of a key ARN or a bare key id (KMS answers either)."""
+  return str(key_id).rsplit(':key/', 1)[-1]
 
 
 def _check_dek(dek: bytes) -> None:

@@ -29,6 +29,15 @@ host); ``TFXE_AZURE_KV_CA_BUNDLE=/path/ca.pem`` sets the CA bundle.
 
 The SDK's retry policy is disabled (``retry_total=0``); throttling (429),
 5xx and connection failures are retried by :mod:`tfx_encrypt.keys._retry`.
+
+Signing (``--sign-with`` / ``--trust``; :mod:`tfx_encrypt.keys._signing`):
+an EC key on curve P-256 (``EC`` or ``EC-HSM``). ``GET /keys/NAME[/VERSION]``
+once per key and process gives the public key and the version; each
+signature is one ``POST /keys/NAME/VERSION/sign`` with ``alg=ES256`` over
+SHA-256 of the signature message, for that version. Key Vault answers raw
+``r || s``; :meth:`AzureKeyVaultKey.sign` returns DER, as every signer
+does. Permissions: ``keys/get`` and ``keys/sign`` (role "Key Vault Crypto
+User"); ``keys/get`` alone to verify.
 """
 
 import datetime
@@ -39,6 +48,7 @@ from urllib.parse import urlparse
 
 from tfx_encrypt import errors
 from tfx_encrypt.keys import _retry
+from tfx_encrypt.keys import _signing
 from tfx_encrypt.keys.base import KeyBackend, Stanza, WrapContext, b64d, b64e
 
 STANZA_TYPE = 'azure-kv-rsa-oaep-256'
@@ -67,8 +77,20 @@ def _int_bytes(value: bytes) -> bytes:
   return bytes(value).lstrip(b'\x00') or b'\x00'
 
 
-class AzureKeyVaultKey(KeyBackend):
-  """An RSA key in Azure Key Vault used to wrap the package data key."""
+def role_form_problem(uri: str, role: Optional[str]) -> Optional[str]:
+  """Why the URI's form cannot play `role`, or None; no I/O, no SDK.
+
+  One URI form serves every role: the key type (RSA wraps, EC P-256
+  signs) is known only to Key Vault.
+  """
+  del role
+  parse_uri(uri)
+  return None
+
+
+class AzureKeyVaultKey(_signing.RemoteSigner, KeyBackend):
+  """A key in Azure Key Vault: an RSA key wraps the package data key, an EC
+  P-256 key signs packages."""
 
   scheme = 'azure-kv'
   stanza_types = (STANZA_TYPE,)
@@ -177,18 +199,7 @@ class AzureKeyVaultKey(KeyBackend):
 
   def _check_key(self, key) -> str:
     """Validates what GET key returned; returns the key version."""
-    kid = urlparse(str(key.id or ''))
-    segments = kid.path.strip('/').split('/')
-    if (kid.hostname or '').lower() != self.host or len(
-        segments) != 3 or segments[:2] != ['keys', self.name] or not (
-            _VERSION_RE.match(segments[2])):
-      raise errors.KeyBackendError(
-          f'Azure Key Vault answered for another key ({_retry.short(kid.geturl(), 200)}) '
-          f'when asked for {self.key_id}; check TFXE_AZURE_KV_ENDPOINT')
-    version = segments[2]
-    if self.version and version != self.version:
-      raise errors.KeyBackendError(
-          f'Azure Key Vault returned version {version} for {self.key_id}')
+    version = self._key_version(key)
     jwk = key.key
     kty = _enum_value(jwk.kty)
     if kty not in ('RSA', 'RSA-HSM'):
@@ -203,6 +214,27 @@ class AzureKeyVaultKey(KeyBackend):
       raise errors.UsageError(
           f'{self.key_id} does not permit wrapKey and unwrapKey (it allows '
           f'{", ".join(ops)}); update the key\'s permitted operations')
+    self._check_valid(key)
+    return version
+
+  def _key_version(self, key) -> str:
+    """The version of what GET key returned, checked to be this key's."""
+    kid = urlparse(str(key.id or ''))
+    segments = kid.path.strip('/').split('/')
+    if (kid.hostname or '').lower() != self.host or len(
+        segments) != 3 or segments[:2] != ['keys', self.name] or not (
+            _VERSION_RE.match(segments[2])):
+      raise errors.KeyBackendError(
+          f'Azure Key Vault answered for another key ({_retry.short(kid.geturl(), 200)}) '
+          f'when asked for {self.key_id}; check TFXE_AZURE_KV_ENDPOINT')
+    version = segments[2]
+    if self.version and version != self.version:
+      raise errors.KeyBackendError(
+          f'Azure Key Vault returned version {version} for {self.key_id}')
+    return version
+
+  def _check_valid(self, key) -> None:
+    """Refuses a disabled, expired or not yet valid key."""
     props = key.properties
     if props.enabled is False:
       raise errors.KeyDisabledError(
@@ -217,7 +249,6 @@ class AzureKeyVaultKey(KeyBackend):
       raise errors.KeyDisabledError(
           f'{self.key_id} is not valid before '
           f'{props.not_before.isoformat()}')
-    return version
 
   def unwrap(self, stanza: Stanza, context: WrapContext) -> bytes:
     del context  # see wrap
@@ -245,6 +276,64 @@ class AzureKeyVaultKey(KeyBackend):
     result = self._call('unwrap', lambda: self._crypto(key).unwrap_key(
         KeyWrapAlgorithm.rsa_oaep_256, ct))
     return bytes(result.key)
+
+  # -- signing (tfx_encrypt.keys._signing) ----------------------------------
+  def _public_cache_key(self):
+    return ('azure-kv', self.vault_url, self.host, self.name,
+            self.version or '')
+
+  def _fetch_public_key(self) -> _signing.PublicKeyInfo:
+    from cryptography.hazmat.primitives.asymmetric import ec  # pylint: disable=g-import-not-at-top
+    key = self._call('get key', lambda: self._keys().get_key(
+        self.name, self.version))
+    version = self._key_version(key)
+    jwk = key.key
+    kty = _enum_value(jwk.kty)
+    crv = _enum_value(jwk.crv) if getattr(jwk, 'crv', None) else ''
+    if kty not in ('EC', 'EC-HSM') or crv != 'P-256':
+      curve = f' on curve {crv}' if crv else ''
+      raise errors.UsageError(
+          f'{self.key_id} is a {kty} key{curve}; signing needs an EC key on '
+          'curve P-256 (az keyvault key create --kty EC --curve P-256)')
+    ops = [_enum_value(o) for o in (key.key_operations or [])]
+    if ops and not {'sign', 'verify'} <= set(ops):
+      raise errors.UsageError(
+          f'{self.key_id} does not permit sign and verify (it allows '
+          f'{", ".join(ops)}); update the key\'s permitted operations')
+    self._check_valid(key)
+    try:
+      public_key = ec.EllipticCurvePublicNumbers(
+          int.from_bytes(bytes(jwk.x), 'big'),
+          int.from_bytes(bytes(jwk.y), 'big'), ec.SECP256R1()).public_key()
+    except (TypeError, ValueError):
+      raise errors.KeyBackendError(
+          f'Azure Key Vault get key {self.key_id} returned a malformed EC '
+          'public key') from None
+    return _signing.PublicKeyInfo(public_key, self.key_id, version)
+
+  def _sign_remote(self, info: _signing.PublicKeyInfo,
+                   message: bytes) -> bytes:
+    from azure.keyvault.keys import KeyVaultKey  # pylint: disable=g-import-not-at-top
+    from azure.keyvault.keys.crypto import SignatureAlgorithm  # pylint: disable=g-import-not-at-top
+    from cryptography.hazmat.primitives.asymmetric import utils  # pylint: disable=g-import-not-at-top
+    nums = info.public_key.public_numbers()
+    kid = self._kid(info.native_id)
+    # The public half only, re-rooted at the URL we talk to: the SDK cannot
+    # sign locally, so it sends exactly one sign request for this version.
+    key = KeyVaultKey(key_id=kid, jwk={
+        'kid': kid, 'kty': 'EC', 'crv': 'P-256',
+        'x': nums.x.to_bytes(32, 'big'), 'y': nums.y.to_bytes(32, 'big'),
+        'key_ops': ['sign', 'verify']})
+    digest = _signing.sha256(message)
+    result = self._call('sign', lambda: self._crypto(key).sign(
+        SignatureAlgorithm.es256, digest))
+    raw = bytes(result.signature or b'')
+    if len(raw) != 64:
+      raise errors.KeyBackendError(
+          f'Azure Key Vault sign with {self.key_id} returned a signature of '
+          f'{len(raw)} bytes; ES256 signatures are 64 (r || s)')
+    return utils.encode_dss_signature(int.from_bytes(raw[:32], 'big'),
+                                      int.from_bytes(raw[32:], 'big'))
 
   # -- errors ---------------------------------------------------------------
   def _call(self, op: str, fn: Callable[[], Any]) -> Any:
@@ -303,12 +392,13 @@ class AzureKeyVaultKey(KeyBackend):
           f'{what} failed: the key is disabled ({msg}). Enable it, or use '
           'another recipient.')
     if status in (401, 403):
-      perm = {'get key': 'keys/get', 'unwrap': 'keys/unwrapKey'}.get(
-          op, 'keys/wrapKey')
+      perm = {'get key': 'keys/get', 'unwrap': 'keys/unwrapKey',
+              'sign': 'keys/sign'}.get(op, 'keys/wrapKey')
+      role = ('Key Vault Crypto User' if op == 'sign' else
+              'Key Vault Crypto Service Encryption User')
       return errors.KeyAccessDeniedError(
           f'{what} was denied ({msg}). Grant the identity {perm} on the '
-          'vault (access policy) or the role "Key Vault Crypto Service '
-          'Encryption User".')
+          f'vault (access policy) or the role "{role}".')
     if status == 400 and op == 'unwrap':
       return errors.TamperedPackageError(
           f'{what} failed: Key Vault could not unwrap the data key ({msg}); '

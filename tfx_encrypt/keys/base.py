@@ -8,7 +8,8 @@ Rules every backend follows (see docs/BACKENDS.md):
 
 * `key_id` is public. It is recorded in the package header and in MLMD, so
   it must never contain a secret (no PIN, no token, no private key).
-* `wrap` makes exactly one remote call; `unwrap` at most one.
+* `wrap` makes exactly one remote call; `unwrap` at most one; `sign` one
+  (plus one public-key fetch per key and process, keys/_signing.py).
 * Errors are the typed errors of :mod:`tfx_encrypt.errors`; their messages
   never contain secrets.
 """
@@ -78,11 +79,17 @@ def b64e(data: bytes) -> str:
 
 def b64d(text: str, what: str = 'field') -> bytes:
   try:
-    return base64.b64decode(text.encode('ascii'), validate=True)
+    out = base64.b64decode(text.encode('ascii'), validate=True)
   except (ValueError, UnicodeEncodeError) as e:
     raise errors.TamperedPackageError(
         f'package header {what} is not valid base64; the package is '
         'corrupt or was modified') from e
+  # One byte form only (FORMAT.md §4): the padding bits must be zero.
+  if base64.b64encode(out).decode('ascii') != text:
+    raise errors.TamperedPackageError(
+        f'package header {what} is not canonical base64; the package is '
+        'corrupt or was modified')
+  return out
 
 
 class WrapContext:
@@ -231,6 +238,12 @@ class KeyBackend(abc.ABC):
   def signer_id(self) -> str:
     """Id recorded in a signature block; by default the key id."""
     return self.key_id
+
+  def public_key_pem(self) -> bytes:
+    """The public key as PEM SubjectPublicKeyInfo (tfx-encrypt pubkey)."""
+    raise errors.KeyRoleError(
+        f'key {self.describe()} has no public key to export; pass a key file '
+        'or the URI of a KMS signing key')
 
   def __repr__(self):
     return f'{type(self).__name__}({self.key_id!r})'

@@ -417,6 +417,11 @@ class LocalKey(KeyBackend):
     want = X25519_HPKE if self.kind == 'x25519' else RSA_OAEP
     return stanza.type == want and stanza.key_id == self.key_id
 
+  def public_key_pem(self) -> bytes:
+    return self._public.public_bytes(
+        serialization.Encoding.PEM,
+        serialization.PublicFormat.SubjectPublicKeyInfo)
+
   # -- signatures ---------------------------------------------------------------
   def sign(self, message: bytes) -> bytes:
     if self._private is None or self.kind not in ('ed25519', 'ecdsa-p256'):

@@ -23,14 +23,27 @@ transit key (``aes256-gcm96``, the default, ``aes128-gcm96`` or
 
 hvac's requests session does not retry; throttling (429), 5xx and
 connection failures are retried by :mod:`tfx_encrypt.keys._retry`.
+
+Signing (``--sign-with`` / ``--trust``; :mod:`tfx_encrypt.keys._signing`):
+an ``ecdsa-p256`` or ``ed25519`` transit key (not derived). ``GET
+/v1/MOUNT/keys/NAME`` once per key and process gives the public key of its
+latest version; each signature is one ``POST /v1/MOUNT/sign/NAME`` pinned
+to that ``key_version``: ECDSA with ``prehashed=true``,
+``hash_algorithm=sha2-256``, ``marshaling_algorithm=asn1`` over SHA-256 of
+the signature message; Ed25519 (pure) over the message itself. Policy:
+``update`` on ``MOUNT/sign/NAME`` to sign, ``read`` on ``MOUNT/keys/NAME``
+to sign or verify.
 """
 
+import base64
+import binascii
 import os
 import re
 from typing import Any, Callable, Dict, Optional
 
 from tfx_encrypt import errors
 from tfx_encrypt.keys import _retry
+from tfx_encrypt.keys import _signing
 from tfx_encrypt.keys.base import KeyBackend, Stanza, WrapContext, b64d, b64e
 
 STANZA_TYPE = 'hcvault'
@@ -41,6 +54,10 @@ _URI_RE = re.compile(
     r'(?P<mount>[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*)/keys/'
     r'(?P<name>[A-Za-z0-9_.-]{1,128})$')
 _CT_RE = re.compile(r'^vault:v\d{1,10}:[A-Za-z0-9+/=]{16,16000}$')
+_SIG_RE = re.compile(r'^vault:v(\d{1,10}):([A-Za-z0-9+/=]{16,1000})$')
+#: Transit key types that sign packages, and their algorithm.
+SIGNING_TYPES = {'ecdsa-p256': _signing.ECDSA_P256,
+                 'ed25519': _signing.ED25519}
 
 
 def parse_uri(uri: str) -> Dict[str, str]:
@@ -61,8 +78,22 @@ def _safe(uri: str) -> str:
   return text[:300]
 
 
-class VaultKey(KeyBackend):
-  """A Vault transit key used to wrap the package data key."""
+def role_form_problem(uri: str, role: Optional[str]) -> Optional[str]:
+  """Why the URI's form cannot play `role`, or None; no I/O, no SDK.
+
+  One URI form serves every role: the transit key's type (AEAD or
+  ecdsa-p256 / ed25519) is known only to Vault.
+  """
+  del role
+  parse_uri(uri)
+  return None
+
+
+class VaultKey(_signing.RemoteSigner, KeyBackend):
+  """A Vault transit key: an AEAD key wraps the package data key, an
+  ecdsa-p256 or ed25519 key signs packages."""
+
+  signing_algs = (_signing.ECDSA_P256, _signing.ED25519)
 
   scheme = 'hcvault'
   stanza_types = (STANZA_TYPE,)
@@ -178,6 +209,83 @@ class VaultKey(KeyBackend):
           f'Vault transit decrypt with {self.key_id} returned no plaintext')
     return b64d(plaintext, 'Vault plaintext')
 
+  # -- signing (tfx_encrypt.keys._signing) ----------------------------------
+  def _public_cache_key(self):
+    return ('hcvault', self.base_url, self.mount, self.name,
+            os.environ.get('VAULT_NAMESPACE') or '')
+
+  def _fetch_public_key(self) -> _signing.PublicKeyInfo:
+    resp = self._call('read key', lambda: self._vault().secrets.transit
+                      .read_key(name=self.name, mount_point=self.mount))
+    data = (resp or {}).get('data') if isinstance(resp, dict) else None
+    if not isinstance(data, dict):
+      raise errors.KeyBackendError(
+          f'Vault transit read key {self.key_id} returned no key data; check '
+          'that the URI names a transit mount')
+    kind = str(data.get('type') or '?')
+    if kind not in SIGNING_TYPES or data.get('derived'):
+      raise errors.UsageError(
+          f'{self.key_id} is a{" derived" if data.get("derived") else ""} '
+          f'{_retry.short(kind, 40)} transit key; signing needs an '
+          'ecdsa-p256 or ed25519 key, not derived (vault write '
+          f'{self.mount}/keys/{self.name} type=ecdsa-p256)')
+    version = str(data.get('latest_version') or '')
+    entry = (data.get('keys') or {}).get(version)
+    public = entry.get('public_key') if isinstance(entry, dict) else None
+    if not version.isdigit() or not isinstance(public, str) or not public:
+      raise errors.KeyBackendError(
+          f'Vault transit read key {self.key_id} returned no public key for '
+          'its latest version')
+    if kind == 'ecdsa-p256':   # PEM SubjectPublicKeyInfo
+      info = _signing.PublicKeyInfo.from_pem(public, self.key_id, version)
+    else:                      # base64 of the raw 32-byte key
+      from cryptography.hazmat.primitives.asymmetric import ed25519  # pylint: disable=g-import-not-at-top
+      try:
+        key = ed25519.Ed25519PublicKey.from_public_bytes(
+            base64.b64decode(public, validate=True))
+      except (binascii.Error, ValueError):
+        raise errors.KeyBackendError(
+            f'Vault transit read key {self.key_id} returned a malformed '
+            'ed25519 public key') from None
+      info = _signing.PublicKeyInfo(key, self.key_id, version)
+    if info.alg != SIGNING_TYPES[kind]:
+      raise errors.KeyBackendError(
+          f'Vault transit read key {self.key_id} returned a public key that '
+          f'is not {kind}')
+    return info
+
+  def _sign_remote(self, info: _signing.PublicKeyInfo,
+                   message: bytes) -> bytes:
+    if info.alg == _signing.ECDSA_P256:
+      kwargs = dict(hash_input=b64e(_signing.sha256(message)),
+                    hash_algorithm='sha2-256', prehashed=True,
+                    marshaling_algorithm='asn1')
+    else:
+      kwargs = dict(hash_input=b64e(message))
+
+    def call():
+      return self._vault().secrets.transit.sign_data(
+          name=self.name, key_version=int(info.native_id),
+          mount_point=self.mount, **kwargs)
+
+    resp = self._call('sign', call)
+    text = ((resp or {}).get('data') or {}).get('signature')
+    m = _SIG_RE.match(text) if isinstance(text, str) else None
+    if not m:
+      raise errors.KeyBackendError(
+          f'Vault transit sign with {self.key_id} returned no usable '
+          'signature')
+    if m.group(1) != info.native_id:
+      raise errors.KeyBackendError(
+          f'Vault transit sign with {self.key_id} used key version '
+          f'{m.group(1)}, not {info.native_id}')
+    try:
+      return base64.b64decode(m.group(2), validate=True)
+    except binascii.Error:
+      raise errors.KeyBackendError(
+          f'Vault transit sign with {self.key_id} returned a malformed '
+          'signature') from None
+
   # -- errors ---------------------------------------------------------------
   def _call(self, op: str, fn: Callable[[], Any]) -> Any:
     what = f'Vault transit {op} with {self.key_id}'
@@ -216,9 +324,11 @@ class VaultKey(KeyBackend):
               f'{what} kept failing ({name}: {msg}); Vault is throttling, '
               'sealed or unavailable. Retry later.'))
     if isinstance(e, (hex_.Unauthorized, hex_.Forbidden)):
+      capability, path = (('read', 'keys') if op == 'read key' else
+                          ('update', op))
       return errors.KeyAccessDeniedError(
-          f'{what} was denied ({msg}). The token needs the "update" '
-          f'capability on {self.mount}/{op}/{self.name}; check VAULT_TOKEN '
+          f'{what} was denied ({msg}). The token needs the "{capability}" '
+          f'capability on {self.mount}/{path}/{self.name}; check VAULT_TOKEN '
           'and VAULT_NAMESPACE, and that the token has not expired.')
     if isinstance(e, hex_.InvalidPath):
       return errors.KeyNotFoundError(

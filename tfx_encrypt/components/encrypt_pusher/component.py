@@ -99,6 +99,11 @@ def _build_spec(model, model_blessing, infra_blessing, recipients, signer,
       [_uri_of(r, f'{spec.RECIPIENTS_KEY}[{i}]')
        for i, r in enumerate(recipients)])
   signer_uri = _uri_of(signer, spec.SIGNER_KEY) if signer is not None else None
+  if signer_uri is not None:
+    # The URI's form, not the key: no network call at pipeline build time
+    # (e.g. a Cloud KMS signer must name a CryptoKeyVersion).
+    from tfx_encrypt import keys as keys_lib  # pylint: disable=g-import-not-at-top
+    keys_lib.check_uri_form(signer_uri, 'signer', option=spec.SIGNER_KEY)
   for name, value, known in (
       (spec.CIPHER_KEY, cipher, tuple(streaming.CIPHERS)),
       (spec.HASH_ALG_KEY, hash_alg, tuple(digest_lib.HASHES))):

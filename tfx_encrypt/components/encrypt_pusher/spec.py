@@ -402,7 +402,8 @@ def normalize_context(context: Any) -> Dict[str, str]:
         f'{ENCRYPTION_CONTEXT_KEY}[{CONTEXT_VERSION!r}] must be a '
         'non-negative integer (ASCII digits, no sign or leading zero, at most '
         f'{policy_lib.MAX_VERSION_DIGITS} digits), got '
-        f'{_text.quoted(out[CONTEXT_VERSION], 64)}: consumers compare it with --min-version. '
+        f'{_text.quoted(out[CONTEXT_VERSION], 64)}: consumers compare it '
+        'with --min-version. '
         'Leave it out to get the push version')
   check_value(out, ENCRYPTION_CONTEXT_KEY)
   return out
