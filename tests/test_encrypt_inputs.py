@@ -10,6 +10,7 @@ import pytest
 import tfx_encrypt as te
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg_lib
+from tfx_encrypt.package import layout as layout_lib
 from tfx_encrypt.format import header as header_lib
 from tests import _util
 
@@ -193,12 +194,12 @@ def test_only_files_long_enough_for_a_header_are_opened(tmp_path, monkeypatch):
   files['saved_model.pb'] = 200
   src = _util.make_tree(tmp_path / 'm', files)
   opened = []
-  real = pkg_lib._starts_with_magic  # pylint: disable=protected-access
+  real = layout_lib._starts_with_magic  # pylint: disable=protected-access
 
   def counting(path):
     opened.append(os.path.basename(path))
     return real(path)
-  monkeypatch.setattr(pkg_lib, '_starts_with_magic', counting)
+  monkeypatch.setattr(layout_lib, '_starts_with_magic', counting)
   found, _ = pkg_lib.scan_model(src)
   assert len(found) == 1006
   assert sorted(opened) == sorted(['saved_model.pb'] +

@@ -199,9 +199,9 @@ def test_every_public_function_fails_closed_by_default():
           assert isinstance(default, ast.Constant), where
           assert default.value is False, where
           checked.add(f'{path.name}:{node.name}')
-  for want in ('package.py:rewrap_package', 'package.py:rotate_package',
-               'package.py:decrypt_model', 'package.py:verify_package',
-               'package.py:iter_decrypted_files', '__init__.py:load_model',
+  for want in ('operations.py:rewrap_package', 'operations.py:rotate_package',
+               'operations.py:decrypt_model', 'operations.py:verify_package',
+               'operations.py:iter_decrypted_files', '__init__.py:load_model',
                'serving.py:sync_serving', 'oci.py:pull_package'):
     assert want in checked, (want, sorted(checked))
 

@@ -1,0 +1,495 @@
+"""Package files on disk: the directory and bundle forms, the source model.
+
+FORMAT.md §2 (layout: `tfxe.header` + `payload/`, or one `.tfxe` bundle;
+only regular files are read) and the writer's side of §9 (scanning a model
+directory, refusing links and non-models). Outputs are published through
+:mod:`tfx_encrypt._fsutil` (owned temporary siblings, atomic renames;
+docs/SECURITY.md).
+"""
+
+import dataclasses
+import datetime
+import errno
+import os
+import stat
+import unicodedata
+from typing import List, Optional, Sequence, Tuple
+
+from tfx_encrypt import _fsutil
+from tfx_encrypt import _text
+from tfx_encrypt import errors
+from tfx_encrypt.format import digest as digest_lib
+from tfx_encrypt.format import header as header_lib
+from tfx_encrypt.format import paths as paths_lib
+from tfx_encrypt.format import streaming
+from tfx_encrypt.format.header import FileEntry, Header
+from tfx_encrypt.keys.base import KeyBackend
+from tfx_encrypt.package.envelope import Envelope, seal_header
+
+
+HEADER_NAME = 'tfxe.header'
+
+
+PAYLOAD_DIR = 'payload'
+
+
+BUNDLE_SUFFIX = '.tfxe'
+
+
+_O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)
+
+
+_O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
+
+
+def payload_name(i: int) -> str:
+  return f'{i:08d}'
+
+
+@dataclasses.dataclass
+class _SourceFile:
+  path: str  # relative POSIX path
+  abspath: str
+  size: int
+
+
+#: File names that make a directory look like a model (anywhere in the tree).
+MODEL_MARKER_NAMES = frozenset(
+    {'saved_model.pb', 'saved_model.pbtxt', 'fingerprint.pb'})
+
+
+#: File name endings that do the same (Keras, TF Lite, HDF5).
+MODEL_MARKER_SUFFIXES = ('.keras', '.tflite', '.h5')
+
+
+_O_NONBLOCK = getattr(os, 'O_NONBLOCK', 0)
+
+
+def _starts_with_magic(path: str) -> bool:
+  """True if the file at `path` starts like a tfx-encrypt header (a bundle,
+  or a directory package's header), of any format version."""
+  fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
+  try:
+    return os.pread(fd, 6, 0) == header_lib.MAGIC[:6]
+  finally:
+    os.close(fd)
+
+
+def _refuse_in_model(src_dir: str, relpath: str, what: str) -> errors.UsageError:
+  if not relpath:
+    return errors.UsageError(
+        f'{_text.printable(src_dir)} is {what}, not a model; refusing to '
+        'encrypt it, even with --any-dir (decrypt it, or rotate it to change '
+        'its keys)')
+  return errors.UsageError(
+      f'{_text.printable(src_dir)} contains {what} at '
+      f'{_text.quoted(relpath)}; refusing to encrypt it, even with '
+      '--any-dir: move it out of the model directory')
+
+
+def scan_model(src_dir: str, any_dir: bool = False
+               ) -> Tuple[List[_SourceFile], List[str]]:
+  """List regular files and directories under src_dir, refusing anything else.
+
+  Symlinks (anywhere below the root), devices, FIFOs and sockets raise
+  UnsafePathError; they are never followed.
+
+  It must look like a model: some file in the tree is named as in
+  MODEL_MARKER_NAMES or ends as in MODEL_MARKER_SUFFIXES, unless `any_dir`.
+  A tree holding a tfx-encrypt package (a `tfxe.header`, or a file starting
+  with the format's magic) or a tfx-encrypt temporary sibling is refused
+  even with `any_dir`: encrypting it is a mistake (a package inside a
+  package, or a half-written output). Only files of at least a header
+  prefix's size are opened to read their magic (a few microseconds each).
+  """
+  root = os.path.abspath(src_dir)
+  try:
+    st = os.stat(root)
+  except FileNotFoundError:
+    raise errors.UsageError(f'model directory {src_dir} does not exist') from None
+  if not stat.S_ISDIR(st.st_mode):
+    raise errors.UsageError(
+        f'{src_dir} is not a directory; pass a SavedModel directory')
+  files: List[_SourceFile] = []
+  dirs: List[str] = []
+  looks_like_model = False
+  stack = ['']
+  while stack:
+    rel = stack.pop()
+    base = os.path.join(root, rel) if rel else root
+    try:
+      entries = list(os.scandir(base))
+    except PermissionError:
+      raise errors.UsageError(f'cannot read directory {base}') from None
+    for e in entries:
+      name = e.name
+      if unicodedata.normalize('NFC', name) != name:
+        raise errors.UnsafePathError(
+            f'file name {os.path.join(rel, name)!r} is not NFC-normalised '
+            'Unicode; rename it')
+      relpath = f'{rel}/{name}' if rel else name
+      if _fsutil.is_temp_name(name):
+        raise errors.UsageError(
+            f'{_text.printable(src_dir)} contains a tfx-encrypt temporary '
+            f'file {_text.quoted(relpath)} (a command is writing it, or was '
+            'interrupted); refusing to encrypt it, even with --any-dir: wait '
+            'for that command, or delete it')
+      st = e.stat(follow_symlinks=False)
+      if stat.S_ISLNK(st.st_mode):
+        raise errors.UnsafePathError(
+            f'{relpath!r} is a symbolic link; links are never followed. '
+            'Replace it with the file it points to.')
+      if stat.S_ISDIR(st.st_mode):
+        dirs.append(relpath)
+        stack.append(relpath)
+      elif stat.S_ISREG(st.st_mode):
+        if name == HEADER_NAME:
+          raise _refuse_in_model(src_dir, rel, 'a tfx-encrypt package')
+        if (st.st_size >= header_lib.PREFIX_SIZE and
+            _starts_with_magic(e.path)):
+          raise _refuse_in_model(src_dir, relpath, 'a tfx-encrypt bundle')
+        if not looks_like_model and (
+            name in MODEL_MARKER_NAMES or
+            name.lower().endswith(MODEL_MARKER_SUFFIXES)):
+          looks_like_model = True
+        files.append(_SourceFile(relpath, e.path, st.st_size))
+      else:
+        raise errors.UnsafePathError(
+            f'{relpath!r} is not a regular file or directory (device, FIFO or '
+            'socket); remove it from the model directory')
+  if not files:
+    raise errors.EmptyModelError(
+        f'{src_dir} contains no files; point at a SavedModel directory (it '
+        'should contain saved_model.pb)')
+  if len(files) > header_lib.MAX_FILES or len(dirs) > header_lib.MAX_DIRS:
+    raise errors.UsageError(
+        f'model has more than {header_lib.MAX_FILES} files or directories')
+  files.sort(key=lambda f: f.path)
+  for f in files:
+    if f.size > header_lib.MAX_FILE_SIZE:
+      raise errors.UsageError(f'{f.path} is larger than 1 PiB')
+  dirs = paths_lib.check_tree([f.path for f in files], dirs)
+  if not looks_like_model and not any_dir:
+    raise errors.UsageError(
+        f'{_text.printable(src_dir)} does not look like a model directory: no '
+        f'{", ".join(sorted(MODEL_MARKER_NAMES))} or '
+        f'{", ".join("*" + x for x in MODEL_MARKER_SUFFIXES)} file in it; '
+        'pass --any-dir (any_dir=True) to encrypt it anyway')
+  return files, dirs
+
+
+def _create(path: str, mode: int = 0o600) -> int:
+  return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW |
+                 _O_CLOEXEC, mode)
+
+
+# O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
+# (then fstat refuses it); it means nothing for the regular files we read.
+_READ_FLAGS = (os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC |
+               getattr(os, 'O_NONBLOCK', 0))
+
+
+def _open_regular(path: str, what: str) -> Tuple[int, os.stat_result]:
+  """Open a file of a package for reading: a regular file, or refused.
+
+  Links are not followed and a FIFO, device, socket or directory raises
+  UnsafePathError before a single byte is read (the type comes from fstat of
+  the opened descriptor, so a rename after a check cannot slip one in).
+  Returns (fd, its stat); other OSErrors (missing, permission) propagate.
+  """
+  try:
+    fd = os.open(path, _READ_FLAGS)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise errors.UnsafePathError(
+          f'{what} {_text.printable(path)} is a symbolic link; links are '
+          'never followed') from None
+    raise
+  try:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      raise errors.UnsafePathError(
+          f'{what} {_text.printable(path)} is not a regular file (a FIFO, '
+          'device, socket or directory); only regular files are read')
+    if _READ_FLAGS & getattr(os, 'O_NONBLOCK', 0):
+      os.set_blocking(fd, True)
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd, st
+
+
+class _Source:
+  """An opened package, directory or bundle form."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      st = os.stat(path)
+    except FileNotFoundError:
+      raise errors.UsageError(f'package {path} does not exist') from None
+    self.bundle = stat.S_ISREG(st.st_mode)
+    if not self.bundle and not stat.S_ISDIR(st.st_mode):
+      raise errors.UnsafePathError(
+          f'{_text.printable(path)} is neither a regular file (a bundle) nor '
+          'a directory (a package); FIFOs, devices and sockets are never read')
+    hpath = path if self.bundle else os.path.join(path, HEADER_NAME)
+    try:
+      fd, _ = _open_regular(hpath, 'bundle' if self.bundle else
+                            'package header')
+    except FileNotFoundError:
+      raise errors.UnsupportedFormatError(
+          f'{path} is not a tfx-encrypt package (no {HEADER_NAME})') from None
+    except OSError as e:
+      raise errors.UnsafePathError(f'cannot open {hpath}: {e.strerror}') from None
+    with os.fdopen(fd, 'rb') as f:
+      self.header, self.header_len = Header.read(f)
+      f.seek(0, os.SEEK_END)
+      self._hfile_size = f.tell()
+    sizes = [s for s, _ in self.header.payloads]
+    if self.bundle:
+      if self._hfile_size != self.header_len + sum(sizes):
+        raise errors.TamperedPackageError(
+            f'bundle {path} has the wrong length for its header (truncated or '
+            'extended); fetch a fresh copy')
+      self.offsets = []
+      off = self.header_len
+      for s in sizes:
+        self.offsets.append(off)
+        off += s
+    else:
+      if self._hfile_size != self.header_len:
+        raise errors.TamperedPackageError(
+            f'{hpath} has trailing data after the header')
+      self._check_dir(sizes)
+
+  def _check_dir(self, sizes):
+    names = set(os.listdir(self.path))
+    if names != {HEADER_NAME, PAYLOAD_DIR}:
+      extra = sorted(names - {HEADER_NAME, PAYLOAD_DIR})
+      shown = ', '.join(_text.quoted(n, 64) for n in extra[:5])
+      if len(extra) > 5:
+        shown += f' and {len(extra) - 5} more'
+      raise errors.TamperedPackageError(
+          f'package directory {self.path} has unexpected entries '
+          f'[{shown}] or is missing '
+          f'{sorted({HEADER_NAME, PAYLOAD_DIR} - names)}')
+    pdir = os.path.join(self.path, PAYLOAD_DIR)
+    pmode = os.lstat(pdir).st_mode
+    if stat.S_ISLNK(pmode):
+      raise errors.UnsafePathError(f'{pdir} is a symbolic link')
+    if not stat.S_ISDIR(pmode):
+      raise errors.UnsafePathError(f'{pdir} is not a directory')
+    want = {payload_name(i) for i in range(len(sizes))}
+    have = set(os.listdir(pdir))
+    if have != want:
+      raise errors.TamperedPackageError(
+          f'payload files of {self.path} do not match its header: '
+          f'{len(have - want)} unexpected, {len(want - have)} missing')
+    for i, s in enumerate(sizes):
+      p = os.path.join(pdir, payload_name(i))
+      st = os.lstat(p)
+      if not stat.S_ISREG(st.st_mode):
+        raise errors.UnsafePathError(f'{p} is not a regular file')
+      if st.st_size != s:
+        raise errors.TamperedPackageError(
+            f'payload {i} of {self.path} has the wrong size (truncated or '
+            'extended); fetch a fresh copy')
+
+  def open_payload(self, i: int) -> Tuple[int, int]:
+    """Return (fd, offset of the stream within fd).
+
+    The file is opened anew, so it is checked anew: a regular file (never a
+    FIFO that would block, a device or a link), of the expected size.
+    """
+    if self.bundle:
+      fd, st = _open_regular(self.path, 'bundle')
+      want, offset = self._hfile_size, self.offsets[i]
+    else:
+      p = os.path.join(self.path, PAYLOAD_DIR, payload_name(i))
+      fd, st = _open_regular(p, 'payload file')
+      want, offset = self.header.payloads[i][0], 0
+    if st.st_size != want:
+      os.close(fd)
+      raise errors.TamperedPackageError(
+          f'{self.path} changed while it was being read (payload {i} has the '
+          'wrong size); fetch a fresh copy')
+    return fd, offset
+
+  def read_stream_header(self, fd: int, offset: int) -> bytes:
+    buf = bytearray(streaming.HEADER_SIZE)
+    if _fsutil.read_into_exact(fd, buf, offset) != len(buf):
+      raise errors.TamperedPackageError('payload stream is truncated')
+    return bytes(buf)
+
+
+def start_package(package: str, force: bool = False) -> str:
+  """Create the private temporary sibling `tmp/payload/` for a new package."""
+  package = _fsutil.check_output(package, force=force)
+  tmp = _fsutil.temp_sibling(package)
+  os.mkdir(tmp, 0o700)
+  try:
+    os.mkdir(os.path.join(tmp, PAYLOAD_DIR), 0o700)
+  except BaseException:
+    _fsutil.remove_tree(tmp)
+    raise
+  return tmp
+
+
+def finish_package(env: Envelope, tmp: str, package: str, *,
+                   entries: Sequence[FileEntry], dirs: Sequence[str],
+                   payloads: Sequence[Tuple[int, str]],
+                   signer: Optional[KeyBackend], bundle: bool,
+                   force: bool = False, fsync: bool = False
+                   ) -> Tuple[Header, int]:
+  """Build, MAC and sign the header over the sealed payloads in `tmp`, then
+  publish the package atomically (directory form, or a bundle).
+
+  Returns (header, header length). On failure the caller removes `tmp`;
+  anything this function created besides it is removed here.
+  """
+  h = Header(
+      suite=env.suite, hash_alg=env.hash_alg, package_id=env.package_id,
+      created=_now(), context=env.context, recipients=env.stanzas,
+      threshold=env.threshold, commitment=env.keys.commitment,
+      fingerprint=digest_lib.root_digest(env.hash_alg,
+                                         (e.digest for e in entries)),
+      payloads=list(payloads),
+      file_table=streaming.encrypt_bytes(
+          env.suite, env.keys.stream_key,
+          header_lib.file_table_aad(env.package_id, env.ctx_digest),
+          header_lib.encode_file_table(entries, dirs)))
+  seal_header(h, env.keys.mac_key, signer)
+  hbytes = h.serialize()
+  pdir = os.path.join(tmp, PAYLOAD_DIR)
+  if bundle:
+    out_tmp = _fsutil.temp_sibling(package)
+    try:
+      _write_bundle(out_tmp, hbytes, pdir, len(payloads), fsync)
+      _fsutil.publish(out_tmp, package, force=force)
+    except BaseException:
+      _fsutil.remove_tree(out_tmp)
+      raise
+    _fsutil.remove_tree(tmp)
+  else:
+    hfd = _create(os.path.join(tmp, HEADER_NAME), 0o644)
+    try:
+      _fsutil.write_all(hfd, hbytes)
+      if fsync:
+        os.fsync(hfd)
+    finally:
+      os.close(hfd)
+    os.chmod(pdir, 0o755)
+    os.chmod(tmp, 0o755)
+    if fsync:
+      _fsutil.fsync_dir(pdir)
+      _fsutil.fsync_dir(tmp)
+    _fsutil.publish(tmp, package, force=force)
+  if fsync:
+    _fsutil.fsync_dir(os.path.dirname(package))
+  return h, len(hbytes)
+
+
+def _write_bundle(path: str, hbytes: bytes, pdir: str, count: int,
+                  fsync: bool) -> None:
+  out = _create(path, 0o644)
+  try:
+    _fsutil.write_all(out, hbytes)
+    for i in range(count):
+      fd, st = _open_regular(os.path.join(pdir, payload_name(i)),
+                             'payload file')
+      try:
+        _copy_fd(fd, out, st.st_size)
+      finally:
+        os.close(fd)
+    if fsync:
+      os.fsync(out)
+  finally:
+    os.close(out)
+
+
+def bundle_directory_package(package, out) -> None:
+  """Write the bundle form of a directory package to the new file `out`.
+
+  The same bytes, one file (FORMAT.md §2): the header, then the payloads in
+  index order, copied by the kernel. The directory is validated first
+  (header parse, exact payload set and sizes, no links).
+  """
+  src = _Source(os.fspath(package))
+  if src.bundle:
+    raise errors.UsageError(f'{src.path} is already a bundle')
+  fd, _ = _open_regular(os.path.join(src.path, HEADER_NAME), 'package header')
+  try:
+    hbytes = bytearray(src.header_len)
+    if _fsutil.read_into_exact(fd, hbytes, 0) != src.header_len:
+      raise errors.TamperedPackageError(f'{src.path}: header is truncated')
+  finally:
+    os.close(fd)
+  _write_bundle(os.fspath(out), bytes(hbytes),
+                os.path.join(src.path, PAYLOAD_DIR), len(src.header.payloads),
+                fsync=False)
+
+
+def _copy_fd(src: int, dst: int, size: int, src_offset: int = 0) -> None:
+  """Kernel-side copy of `size` bytes (copy_file_range), with a fallback."""
+  copied = 0
+  if hasattr(os, 'copy_file_range'):
+    try:
+      while copied < size:
+        n = os.copy_file_range(src, dst, size - copied, src_offset + copied)
+        if n == 0:
+          break
+        copied += n
+    except OSError:
+      pass
+  buf = memoryview(bytearray(1 << 20))
+  while copied < size:
+    ln = min(len(buf), size - copied)
+    got = _fsutil.read_into_exact(src, buf[:ln], src_offset + copied)
+    if got != ln:
+      raise errors.TamperedPackageError('payload is truncated')
+    _fsutil.write_all(dst, buf[:ln])
+    copied += ln
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime(
+      '%Y-%m-%dT%H:%M:%SZ')
+
+
+def _write_header_only(src: _Source, h: Header) -> None:
+  """Atomically replace a package's header, keeping its payloads."""
+  hbytes = h.serialize()
+  if not src.bundle:
+    hpath = os.path.join(src.path, HEADER_NAME)
+    tmp = _fsutil.temp_sibling(hpath)
+    try:
+      fd = _create(tmp, 0o644)
+      try:
+        _fsutil.write_all(fd, hbytes)
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+      _fsutil.publish(tmp, hpath, force=True)  # a header: replaceable
+    except BaseException:
+      _fsutil.remove_tree(tmp)
+      raise
+    return
+  tmp = _fsutil.temp_sibling(src.path)
+  out = _create(tmp, 0o644)
+  try:
+    _fsutil.write_all(out, hbytes)
+    fd, _ = _open_regular(src.path, 'bundle')
+    try:
+      _copy_fd(fd, out, h.ciphertext_bytes, src.header_len)
+    finally:
+      os.close(fd)
+    os.fsync(out)
+    os.close(out)
+    out = None
+    _fsutil.publish(tmp, src.path, force=True)  # a bundle: replaceable
+  except BaseException:
+    if out is not None:
+      os.close(out)
+    _fsutil.remove_tree(tmp)
+    raise
