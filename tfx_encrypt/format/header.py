@@ -19,7 +19,7 @@ from tfx_encrypt import errors
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import paths as paths_lib
 from tfx_encrypt.format import streaming
-from tfx_encrypt.keys.base import Stanza
+from tfx_encrypt.format.stanza import Stanza
 
 MAGIC = b'TFXENC\x00\x02'
 FORMAT_NAME = 'tfx-encrypt/2'
@@ -56,7 +56,8 @@ _P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _HEX64 = re.compile(r'[0-9a-f]{64}')
 _HEX32 = re.compile(r'[0-9a-f]{32}')
 _CREATED = re.compile(r'[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z')
-_FINGERPRINT = re.compile(r'(sha256|blake3):[0-9a-f]{64}')
+# The fingerprint root is SHA-256 whatever `hash` is (§9, model_signing's rule).
+_FINGERPRINT = re.compile(r'sha256:[0-9a-f]{64}')
 #: Context keys with this prefix are reserved for tfx-encrypt (§4): a writer
 #: refuses them, and a reader refuses any it does not know (today: all of
 #: them; `tfxe:package-id` and `tfxe:share-group` exist only in wrap
@@ -501,8 +502,6 @@ class Header:
     if len(commitment) != 32:
       raise _bad('commitment length')
     fingerprint = _str(obj['fingerprint'], 'fingerprint', 80, _FINGERPRINT)
-    if not fingerprint.startswith(hash_alg + ':'):
-      raise _bad('fingerprint hash')
     pl = obj['payloads']
     if not isinstance(pl, list) or not 0 < len(pl) <= MAX_FILES:
       raise _bad('payload count')
