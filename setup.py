@@ -1,7 +1,8 @@
 """Packaging for tfx-encrypt.
 
-The core (`pip install tfx-encrypt`) needs only `cryptography` and `click`, so
-an edge device can decrypt a model without TensorFlow or TFX. Everything else
+The core (`pip install tfx-encrypt`) needs only `cryptography`, `click` and
+`blake3` (the default digest), so an edge device can decrypt a model without
+TensorFlow or TFX. Everything else
 is an extra. The tested, fully pinned environment is
 `constraints/tfx-1.16-py310.txt`; `scripts/setup_env.sh` installs with it.
 """
@@ -33,11 +34,14 @@ def _long_description():
     return f.read()
 
 
-# What `pip install tfx-encrypt` brings. Keep it to these two: the test
-# tests/test_packaging.py checks that nothing else creeps in.
+# What `pip install tfx-encrypt` brings. Keep it to these three: the test
+# tests/test_packaging.py checks that nothing else creeps in. blake3 is the
+# default digest (SHA-256 stays available with --hash sha256); OpenSSF
+# model_signing depends on it too.
 INSTALL_REQUIRES = [
     'cryptography>=47',
     'click>=8',
+    'blake3>=1',
 ]
 
 # Optional features, one extra each. The versions that were tested together
@@ -59,6 +63,8 @@ _FEATURE_EXTRAS = {
     'pkcs11': ['python-pkcs11'],
     'oci': ['oras'],
     'kfp': ['kfp>=2.5,<2.6'],
+    # Kept so that `pip install 'tfx-encrypt[fast]'` still works; blake3 is
+    # now a core requirement.
     'fast': ['blake3'],
 }
 

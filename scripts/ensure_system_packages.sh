@@ -19,13 +19,22 @@ set -euo pipefail
 #   softhsm2: softhsm2-util and /usr/lib/softhsm/libsofthsm2.so, the PKCS#11
 #     backend's tests (tests/fakes/backends.py).
 #   docker-registry: /usr/bin/docker-registry, the OCI push/pull tests
-#     (tests/test_oci.py).
+#     (tests/test_oci.py, tests/test_oci_auth.py).
+#   apache2-utils: htpasswd -B, the bcrypt htpasswd file of the basic-auth
+#     registry (tests/test_oci_auth.py).
+#   swtpm, tpm2-abrmd, libtss2-tcti-tabrmd0, dbus-daemon, libtpm2-pkcs11-1,
+#     opensc: a software TPM 2.0 behind the tpm2-abrmd resource manager (on a
+#     private D-Bus session bus) and tpm2-pkcs11, set up with pkcs11-tool,
+#     for the TPM device-identity tests (tests/fakes/tpm.py,
+#     tests/keys/test_tpm2.py) and benchmarks/tpm_unwrap.py. The tests start
+#     their own daemons; Debian's tpm2-abrmd system service is not used.
 #   age: the `tar | age` rows of benchmarks/run.py (docs/BENCHMARKS.md).
 # The demo (pipelines/local_pipeline.py) needs no system package beyond
 # what .venv holds.
 packages_for() {
   case "$1" in
-    test) echo softhsm2 docker-registry ;;
+    test) echo softhsm2 docker-registry apache2-utils swtpm tpm2-abrmd \
+            libtss2-tcti-tabrmd0 dbus-daemon libtpm2-pkcs11-1 opensc ;;
     demo) ;;
     bench) echo age ;;
     *) echo "ensure_system_packages.sh: unknown target '$1' (test, demo, bench)" >&2

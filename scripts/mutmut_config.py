@@ -28,13 +28,13 @@ import os
 # failure, so a mutant the first module kills costs a few seconds).
 _CHECKS = 'tests/test_security_checks.py'
 TESTS_BY_FILE = {
-    'tfx_encrypt/format/paths.py': [_CHECKS, 'tests/test_path_rules.py'],
-    'tfx_encrypt/format/digest.py': [_CHECKS, 'tests/test_vectors.py',
+    'tfx_encrypt/format/paths.py': ['tests/test_path_rules.py', _CHECKS],
+    'tfx_encrypt/format/digest.py': ['tests/test_vectors.py', _CHECKS,
                                      'tests/test_package.py'],
-    'tfx_encrypt/format/streaming.py': [_CHECKS, 'tests/test_vectors.py',
+    'tfx_encrypt/format/streaming.py': ['tests/test_vectors.py', _CHECKS,
                                         'tests/test_tamper.py',
                                         'tests/test_package.py'],
-    'tfx_encrypt/format/header.py': [_CHECKS, 'tests/test_vectors.py',
+    'tfx_encrypt/format/header.py': ['tests/test_vectors.py', _CHECKS,
                                      'tests/test_tamper.py',
                                      'tests/test_header_fuzz.py',
                                      'tests/test_path_rules.py',

@@ -106,7 +106,7 @@ def hpke_seal(recipient: x25519.X25519PublicKey, info: bytes, plaintext: bytes,
   return enc + AESGCM(key).encrypt(nonce, plaintext, b'')
 
 
-# --- keys ----------------------------------------------------------------------
+# --- keys ---------------------------------------------------------------------
 
 def load_private(key):
   """A private key object, from a PEM file path or as given."""
@@ -217,7 +217,7 @@ class Signer:
     return raw
 
 
-# --- packages from parts ---------------------------------------------------------
+# --- packages from parts ------------------------------------------------------
 
 @dataclasses.dataclass
 class Parts:
@@ -456,7 +456,7 @@ def split_header(data: bytes) -> Dict[str, object]:
           'length': mac_at + 36 + slen}
 
 
-# --- on disk -----------------------------------------------------------------------
+# --- on disk ------------------------------------------------------------------
 
 def write_directory(path, header: bytes, payloads: Sequence[bytes],
                     extra: Optional[Dict[str, bytes]] = None) -> str:

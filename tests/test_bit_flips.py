@@ -23,6 +23,7 @@ import pytest
 import tfx_encrypt as te
 from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
+from tfx_encrypt.format import header as header_lib
 from tests import _util
 from tests.testdata import package_vectors as pv
 
@@ -65,7 +66,7 @@ def _regions(header: bytes):
 
 def _header_len(path):
   with open(path, 'rb') as f:
-    return package_lib.Header.read(f)[1]
+    return header_lib.Header.read(f)[1]
 
 
 def flip_every_bit(pkg, target, header_len, out, **read):

@@ -115,7 +115,7 @@ def test_duplicate_keys_nan_and_floats_rejected():
       header_lib.strict_json(bad, 'x')
 
 
-# --- hypothesis: a short run in CI, a long one on demand -----------------------
+# --- hypothesis: a short run in CI, a long one on demand ----------------------
 
 #: Examples per fuzz test; TFXE_FUZZ_EXAMPLES=100000 for a long run.
 FUZZ_EXAMPLES = int(os.environ.get('TFXE_FUZZ_EXAMPLES', '300'))
@@ -126,6 +126,9 @@ FUZZ = hypothesis.settings(
     max_examples=FUZZ_EXAMPLES, deadline=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow,
                            hypothesis.HealthCheck.data_too_large])
+
+
+BODY_KEYS = header_lib._BODY_KEYS  # pylint: disable=protected-access
 
 
 class Hang(Exception):
@@ -240,7 +243,7 @@ def test_fuzz_header_reader_edits(header_bytes, edits):
 
 @FUZZ
 @hypothesis.given(
-    field=st.sampled_from(sorted(header_lib._BODY_KEYS) + ['extra']),  # pylint: disable=protected-access
+    field=st.sampled_from(sorted(BODY_KEYS) + ['extra']),
     action=st.sampled_from(['replace', 'delete', 'nest']),
     value=_JSON, style=st.integers(0, 2),
     sig_len=st.sampled_from([0, 1, 63, 64, 65, 1 << 31]),

@@ -139,7 +139,7 @@ def _recipient_replaces_file(w, signer, claimed_id=None):
 
 
 ROWS = [
-    # --- the signature -----------------------------------------------------------
+    # --- the signature --------------------------------------------------------
     Row('attacker-package-claims-publisher-id', TAMPERED, 'attacker',
         lambda w: _case(_forge.build(w.evil_parts(signer=_forge.Signer(
             pv.priv('attacker-ed25519'), key_id=w.publisher_id)))),
@@ -171,7 +171,7 @@ ROWS = [
         allow_unsigned=True),
     Row('signed-package-without-trust', UNTRUSTED, 'anyone',
         lambda w: _case(w.a), trusted=(), allow_unsigned=True),
-    # --- payloads ------------------------------------------------------------------
+    # --- payloads -------------------------------------------------------------
     Row('payload-swapped-from-same-publisher', TAMPERED, 'anyone',
         lambda w: _case(w.a, payloads=[w.b.payloads[0], w.a.payloads[1]])),
     Row('payload-reencrypted-by-recipient', TAMPERED, 'recipient',
@@ -191,7 +191,7 @@ ROWS = [
     Row('extra-payload', TAMPERED, 'anyone',
         lambda w: _case(w.a, dir_extra={'payload/00000002': w.a.payloads[1]},
                         bundle_tail=w.a.payloads[1])),
-    # --- the file table ----------------------------------------------------------------
+    # --- the file table -------------------------------------------------------
     Row('file-table-from-another-package', TAMPERED, 'recipient',
         lambda w: _case(w.ua, _forge.reseal(
             w.ua, lambda o: o.update(file_table=w.ub.body['file_table']),
@@ -201,7 +201,7 @@ ROWS = [
         lambda w: _case(w.a, _forge.reseal(
             w.a, lambda o: o.update(file_table=w.b.body['file_table']),
             mac_key=w.a.keys.mac_key)), message='INVALID'),
-    # --- context and recipients ---------------------------------------------------------
+    # --- context and recipients -----------------------------------------------
     Row('context-changed-by-recipient', TAMPERED, 'recipient',
         lambda w: _case(w.a, _forge.reseal(
             w.a, lambda o: o['context'].update(version='9'),
@@ -237,7 +237,7 @@ ROWS = [
             mac_key=w.groups.keys.mac_key, signer=None)),
         identities=('recipient', 'recipient-2', 'recipient-3'),
         allow_unsigned=True),
-    # --- counts beyond the limits (§11) -------------------------------------------------
+    # --- counts beyond the limits (§11) ---------------------------------------
     Row('too-many-payloads', TAMPERED, 'attacker',
         lambda w: _case(w.a, _forge.reseal(
             w.a, lambda o: o.update(payloads=o['payloads'] * 50_001),
@@ -254,7 +254,7 @@ ROWS = [
     Row('too-many-context-entries', TAMPERED, 'attacker',
         lambda w: _case(w.a, _forge.reseal(w.a, lambda o: o.update(
             context={f'k{i}': 'v' for i in range(65)}), signer=w.attacker))),
-    # --- paths, in an unsigned package read with --allow-unsigned -----------------------
+    # --- paths, in an unsigned package read with --allow-unsigned -------------
     Row('unsigned-path-escapes', UNSAFE, 'anyone',
         lambda w: _case(_forge.build(w.parts.replace(
             signer=None, files=[('../evil', b'x')], dirs=[]))),
@@ -353,7 +353,8 @@ def test_hostile_package_refused_by_cli(tmp_path, capsys, world, row, form):
 PROCESS_ROWS = [r for r in ROWS if r.cli_process]
 
 
-@pytest.mark.parametrize('row', PROCESS_ROWS, ids=[r.name for r in PROCESS_ROWS])
+@pytest.mark.parametrize('row', PROCESS_ROWS,
+                         ids=[r.name for r in PROCESS_ROWS])
 def test_hostile_package_refused_by_cli_process(tmp_path, world, row):
   pkg = _write(row.make(world), _forge.BUNDLE, tmp_path)
   out = tmp_path / 'out'

@@ -9,6 +9,7 @@ stderr line); and through a real `python -m tfx_encrypt` for a sample. The
 exit codes in the vectors are checked against the table in FORMAT.md §12.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -132,17 +133,15 @@ def test_high_s_signature_verifies_with_plain_ecdsa():
   """Why the format insists on low S: (r, n - s) is a valid ECDSA signature
   of the same message, so only the canonical-form check refuses it."""
   v = BY_NAME['ecdsa-high-s']
-  h = _forge.split_header(bytes.fromhex(v['header_hex']))
-  r, s = (int.from_bytes(h['sig'][:32], 'big'),
-          int.from_bytes(h['sig'][32:], 'big'))
-  assert s > _forge.P256_N // 2
-  message = _forge.SIGNATURE_LABEL + __import__('hashlib').sha256(
-      bytes.fromhex(v['header_hex'])[:12 + h['body_len']]).digest()
+  data = bytes.fromhex(v['header_hex'])
+  h = _forge.split_header(data)
+  assert int.from_bytes(h['sig'][32:], 'big') > _forge.P256_N // 2
+  message = _forge.SIGNATURE_LABEL + hashlib.sha256(
+      data[:12 + h['body_len']]).digest()
   key = _forge.load_public(pv.pub('publisher-ecdsa'))
   key.verify(_forge.ecdsa_der(h['sig']), message, ec.ECDSA(hashes.SHA256()))
   key.verify(_forge.ecdsa_der(_forge.high_s(h['sig'])), message,
              ec.ECDSA(hashes.SHA256()))  # the low-S twin verifies too
-  del r
 
 
 def test_sig_len_field_is_what_the_vectors_say():

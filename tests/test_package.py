@@ -230,14 +230,22 @@ def test_no_key_material_in_header(tmp_path, keys):
   assert b'PRIVATE' not in header
 
 
-def test_fingerprint_matches_model_signing_manifest_rule(tmp_path, keys):
+@pytest.mark.parametrize('hash_alg', [None, 'blake3', 'sha256'])
+def test_fingerprint_matches_model_signing_manifest_rule(tmp_path, keys,
+                                                         hash_alg):
+  """Files hashed with H (BLAKE3 by default); the root is SHA-256 always."""
   import hashlib
+  import blake3
   files = {'saved_model.pb': 500, 'variables/variables.index': 20,
            'variables/variables.data-00000-of-00001': 3000}
   src = _util.make_tree(tmp_path / 'm', files)
-  info = te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')])
+  kwargs = {} if hash_alg is None else {'hash_alg': hash_alg}
+  info = te.encrypt_model(src, tmp_path / 'p', recipients=[keys.pub('x')],
+                          **kwargs)
+  assert info.hash_alg == (hash_alg or 'blake3')
+  file_hash = hashlib.sha256 if info.hash_alg == 'sha256' else blake3.blake3
   digests = b''.join(
-      hashlib.sha256(open(os.path.join(src, p), 'rb').read()).digest()
+      file_hash(open(os.path.join(src, p), 'rb').read()).digest()
       for p in sorted(files))
   assert info.fingerprint == 'sha256:' + hashlib.sha256(digests).hexdigest()
 

@@ -1,10 +1,11 @@
 """Packaging, environment and layering checks.
 
 - The core (what `pip install tfx-encrypt` gives an edge device) imports with
-  only the standard library, cryptography and click: never TensorFlow, TFX,
-  Beam, ML Metadata or a cloud SDK.
-- The installed distribution is this checkout, requires only cryptography and
-  click, and declares the extras, console script and key-backend entry points.
+  only the standard library, cryptography, click and blake3: never
+  TensorFlow, TFX, Beam, ML Metadata or a cloud SDK.
+- The installed distribution is this checkout, requires only cryptography,
+  click and blake3, and declares the extras, console script and key-backend
+  entry points.
 - .venv matches constraints/tfx-1.16-py310.txt exactly, and the environment
   scripts find Python the way the README promises.
 """
@@ -173,12 +174,13 @@ def test_installed_distribution_is_this_checkout():
   assert dist.metadata['Requires-Python'] == '>=3.9'
 
 
-def test_install_requires_is_only_cryptography_and_click():
+def test_install_requires_is_only_cryptography_click_and_blake3():
   requires = importlib.metadata.requires(DIST) or []
   core = sorted(r for r in requires if 'extra ==' not in r)
-  assert {_req_name(r) for r in core} == {'cryptography', 'click'}, core
+  assert {_req_name(r) for r in core} == {'cryptography', 'click',
+                                          'blake3'}, core
   assert sorted(r.replace(' ', '') for r in core) == [
-      'click>=8', 'cryptography>=47'], core
+      'blake3>=1', 'click>=8', 'cryptography>=47'], core
 
 
 def _extra_requirements():

@@ -5,9 +5,10 @@ The `_ref_*` functions below re-implement §3–§9 directly from FORMAT.md with
 only `cryptography`'s primitives (HKDF, AESGCM, ChaCha20Poly1305, X25519,
 Ed25519, ECDSA) and the standard library: they do not import
 tfx_encrypt.format, so a bug there cannot hide by also being in the
-reference. The whole-package vectors (packages.json) are read by both. Google Tink's own check of the AES vectors
-is in tests/test_tink_interop.py (Tink cannot be told a salt or nonce
-prefix, so it decrypts them rather than reproducing them).
+reference. The whole-package vectors (packages.json) are read by both.
+Google Tink's own check of the AES vectors is in tests/test_tink_interop.py
+(Tink cannot be told a salt or nonce prefix, so it decrypts them rather
+than reproducing them). Negative vectors: tests/test_negative_vectors.py.
 """
 
 import base64
@@ -239,7 +240,7 @@ def test_file_table_aad(v):
   assert (b'tfxe1 file table\x00' + package_id + digest).hex() == v['aad']
 
 
-# --- whole packages (FORMAT.md §2-§10), independently ----------------------------
+# --- whole packages (FORMAT.md §2-§10), independently -------------------------
 
 PACKAGES = json.loads(package_vectors.PACKAGES_FILE.read_text())['vectors']
 VECTOR_DIR = package_vectors.VECTOR_DIR
@@ -251,7 +252,8 @@ _P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 def _ref_pem(name, private=False):
-  path = VECTOR_DIR / 'package-keys' / f'{name}.{"key" if private else "pub"}.pem'
+  kind = 'key' if private else 'pub'
+  path = VECTOR_DIR / 'package-keys' / f'{name}.{kind}.pem'
   data = path.read_bytes()
   if private:
     return serialization.load_pem_private_key(data, password=None)
@@ -460,7 +462,8 @@ def test_reference_reads_package_vector(v):
   assert (commitment.hex(), mac_key.hex(), stream_key.hex()) == (
       v['commitment'], v['mac_key'], v['stream_key'])
   assert _ref_b64(body['commitment']) == commitment
-  assert hmac.new(mac_key, h['signed_part'], hashlib.sha256).digest() == h['mac']
+  assert hmac.new(mac_key, h['signed_part'],
+                  hashlib.sha256).digest() == h['mac']
   # §3, §8: the body names the signer; sig_len follows it.
   if v['signer'] is None:
     assert body['signer'] is None and h['sig_len'] == 0

@@ -473,9 +473,10 @@ def pubkey(key):
               help='Encryption context entry bound to the package.')
 @click.option('--cipher', type=click.Choice(['aes-256-gcm', 'chacha20-poly1305']),
               default='aes-256-gcm', show_default=True)
-@click.option('--hash', 'hash_alg', type=click.Choice(['sha256', 'blake3']),
-              default='sha256', show_default=True,
-              help='Digest for fingerprint and ciphertext digests.')
+@click.option('--hash', 'hash_alg', type=click.Choice(['blake3', 'sha256']),
+              default='blake3', show_default=True,
+              help='Digest of every file and payload (the fingerprint '
+              'root is SHA-256 either way); sha256 for FIPS-bound users.')
 @click.option('--bundle', is_flag=True, help='Write a single .tfxe file.')
 @click.option('--force', is_flag=True, help='Replace PACKAGE atomically.')
 @click.option('--fsync', is_flag=True, help='fsync before publishing.')
@@ -890,18 +891,88 @@ def _import_oci():
   return oci
 
 
+#: Where `--username` finds its password when not on stdin.
+REGISTRY_PASSWORD_ENV = 'TFXE_REGISTRY_PASSWORD'
+
+
+def _registry_password(password_stdin: bool) -> str:
+  """The registry password: stdin, the environment, or a hidden prompt."""
+  if password_stdin:
+    password = sys.stdin.readline().rstrip('\r\n')
+    if not password:
+      raise errors.UsageError('--password-stdin: standard input is empty')
+    return password
+  password = os.environ.get(REGISTRY_PASSWORD_ENV)
+  if password:
+    return password
+  if sys.stdin.isatty() and sys.stderr.isatty():
+    return click.prompt('Registry password', hide_input=True, err=True)
+  raise errors.UsageError(
+      f'--username needs a password: pipe it with --password-stdin or set '
+      f'{REGISTRY_PASSWORD_ENV} (never on the command line)')
+
+
+def _registry_options(f):
+  """Registry credentials and TLS (oras / docker names); gets `registry_auth`.
+
+  Used by push and pull. Without --username, credentials come from the
+  docker config (docs/DISTRIBUTION.md).
+  """
+
+  @functools.wraps(f)
+  def command(*args, username, password_stdin, password_argv, ca_file,
+              cert_file, key_file, **kwargs):
+    if password_argv is not None:
+      raise errors.UsageError(
+          'a password on the command line is visible to every user (ps, '
+          'shell history): pass --password-stdin or set '
+          f'{REGISTRY_PASSWORD_ENV}')
+    if password_stdin and username is None:
+      raise errors.UsageError('--password-stdin needs --username')
+    password = None if username is None else _registry_password(
+        password_stdin)
+    auth = _import_oci().RegistryAuth(
+        username=username, password=password, ca_file=ca_file,
+        cert_file=cert_file, key_file=key_file)
+    return f(*args, registry_auth=auth, **kwargs)
+
+  options = (
+      click.option('--username', '-u', metavar='USER',
+                   help='Registry user name (HTTP basic auth); the password '
+                   f'comes from --password-stdin or ${REGISTRY_PASSWORD_ENV}. '
+                   'Default: the docker config\'s credentials.'),
+      click.option('--password-stdin', is_flag=True,
+                   help='Read the registry password from standard input.'),
+      click.option('--password', '-p', 'password_argv', hidden=True),
+      click.option('--ca-file', '--ca-cert', 'ca_file', metavar='PEM',
+                   help='CA certificate(s) that issued the registry\'s TLS '
+                   'certificate (instead of the system CAs).'),
+      click.option('--cert-file', '--cert', 'cert_file', metavar='PEM',
+                   help='TLS client certificate (mutual TLS), with '
+                   '--key-file.'),
+      click.option('--key-file', '--key', 'key_file', metavar='PEM',
+                   help='Private key of --cert-file (unencrypted PEM).'),
+  )
+  for option in reversed(options):
+    command = option(command)
+  return command
+
+
 @main.command()
 @click.argument('package')
 @click.argument('ref')
 @click.option('--insecure', is_flag=True,
               help='Plain HTTP, for a loopback registry only (tests).')
-def push(package, ref, insecure):
+@_registry_options
+def push(package, ref, insecure, registry_auth):
   """Push PACKAGE to an OCI registry as REF (REGISTRY/REPOSITORY:TAG).
 
-  One layer: the package's bundle bytes. Credentials come from the docker
-  config (~/.docker/config.json, $DOCKER_CONFIG, credential helpers).
+  One layer: the package's bundle bytes. Credentials come from --username
+  (with --password-stdin), else the docker config (~/.docker/config.json,
+  $DOCKER_CONFIG, credential helpers); --cert-file/--key-file for mutual TLS.
   """
-  digest = _import_oci().push_package(package, ref, insecure=insecure)
+  digest = _import_oci().push_package(package, ref, insecure=insecure,
+                                      auth=registry_auth)
   click.echo(f'pushed {package} to {ref}; manifest digest {digest}')
 
 
@@ -916,7 +987,9 @@ def push(package, ref, insecure):
               help='Plain HTTP, for a loopback registry only (tests).')
 @click.option('--force', is_flag=True, help='Replace OUT atomically.')
 @_policy_options
-def pull(ref, out, trusted, allow_unsigned, insecure, force, policy):
+@_registry_options
+def pull(ref, out, trusted, allow_unsigned, insecure, force, policy,
+         registry_auth):
   """Pull REF into the bundle file OUT, verified before it appears.
 
   Checks the manifest's shape and the layer's digest, then the signature
@@ -927,7 +1000,7 @@ def pull(ref, out, trusted, allow_unsigned, insecure, force, policy):
   res = _import_oci().pull_package(ref, out, trusted=list(trusted),
                                    allow_unsigned=allow_unsigned,
                                    insecure=insecure, force=force,
-                                   policy=policy)
+                                   policy=policy, auth=registry_auth)
   info = res.info
   who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
          else 'UNSIGNED (accepted by --allow-unsigned)')

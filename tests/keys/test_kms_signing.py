@@ -326,7 +326,8 @@ def test_package_signed_by_service_verifies_with_uri_and_exported_pem(
   assert service.counts() == {service.pub_op: 1, service.sign_op: 1}
   # (b) the PEM `tfx-encrypt pubkey` exports, in a fresh process
   if service.name == 'azure':
-    pem = service.backend(uri).public_key_pem()   # the CLI has no test credential
+    # (a CLI process would need a real Azure credential)
+    pem = service.backend(uri).public_key_pem()
   else:
     r = _cli('pubkey', uri)
     assert r.returncode == 0, r.stderr
@@ -467,7 +468,7 @@ def test_aws_alias_signs_with_the_key_behind_it(aws, local, model, tmp_path):
       AwsKmsKey(alias).signer_id)
 
 
-# -- end to end through the CLI (AWS KMS: moto) -----------------------------------
+# -- end to end through the CLI (AWS KMS: moto) ------------------------------
 
 
 def test_cli_end_to_end_with_aws_kms(aws, local, model, tmp_path):

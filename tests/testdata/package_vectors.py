@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from tests import _forge
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.keys.base import WrapContext
+from tfx_encrypt.keys.base import spki_key_id
 
 VECTOR_DIR = pathlib.Path(__file__).resolve().parent / 'vectors'
 KEY_DIR = VECTOR_DIR / 'package-keys'
@@ -116,7 +117,6 @@ def key_outputs() -> Dict[pathlib.Path, bytes]:
 
 
 def _key_id(name: str) -> str:
-  from tfx_encrypt.keys.base import spki_key_id  # pylint: disable=g-import-not-at-top
   return spki_key_id(private_key(name).public_key())
 
 
@@ -156,7 +156,7 @@ def counter(size: int) -> bytes:
   return (block * (size // 251 + 1))[:size]
 
 
-# --- valid packages ------------------------------------------------------------
+# --- valid packages -----------------------------------------------------------
 
 def _model_files() -> List:
   return sorted([
@@ -300,7 +300,7 @@ def build_packages(store: _Store):
   return doc, files
 
 
-# --- inputs a reader must refuse -------------------------------------------------
+# --- inputs a reader must refuse ----------------------------------------------
 
 _B64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
 
@@ -399,7 +399,7 @@ def negative_vectors(store: _Store) -> List[dict]:
   base, good = n.base, n.built
   pub_kid = _key_id('publisher-ed25519')
 
-  # --- §3 framing and versions -------------------------------------------------
+  # --- §3 framing and versions ------------------------------------------------
   n.add('magic-version-1', UNSUPPORTED,
         'Version 1 magic "TFXENC" 00 01 (MAC and signature valid over it).',
         built_by='publisher', built=n.build(magic=b'TFXENC\x00\x01'),
@@ -456,7 +456,7 @@ def negative_vectors(store: _Store) -> List[dict]:
   n.add('payloads-swapped', TAMPERED, 'Payloads 0 and 1 in each other\'s '
         'place.', built_by='anyone', payloads=good.payloads[::-1])
 
-  # --- §4 canonical JSON -------------------------------------------------------
+  # --- §4 canonical JSON ------------------------------------------------------
   def dumps(**kw):
     return lambda raw: json.dumps(json.loads(raw), **kw).encode('utf-8')
   canon = [
@@ -493,7 +493,7 @@ def negative_vectors(store: _Store) -> List[dict]:
           ' MAC and signature are valid over it.', built_by='publisher',
           built=n.build(body_bytes=fn))
 
-  # --- §4 fields ----------------------------------------------------------------
+  # --- §4 fields --------------------------------------------------------------
   fields = [
       ('body-unknown-field', TAMPERED, 'An extra top-level field.',
        _set(['comment'], 'x')),
@@ -560,7 +560,7 @@ def negative_vectors(store: _Store) -> List[dict]:
         built_by='publisher', built=n.build(base.replace(
             recipients=[_recipient('recipient')] * 65)))
 
-  # --- §3, §8 signature ----------------------------------------------------------
+  # --- §3, §8 signature -------------------------------------------------------
   unsigned = n.build(base.replace(signer=None))
   ecdsa_parts = base.replace(signer=_signer('publisher-ecdsa', store))
   ecdsa = n.build(ecdsa_parts)
@@ -630,7 +630,7 @@ def negative_vectors(store: _Store) -> List[dict]:
         'MAC).', built_by='anyone',
         built=n.build(edit_mac=lambda m: bytes([m[0] ^ 1]) + m[1:]))
 
-  # --- §5, §7 keys -----------------------------------------------------------------
+  # --- §5, §7 keys ------------------------------------------------------------
   n.add('wrong-recipient', NO_KEY, 'Encrypted for another recipient only.',
         built_by='publisher', built=n.build(base.replace(
             recipients=[_recipient('other-recipient')])))
@@ -651,7 +651,7 @@ def negative_vectors(store: _Store) -> List[dict]:
         built=n.build(edit_body=lambda o: o['recipients'].__setitem__(
             0, wrong_ctx)))
 
-  # --- §6, §9, §10 payloads and file table -----------------------------------------
+  # --- §6, §9, §10 payloads and file table ------------------------------------
   n.add('payload-reencrypted', TAMPERED,
         'Payload 0 sealed again by a recipient: same plaintext, fresh stream '
         'header, under the package\'s own stream key.', built_by='recipient',
@@ -680,7 +680,7 @@ def negative_vectors(store: _Store) -> List[dict]:
         built=n.build(table=header_lib.canonical_json(wrong),
                       edit_body=_set(['fingerprint'], 'sha256:' + root)))
 
-  # --- §9 paths (signed by the trusted publisher: still refused) --------------------
+  # --- §9 paths (signed by the trusted publisher: still refused) --------------
   def tree(files, dirs=()):
     return n.build(base.replace(files=[(p, b'x') for p in files],
                                 dirs=list(dirs)))

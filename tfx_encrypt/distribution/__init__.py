@@ -6,6 +6,7 @@ only when `push_package` or `pull_package` runs. See docs/DISTRIBUTION.md.
 
 from tfx_encrypt.distribution.oci import ArtifactNotFoundError
 from tfx_encrypt.distribution.oci import ArtifactTooLargeError
+from tfx_encrypt.distribution.oci import ClientCertificateError
 from tfx_encrypt.distribution.oci import CONFIG_MEDIA_TYPE
 from tfx_encrypt.distribution.oci import DEFAULT_MAX_PACKAGE_BYTES
 from tfx_encrypt.distribution.oci import NotAPackageArtifactError
@@ -13,6 +14,7 @@ from tfx_encrypt.distribution.oci import PACKAGE_MEDIA_TYPE
 from tfx_encrypt.distribution.oci import pull_package
 from tfx_encrypt.distribution.oci import PullResult
 from tfx_encrypt.distribution.oci import push_package
+from tfx_encrypt.distribution.oci import RegistryAuth
 from tfx_encrypt.distribution.oci import RegistryAuthError
 from tfx_encrypt.distribution.oci import RegistryError
 from tfx_encrypt.distribution.oci import RegistryUnavailableError

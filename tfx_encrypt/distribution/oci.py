@@ -9,6 +9,11 @@ digest, then runs `verify_package` (signature + every ciphertext digest, no
 key needed) on a private temporary copy before publishing the bundle
 atomically. See docs/DISTRIBUTION.md.
 
+Credentials: `RegistryAuth` (basic auth user and password, a TLS client
+certificate for mutual TLS, the registry's CA), else the docker config.
+Registries that challenge with `Basic` (htpasswd) are answered here, those
+that challenge with `Bearer` by oras's token flow.
+
 `oras` (and `requests`) are imported lazily: `import tfx_encrypt` and
 `import tfx_encrypt.distribution` work without the `[oci]` extra.
 """
@@ -67,6 +72,86 @@ class RegistryUnavailableError(RegistryError):
 
 class RegistryAuthError(RegistryError):
   """The registry wants credentials, or refused the ones it got (401/403)."""
+
+
+class ClientCertificateError(RegistryAuthError):
+  """The registry refused the TLS client certificate, or wants one (mTLS)."""
+
+
+# --- authentication and TLS ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RegistryAuth:
+  """Credentials and TLS settings for one push or pull (besides docker's).
+
+  Attributes:
+    username: HTTP basic auth user name (``--username``); the password comes
+      with it. Without one, credentials come from the docker config.
+    password: its password (``--password-stdin``, ``TFXE_REGISTRY_PASSWORD``;
+      never a command-line argument). Not shown by ``repr``.
+    ca_file: PEM bundle of the CA(s) that issued the registry's certificate
+      (``--ca-file``); replaces the system CAs for this registry and its
+      token service.
+    cert_file: PEM client certificate (chain) for mutual TLS (``--cert-file``).
+    key_file: its private key, an unencrypted PEM file (``--key-file``).
+  """
+  username: Optional[str] = None
+  password: Optional[str] = dataclasses.field(default=None, repr=False)
+  ca_file: Optional[str] = None
+  cert_file: Optional[str] = None
+  key_file: Optional[str] = None
+
+  def check(self) -> None:
+    """Refuses incomplete or unusable settings before any request."""
+    if (self.username is None) != (self.password is None):
+      raise errors.UsageError(
+          'registry credentials need both a user name and a password: '
+          '--username USER with --password-stdin or TFXE_REGISTRY_PASSWORD')
+    if self.username is not None and (not self.username or
+                                      ':' in self.username):
+      raise errors.UsageError(
+          'the registry user name must be non-empty and contain no ":"')
+    if (self.cert_file is None) != (self.key_file is None):
+      raise errors.UsageError(
+          'a TLS client certificate needs both --cert-file and --key-file')
+    if self.ca_file is not None and not os.path.isfile(self.ca_file):
+      raise errors.UsageError(f'--ca-file {self.ca_file}: no such file')
+    if self.cert_file is not None:
+      _check_client_pair(self.cert_file, self.key_file)
+
+
+def _check_client_pair(cert_file: str, key_file: str) -> None:
+  """Loads the pair once, so that a bad file fails here, in one line."""
+  import ssl  # pylint: disable=g-import-not-at-top
+  for flag, path in (('--cert-file', cert_file), ('--key-file', key_file)):
+    if not os.path.isfile(path):
+      raise errors.UsageError(f'{flag} {path}: no such file')
+  ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+  try:
+    # A password callback that gives none: an encrypted key fails here
+    # instead of OpenSSL prompting on the terminal later.
+    ctx.load_cert_chain(cert_file, key_file, password=lambda: b'')
+  except ssl.SSLError as e:
+    raise errors.UsageError(
+        f'cannot use the TLS client certificate {cert_file} with the key '
+        f'{key_file} ({e.reason or "invalid"}): both must be PEM, the key '
+        'unencrypted and matching the certificate') from None
+  except OSError as e:
+    raise errors.UsageError(
+        f'cannot read the TLS client certificate or key ({e.strerror})'
+    ) from None
+
+
+def _tls_alert(e: Exception) -> Optional[str]:
+  """The TLS alert a registry sent about our certificate, if that is it."""
+  text = str(e).lower()
+  for alert in ('certificate required', 'unknown ca', 'bad certificate',
+                'certificate expired', 'certificate revoked',
+                'certificate unknown', 'unsupported certificate',
+                'access denied'):
+    if f'alert {alert}' in text:
+      return alert
+  return None
 
 
 class ArtifactNotFoundError(RegistryError):
@@ -180,16 +265,28 @@ class _Client:
   a timeout, and turns transport failures into typed errors.
   """
 
-  def __init__(self, ref: Reference, insecure: bool, timeout: float):
+  def __init__(self, ref: Reference, insecure: bool, timeout: float,
+               auth: Optional[RegistryAuth] = None):
     if insecure and not _is_loopback(ref.registry):
       raise errors.UsageError(
           f'--insecure (plain HTTP) is only allowed for a loopback registry '
           f'(localhost, 127.0.0.0/8, ::1), not {ref.registry}; use HTTPS')
+    auth = auth or RegistryAuth()
+    auth.check()
+    if insecure and (auth.cert_file or auth.ca_file):
+      raise errors.UsageError(
+          '--insecure (plain HTTP) cannot be combined with --ca-file, '
+          '--cert-file or --key-file (TLS settings)')
     provider, requests = _import_oras()
     self._requests = requests
     self.ref = ref
-    self.reg = provider.Registry(hostname=ref.registry, insecure=insecure)
+    self._auth = auth
+    self._basic: Optional[str] = None  # the registry asked for basic auth
+    self.reg = provider.Registry(hostname=ref.registry, insecure=insecure,
+                                 tls_verify=auth.ca_file or True)
     session = self.reg.session
+    if auth.cert_file:
+      session.cert = (auth.cert_file, auth.key_file)
     plain_request = session.request
 
     def request(method, url, **kwargs):
@@ -204,6 +301,34 @@ class _Client:
       raise RegistryAuthError(
           f'cannot read the docker credentials config: {type(e).__name__}; '
           'fix ~/.docker/config.json (or $DOCKER_CONFIG/config.json)') from None
+    if auth.username is not None:  # explicit credentials win
+      self.reg.auth.set_basic_auth(auth.username, auth.password)
+    self._answer_basic_challenges()
+
+  def _answer_basic_challenges(self) -> None:
+    """Answers `WWW-Authenticate: Basic` (htpasswd registries) too.
+
+    oras-py's token backend answers only bearer-token challenges (it would
+    request a token from the basic realm's name). A registry that asks for
+    basic auth gets the credentials (explicit, or from the docker config)
+    on the retry, and on every later request of this client without a
+    challenge first; no credentials: RegistryAuthError.
+    """
+    backend = self.reg.auth
+    token_flow = backend.authenticate_request
+
+    def authenticate(original, headers, refresh=False):
+      challenge = original.headers.get('Www-Authenticate', '')
+      if not challenge.lower().startswith('basic'):
+        return token_flow(original, headers, refresh)
+      basic = getattr(backend, '_basic_auth', None)
+      if not basic:
+        return headers, False
+      headers = dict(headers or {})
+      headers['Authorization'] = f'Basic {basic}'
+      self._basic = basic
+      return headers, True
+    backend.authenticate_request = authenticate
 
   def _container(self):
     import oras.container  # pylint: disable=g-import-not-at-top
@@ -215,15 +340,18 @@ class _Client:
               ok: Sequence[int] = (200, 201, 202), **kwargs):
     """One request (oras handles the token dance); typed errors otherwise."""
     requests = self._requests
+    if self._basic is not None:
+      headers = dict(kwargs.get('headers') or {})
+      headers.setdefault('Authorization', f'Basic {self._basic}')
+      kwargs['headers'] = headers
     try:
       r = self._do(self.reg, url, method, **kwargs)
-    except requests.exceptions.SSLError:
-      raise RegistryUnavailableError(
-          f'TLS handshake with registry {self.ref.registry} failed while '
-          f'trying to {what}; check its certificate (or, for a plain-HTTP '
-          'loopback test registry, pass --insecure)') from None
+    except requests.exceptions.SSLError as e:
+      raise self._tls_error(e, what) from None
     except (requests.exceptions.ConnectionError,
             requests.exceptions.Timeout) as e:
+      if _tls_alert(e):  # TLS 1.3: the refusal arrives after the handshake
+        raise self._tls_error(e, what) from None
       host = urllib.parse.urlsplit(
           getattr(getattr(e, 'request', None), 'url', None) or '').netloc
       if host and host != self.ref.registry:  # e.g. its token service
@@ -267,11 +395,46 @@ class _Client:
 
   def _auth_error(self, what: str, status: Optional[int]) -> RegistryAuthError:
     code = f' (HTTP {status})' if status else ''
+    if self._auth.username is not None:
+      return RegistryAuthError(
+          f'registry {self.ref.registry} refused to {what}{code} for user '
+          f'{self._auth.username!r}: check the user name and password and '
+          f'your permissions on {self.ref.repository}')
     return RegistryAuthError(
         f'registry {self.ref.registry} refused to {what}{code}: log in with '
         f'`docker login {self.ref.registry}` (credentials are read from '
-        '~/.docker/config.json, $DOCKER_CONFIG or a credential helper) and '
-        f'check your permissions on {self.ref.repository}')
+        '~/.docker/config.json, $DOCKER_CONFIG or a credential helper), or '
+        'pass --username with --password-stdin, and check your permissions '
+        f'on {self.ref.repository}')
+
+  def _tls_error(self, e: Exception, what: str) -> RegistryError:
+    """A TLS failure, typed: our client certificate, or theirs."""
+    alert = _tls_alert(e)
+    host = self.ref.registry
+    if alert == 'certificate required' or (
+        alert and self._auth.cert_file is None):
+      return ClientCertificateError(
+          f'registry {host} requires a TLS client certificate to {what} '
+          f'(TLS alert: {alert}): pass --cert-file and --key-file')
+    if alert:
+      return ClientCertificateError(
+          f'registry {host} refused the TLS client certificate '
+          f'{self._auth.cert_file} (TLS alert: {alert}) while trying to '
+          f'{what}: it must be issued by a CA the registry trusts '
+          '(http.tls.clientcas), valid now and not revoked')
+    text = str(e)
+    if 'CERTIFICATE_VERIFY_FAILED' in text:
+      hint = ('pass the CA that issued it with --ca-file' if
+              self._auth.ca_file is None else
+              f'it is not issued by a CA in {self._auth.ca_file}')
+      return RegistryUnavailableError(
+          f'the TLS certificate of registry {host} is not trusted while '
+          f'trying to {what}: {hint} (for a plain-HTTP loopback test '
+          'registry, pass --insecure)')
+    return RegistryUnavailableError(
+        f'TLS handshake with registry {host} failed while trying to {what}; '
+        'check its certificate and address (or, for a plain-HTTP loopback '
+        'test registry, pass --insecure)')
 
   # -- blobs and manifests --
 
@@ -415,13 +578,15 @@ def _sha256_file(path: str) -> Tuple[str, int]:
 
 
 def push_package(package, ref: str, *, insecure: bool = False,
-                 timeout: float = DEFAULT_TIMEOUT) -> str:
+                 timeout: float = DEFAULT_TIMEOUT,
+                 auth: Optional[RegistryAuth] = None) -> str:
   """Push a package (directory or bundle) to REGISTRY/REPOSITORY:TAG.
 
   The artifact is one OCI manifest whose single layer is the bundle bytes
   (a directory package is first streamed into a bundle in a private temporary
-  directory) and whose config holds `config_facts`. Credentials come from the
-  docker config (`~/.docker/config.json`, `$DOCKER_CONFIG`, credential
+  directory) and whose config holds `config_facts`. Credentials come from
+  `auth` (basic auth, TLS client certificate, CA file; `RegistryAuth`), else
+  the docker config (`~/.docker/config.json`, `$DOCKER_CONFIG`, credential
   helpers). `insecure` (plain HTTP) is accepted for loopback registries only.
 
   Returns the manifest digest (`sha256:...`): pull by
@@ -434,7 +599,7 @@ def push_package(package, ref: str, *, insecure: bool = False,
   r = dataclasses.replace(r, tag=r.tag or 'latest')
   package = os.path.abspath(os.fspath(package))
   info = pkg.inspect_package(package)  # a package at all? (no key needed)
-  client = _Client(r, insecure, timeout)
+  client = _Client(r, insecure, timeout, auth)
   tmpdir = tempfile.mkdtemp(prefix='tfxe-push-')  # 0700
   try:
     if info.bundle:
@@ -534,7 +699,8 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
                  allow_unsigned: bool = False, insecure: bool = False,
                  force: bool = False, max_bytes: int = DEFAULT_MAX_PACKAGE_BYTES,
                  timeout: float = DEFAULT_TIMEOUT,
-                 policy: Optional[policy_lib.Policy] = None) -> PullResult:
+                 policy: Optional[policy_lib.Policy] = None,
+                 auth: Optional[RegistryAuth] = None) -> PullResult:
   """Pull a package from the registry into the bundle file `out`, verified.
 
   Refuses a manifest that is not exactly {config: tfx-encrypt config, one
@@ -545,7 +711,8 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
   `allow_unsigned`) and every ciphertext digest, and the config is checked
   against the header. With `policy`, the signed context must satisfy it too
   (PolicyError, checked right after the signature). Only then is `out`
-  published atomically; on any error nothing is left at `out`.
+  published atomically; on any error nothing is left at `out`. `auth` as
+  for `push_package`.
   """
   r = parse_reference(ref)
   out = os.path.abspath(os.fspath(out))
@@ -556,7 +723,7 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
   parent = os.path.dirname(out)
   if not os.path.isdir(parent):
     raise errors.UsageError(f'parent directory {parent} does not exist')
-  client = _Client(r, insecure, timeout)
+  client = _Client(r, insecure, timeout, auth)
   body, headers = client.get_small(
       f'{client.base}/manifests/{r.manifest_ref}', 'fetch the manifest',
       MAX_MANIFEST_BYTES, headers={'Accept': OCI_MANIFEST_MEDIA_TYPE})

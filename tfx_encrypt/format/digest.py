@@ -40,8 +40,16 @@ def digest_size(name: str) -> int:
 
 
 def root_digest(name: str, hex_digests: Iterable[str]) -> str:
-  """model_signing-style root: H(concat of raw digests), as '<name>:<hex>'."""
-  h = new_hash(name)
+  """model_signing's root (§9): SHA-256 of the concatenated raw digests.
+
+  The root is SHA-256 whatever `name`, the hash of the digests, is:
+  OpenSSF model_signing computes its in-toto subject digest that way for
+  every file hash it supports (sha256, blake2, blake3), so the result,
+  'sha256:<hex>', equals that subject digest for either of our hashes.
+  """
+  if name not in HASHES:
+    raise errors.UnsupportedFormatError(f'unknown hash {name!r}')
+  h = hashlib.sha256()
   for d in hex_digests:
     h.update(bytes.fromhex(d))
-  return f'{name}:{h.hexdigest()}'
+  return f'sha256:{h.hexdigest()}'

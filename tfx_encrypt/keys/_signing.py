@@ -84,7 +84,8 @@ class PublicKeyInfo:
     self.native_id = native_id
 
   @classmethod
-  def from_der(cls, der: Any, what: str, native_id: str = '') -> 'PublicKeyInfo':
+  def from_der(cls, der: Any, what: str,
+               native_id: str = '') -> 'PublicKeyInfo':
     try:
       public_key = serialization.load_der_public_key(bytes(der))
     except (TypeError, ValueError):
@@ -94,7 +95,8 @@ class PublicKeyInfo:
     return cls(public_key, what, native_id)
 
   @classmethod
-  def from_pem(cls, pem: Any, what: str, native_id: str = '') -> 'PublicKeyInfo':
+  def from_pem(cls, pem: Any, what: str,
+               native_id: str = '') -> 'PublicKeyInfo':
     if isinstance(pem, str):
       pem = pem.encode('ascii', 'replace')
     try:
@@ -125,7 +127,7 @@ def verify(public_key, alg: str, message: bytes, signature: bytes) -> bool:
     return False
 
 
-# -- the per-process cache ------------------------------------------------------
+# -- the per-process cache ----------------------------------------------------
 
 _lock = threading.Lock()
 _cache: Dict[Hashable, PublicKeyInfo] = {}

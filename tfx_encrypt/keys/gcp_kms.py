@@ -143,7 +143,8 @@ class GcpKmsKey(_signing.RemoteSigner, KeyBackend):
     """Creates the backend; no network access happens here.
 
     Args:
-      uri: ``gcp-kms://projects/P/locations/L/keyRings/R/cryptoKeys/K``.
+      uri: ``gcp-kms://projects/P/locations/L/keyRings/R/cryptoKeys/K``
+        (wraps), or ``.../cryptoKeys/K/cryptoKeyVersions/N`` (signs).
       client: a ``google.cloud.kms_v1.KeyManagementServiceClient`` to use
         instead of building one (optional).
       retry: the retry policy; by default :meth:`RetryPolicy.from_env`.

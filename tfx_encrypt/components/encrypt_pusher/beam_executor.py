@@ -279,7 +279,7 @@ def encrypt_model_with_beam(
     signer: Optional[str] = None,
     context: Optional[Mapping[str, str]] = None,
     cipher: str = 'aes-256-gcm',
-    hash_alg: str = 'sha256',
+    hash_alg: str = 'blake3',
     bundle: bool = False,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
     stats: Optional[BeamStats] = None) -> package_lib.PackageInfo:
@@ -296,7 +296,7 @@ def encrypt_model_with_beam(
     signer: optional signing key URI.
     context: encryption context.
     cipher: 'aes-256-gcm' or 'chacha20-poly1305'.
-    hash_alg: 'sha256' or 'blake3'.
+    hash_alg: 'blake3' (default) or 'sha256'.
     bundle: write a single-file bundle.
     segment_bytes: plaintext bytes per work item for large files.
     stats: optional BeamStats filled in with what the job did.

@@ -172,7 +172,7 @@ class EncryptPusher(base_component.BaseComponent):
         `gcp-kms://`, `hcvault://`, `azure-kv://`, `pkcs11:` URIs.
       signer: Optional key URI of an Ed25519 or ECDSA P-256 signing key.
       cipher: 'aes-256-gcm' (default) or 'chacha20-poly1305'.
-      hash_alg: 'sha256' (default) or 'blake3'.
+      hash_alg: 'blake3' (default) or 'sha256' (FIPS).
       encryption_context: Extra string key/values bound to the package. The
         pipeline name, run id, component id and model are added
         automatically under the reserved `tfx.` prefix.
