@@ -6,10 +6,11 @@
 #
 # SCOPE:
 #   format   every module of tfx_encrypt/format/
-#   checks   the security checks of tfx_encrypt/package.py (CHECK_FUNCS below)
-#   package  all of tfx_encrypt/package.py (several hours)
+#   checks   the security checks of tfx_encrypt/package/ (CHECK_FUNCS below)
+#   package  all of tfx_encrypt/package/ (several hours)
 #   serving  tfx_encrypt/runtime/serving.py
-#   a file   e.g. tfx_encrypt/format/paths.py (package.py: as `checks`)
+#   a file   e.g. tfx_encrypt/format/paths.py (in tfx_encrypt/package/:
+#            only the functions of CHECK_FUNCS)
 #
 # mutmut rewrites the file it mutates while the tests run, so the run works
 # in a scratch copy of the tree (MUTATE_DIR, default build/mutate, created
@@ -41,7 +42,12 @@ fi
 
 case "${1:-}" in -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;; esac
 
-CHECK_FUNCS=_verify_signature,unwrap_data_key,open_key_groups,_decrypt_file_table,_decrypt_payload,_check_ciphertext,_Source
+# The security checks of the package operations: signature, unwrapping
+# (and which error wins), key groups, file table and fingerprint, payload
+# segments and digests, the package on disk.
+CHECK_FUNCS=_verify_signature,unwrap_data_key,_UnwrapAttempts,open_key_groups,_decrypt_file_table,_decrypt_payload,_check_ciphertext,_Source
+CHECK_FILES=(tfx_encrypt/package/envelope.py tfx_encrypt/package/_streams.py
+             tfx_encrypt/package/layout.py)
 MUTATE_DIR=${MUTATE_DIR:-$ROOT/build/mutate}
 MUTATE_PYTHON=${MUTATE_PYTHON:-$ROOT/.venv/bin/python}
 MUTMUT=$ROOT/.venv-mut/bin/mutmut
@@ -52,11 +58,11 @@ paths=() funcs=''
 for s in "${scopes[@]}"; do
   case "$s" in
     format) paths+=(tfx_encrypt/format/) ;;
-    checks) paths+=(tfx_encrypt/package.py); funcs=${funcs:-$CHECK_FUNCS} ;;
-    package) paths+=(tfx_encrypt/package.py); funcs=ALL ;;
+    checks) paths+=("${CHECK_FILES[@]}"); funcs=${funcs:-$CHECK_FUNCS} ;;
+    package) paths+=(tfx_encrypt/package/); funcs=ALL ;;
     serving) paths+=(tfx_encrypt/runtime/serving.py) ;;
     tfx_encrypt/*.py) paths+=("$s")
-       [[ "$s" == tfx_encrypt/package.py ]] && funcs=${funcs:-$CHECK_FUNCS} ;;
+       [[ "$s" == tfx_encrypt/package/* ]] && funcs=${funcs:-$CHECK_FUNCS} ;;
     *) echo "mutate: unknown scope '$s' (format, checks, package, serving)" >&2
        exit 2 ;;
   esac
@@ -99,11 +105,11 @@ export TFXE_FUZZ_EXAMPLES=${TFXE_FUZZ_EXAMPLES:-100}
 all_tests=$("$ROOT/.venv-mut/bin/python" -c '
 import mutmut_config as c
 seen = []
-for tests in [*c.TESTS_BY_FILE.values(), *c.TESTS_BY_FUNCTION.values()]:
+for tests in [*c.TESTS_BY_FILE.values(), *c.TESTS_BY_FUNCTION.values(), c.DEFAULT_TESTS]:
   seen += [t for t in tests if t not in seen]
 print(" ".join(seen))')
 
-echo "mutate: mutating $paths_csv${funcs:+ (package.py: $funcs)} in $MUTATE_DIR" >&2
+echo "mutate: mutating $paths_csv${funcs:+ (only $funcs)} in $MUTATE_DIR" >&2
 start=$SECONDS
 rc=0
 "$MUTMUT" run --paths-to-mutate "$paths_csv" --tests-dir tests/ \

@@ -4,15 +4,16 @@ scripts/mutate.sh copies this file to the top of its scratch copy of the
 tree as `mutmut_config.py`, where mutmut imports it. For every mutant,
 `pre_mutation`:
 
-* skips it when it lies outside the scope: in tfx_encrypt/package.py only
+* skips it when it lies outside the scope: in tfx_encrypt/package/ only
   the top-level functions and classes named in TFXE_MUTATE_FUNCS
-  (comma-separated; empty or unset: the whole module) are mutated;
+  (comma-separated; empty or unset: every module whole) are mutated;
 * skips it when it only changes the text of an error or log message (a
   string inside `raise ...`, an `...Error(...)`, `_bad(...)`,
   `_unsafe(...)` or a logger call), unless TFXE_MUTATE_MESSAGES=1: a
   message is not a check, and such mutants would double the run time;
 * otherwise sets the test command to the fast core tests that exercise the
-  mutated file (or, in package.py, the mutated function), fastest first,
+  mutated file (or, in tfx_encrypt/package/, the mutated function),
+  fastest first,
   with `-x` so that a killed mutant costs one failing test.
 
 TFXE_MUTATE_PYTEST is the pytest command line (scripts/mutate.sh sets it to
@@ -40,14 +41,16 @@ TESTS_BY_FILE = {
                                      'tests/test_path_rules.py',
                                      'tests/test_key_groups.py',
                                      'tests/test_package.py'],
-    'tfx_encrypt/package.py': [_CHECKS, 'tests/test_tamper.py',
-                               'tests/test_package.py',
-                               'tests/test_key_groups.py',
-                               'tests/test_rewrap_trust.py',
-                               'tests/test_nonregular_files.py'],
+    'tfx_encrypt/format/stanza.py': [_CHECKS, 'tests/test_tamper.py',
+                                     'tests/test_package.py',
+                                     'tests/test_key_groups.py'],
     'tfx_encrypt/runtime/serving.py': [_CHECKS, 'tests/test_serve_sync.py'],
 }
-# package.py: the tests of each security check.
+# Any other module of tfx_encrypt/format/ or tfx_encrypt/package/.
+DEFAULT_TESTS = [_CHECKS, 'tests/test_tamper.py', 'tests/test_package.py',
+                 'tests/test_key_groups.py', 'tests/test_rewrap_trust.py',
+                 'tests/test_nonregular_files.py', 'tests/test_vectors.py']
+# tfx_encrypt/package/: the tests of each security check.
 TESTS_BY_FUNCTION = {
     '_verify_signature': [_CHECKS, 'tests/test_tamper.py',
                           'tests/test_package.py',
@@ -150,8 +153,8 @@ def _only_message_changed(context):
 def pre_mutation(context):
   filename = _norm(context.filename)
   line = context.current_line_index + 1
-  tests = TESTS_BY_FILE.get(filename)
-  if filename == 'tfx_encrypt/package.py':
+  tests = TESTS_BY_FILE.get(filename, DEFAULT_TESTS)
+  if filename.startswith('tfx_encrypt/package/'):
     wanted = [f.strip() for f in
               os.environ.get('TFXE_MUTATE_FUNCS', '').split(',') if f.strip()]
     where = _enclosing(context.filename, line)
@@ -163,6 +166,5 @@ def pre_mutation(context):
       _only_message_changed(context)):
     context.skip = True
     return
-  if tests:
-    context.config.test_command = (
-        f'{os.environ["TFXE_MUTATE_PYTEST"]} {" ".join(tests)}')
+  context.config.test_command = (
+      f'{os.environ["TFXE_MUTATE_PYTEST"]} {" ".join(tests)}')

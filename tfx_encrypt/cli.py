@@ -442,7 +442,8 @@ def pubkey(key):
 
   KEY is a local key file (private or public) or the URI of a KMS signing
   key (aws-kms://, gcp-kms://.../cryptoKeyVersions/N, hcvault://,
-  azure-kv://), whose public key is fetched from the service: e.g.
+  azure-kv://), whose public key is fetched from the service, or a pkcs11:
+  key pair in a token (HSM, TPM; read from its public key object): e.g.
   `tfx-encrypt pubkey aws-kms://arn:... > release.pub.pem` gives consumers
   a --trust key with the same key id as the KMS key.
   """

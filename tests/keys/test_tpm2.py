@@ -107,7 +107,7 @@ def test_private_key_is_generated_in_the_tpm_and_never_extractable(device):
   assert 'never extractable' in device.tpm.objects(device.token, PIN)
 
 
-def test_wrap_through_the_token_records_the_tpm_oaep_mode(device, caplog):
+def test_wrap_through_the_token_records_the_tpm_oaep_mode(device):
   key = p11.Pkcs11Key(device.identity)
   stanza = key.wrap(DEK, CTX)           # the token's public key object
   # tpm2-pkcs11 reports itself (C_GetInfo); the TPM cannot take the wrap

@@ -428,10 +428,15 @@ class Header:
   def read(cls, f) -> Tuple['Header', int]:
     """Read a header from a binary file object; returns (header, length)."""
     prefix = _read_exact(f, PREFIX_SIZE, 'header')
-    if prefix[:6] != MAGIC[:6]:
+    if prefix[:7] != MAGIC[:7]:
       raise errors.UnsupportedFormatError(
           'not a tfx-encrypt package (bad magic); check the path')
     if prefix[:8] != MAGIC:
+      if prefix[7] < FORMAT_VERSION:  # FORMAT.md "Versions": v1 was dropped
+        raise errors.UnsupportedFormatError(
+            f'tfx-encrypt package format version {prefix[7]} is not supported '
+            f'any more (this version reads version {FORMAT_VERSION}); '
+            're-encrypt the model with this version')
       raise errors.UnsupportedFormatError(
           f'tfx-encrypt package format version {prefix[7]} is not supported '
           f'by this version (reads version {FORMAT_VERSION}); upgrade '

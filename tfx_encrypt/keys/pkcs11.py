@@ -216,7 +216,11 @@ def _token_lock(module: str, token: str) -> threading.Lock:
 
 
 class Pkcs11Key(KeyBackend):
-  """A key inside a PKCS#11 token: AES (GCM) or RSA (OAEP)."""
+  """A key in a PKCS#11 token: AES (GCM) or RSA (OAEP) wraps, EC P-256 signs.
+
+  Or, with ``x-public-key=``, an exported RSA public key of such a token,
+  which wraps for it without the token (device enrolment).
+  """
 
   scheme = 'pkcs11'
   stanza_types = (AES_GCM, RSA_OAEP)

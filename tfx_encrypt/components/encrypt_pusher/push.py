@@ -1,0 +1,282 @@
+"""Where an EncryptPusher package goes: the artifact, then `<base>/<version>/`.
+
+`encrypt_to_artifact` stages the package next to the `EncryptedModel`
+artifact directory and publishes it there; `push_package` pushes it with the
+TFX Pusher's versioning (a Unix timestamp, `str(int(time.time()))`) and
+tfx-encrypt's publication rules (docs/SECURITY.md):
+
+* On a POSIX filesystem (a path or `file://`), the package is copied into an
+  owned temporary sibling inside the base directory and renamed to
+  `<base>/<version>` with an atomic create-if-absent rename
+  (`renameat2(RENAME_NOREPLACE)` on Linux, through `tfx_encrypt._fsutil`). On
+  a collision, e.g. two runs pushing in the same second, the version is
+  bumped (`<ts>+1`, ...), so version names stay integers that sort in push
+  order, as TF Serving style consumers expect.
+* On object stores (`gs://`, `s3://`, ...) reached through `tf.io.gfile`
+  there is no atomic directory rename or create-if-absent: the first free
+  version is chosen by an existence check and the package is copied into it,
+  payload first and header last (best effort; see `_push_remote`).
+* On failure, temporary paths are removed; nothing is left at the
+  destination.
+"""
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Iterator, Optional, Tuple
+
+from absl import logging
+from tfx.dsl.io import fileio
+from tfx.utils import io_utils
+
+from tfx_encrypt import _fsutil
+from tfx_encrypt import _text
+from tfx_encrypt import errors
+from tfx_encrypt.components.encrypt_pusher import spec
+
+# How many consecutive versions to try after a collision.
+_MAX_VERSION_ATTEMPTS = 1000
+
+_URL_SCHEME_RE = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
+
+
+def is_local_path(path: str) -> bool:
+  """True for a plain path or a file:// URI (a POSIX filesystem)."""
+  m = _URL_SCHEME_RE.match(path)
+  return not m or m.group(1).lower() == 'file'
+
+
+def local_path(path: str) -> str:
+  return path[len('file://'):] if path.startswith('file://') else path
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+  """Renames src to dst, failing with FileExistsError if dst exists.
+
+  Atomic on Linux (renameat2 with RENAME_NOREPLACE, via
+  `tfx_encrypt._fsutil.publish`). Elsewhere it falls back to an existence
+  check and rename(2), which still never replaces a non-empty directory.
+
+  Raises:
+    FileExistsError: dst exists.
+  """
+  try:
+    _fsutil.publish(src, dst, force=False)
+  except errors.OutputExistsError as e:
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from e
+  except OSError as e:
+    if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+      raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST),
+                            dst) from e
+    raise
+
+
+def _copy_tree(src: str, dst: str) -> None:
+  """Copies a local file or directory tree `src` to the new path `dst`."""
+  if os.path.isdir(src):
+    shutil.copytree(src, dst, symlinks=False, copy_function=shutil.copyfile)
+  else:
+    os.makedirs(os.path.dirname(dst) or '.', exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _remove_tree(path: str) -> None:
+  try:
+    if is_local_path(path):
+      _fsutil.remove_tree(local_path(path))
+    elif fileio.exists(path):
+      if fileio.isdir(path):
+        fileio.rmtree(path)
+      else:
+        fileio.remove(path)
+  except Exception:  # pylint: disable=broad-except
+    logging.warning('Could not remove temporary path %s',
+                    _text.printable(path), exc_info=True)
+
+
+def is_empty_or_package(uri: str) -> bool:
+  """A remote directory tfx-encrypt may replace (docs/SECURITY.md §1)."""
+  from tfx_encrypt.format import header  # pylint: disable=g-import-not-at-top
+  if not fileio.isdir(uri):
+    return False
+  names = sorted(n.rstrip('/') for n in fileio.listdir(uri))
+  if not names:
+    return True
+  if names == ['payload', 'tfxe.header']:
+    first = os.path.join(uri, 'tfxe.header')
+  elif names == [spec.BUNDLE_FILE_NAME]:
+    first = os.path.join(uri, spec.BUNDLE_FILE_NAME)
+  else:
+    return False
+  with fileio.open(first, 'rb') as f:
+    return f.read(len(header.MAGIC)) == header.MAGIC
+
+
+def push_package(package_path: str,
+                 base_directory: str,
+                 version: Optional[str] = None) -> Tuple[str, str]:
+  """Pushes a package to `<base_directory>/<version>/` without overwriting.
+
+  Args:
+    package_path: the local package directory (or a directory holding a
+      bundle).
+    base_directory: destination base dir, local or any tf.io.gfile scheme.
+    version: integer version to try first; default the current Unix time.
+
+  Returns:
+    (destination path, version string).
+
+  Raises:
+    OSError / errors.TfxEncryptError: the push failed; nothing was left at the
+      destination.
+  """
+  start = int(version) if version is not None else int(time.time())
+  if is_local_path(base_directory):
+    _, v = _push_local(package_path, local_path(base_directory), start)
+    return os.path.join(base_directory, v), v  # as the user spelled it
+  return _push_remote(package_path, base_directory, start)
+
+
+def _push_local(package_path: str, base: str, start: int) -> Tuple[str, str]:
+  """Temp sibling in `base`, then an atomic no-replace rename per version."""
+  os.makedirs(base, exist_ok=True)
+  # An owned temporary sibling (docs/SECURITY.md): a SIGKILLed push leaves
+  # it for the next command writing into `base` (or tfx-encrypt clean).
+  tmp = _fsutil.temp_sibling(os.path.join(base, str(start)), 'push')
+  try:
+    _copy_tree(package_path, tmp)
+    for v in range(start, start + _MAX_VERSION_ATTEMPTS):
+      target = os.path.join(base, str(v))
+      try:
+        rename_noreplace(tmp, target)
+      except FileExistsError:
+        logging.info('Version %s already exists under %s; trying %s.', v,
+                     _text.printable(base), v + 1)
+        continue
+      return target, str(v)
+    raise errors.OutputExistsError(
+        f'could not find a free version under {base} after '
+        f'{_MAX_VERSION_ATTEMPTS} attempts starting at {start}')
+  except BaseException:
+    _remove_tree(tmp)
+    raise
+
+
+def _push_remote(package_path: str, base: str, start: int
+                 ) -> Tuple[str, str]:
+  """Best effort on object stores: no atomic rename or create-if-absent.
+
+  Picks the first version that does not exist and copies the package into
+  it, the payload files first and the header (or the single bundle object)
+  last: one object write is atomic on GCS and S3, so a reader that waits for
+  the header never sees a partial package. Two writers checking the same
+  version at the same instant are not excluded; use a local or mounted
+  destination when concurrent pushes must be strictly serialised.
+  """
+  fileio.makedirs(base)
+  for v in range(start, start + _MAX_VERSION_ATTEMPTS):
+    target = os.path.join(base, str(v))
+    if fileio.exists(target):
+      logging.info('Version %s already exists under %s; trying %s.', v,
+                   _text.printable(base), v + 1)
+      continue
+    try:
+      last = []
+      for root, _, names in os.walk(package_path):
+        rel = os.path.relpath(root, package_path)
+        for name in sorted(names):
+          src = os.path.join(root, name)
+          dst = os.path.join(target, name) if rel == '.' else os.path.join(
+              target, rel, name)
+          if rel == '.':
+            last.append((src, dst))  # header / bundle: written last
+          else:
+            io_utils.copy_file(src, dst)
+      for src, dst in last:
+        io_utils.copy_file(src, dst)
+    except BaseException:
+      _remove_tree(target)
+      raise
+    return target, str(v)
+  raise errors.OutputExistsError(
+      f'could not find a free version under {base} after '
+      f'{_MAX_VERSION_ATTEMPTS} attempts starting at {start}')
+
+
+@contextlib.contextmanager
+def encrypt_to_artifact(model_path: str, artifact_uri: str, bundle: bool,
+                        encrypt: Callable[[str, str], Any]
+                        ) -> Iterator[Tuple[Any, str]]:
+  """Runs `encrypt(model_dir, package)` so that `artifact_uri` holds the package.
+
+  The package is written into a temporary sibling of the artifact directory
+  and renamed into place (or, for a remote pipeline root, staged locally
+  and copied), so a failed run never leaves a partial package. A remote
+  model is fetched into the private (0700) staging directory first, since
+  the package API reads a local directory, and deleted right after.
+
+  Args:
+    model_path: the model directory, local or any tf.io.gfile scheme.
+    artifact_uri: the EncryptedModel artifact directory.
+    bundle: write `spec.BUNDLE_FILE_NAME` inside the artifact directory
+      instead of a directory package.
+    encrypt: called once with a local model directory and the package path
+      to create; its result is yielded.
+
+  Yields:
+    (what `encrypt` returned, path of a local copy of the package to push
+    from); the local staging is removed when the context exits.
+
+  Raises:
+    OutputExistsError: a remote artifact directory holds something that is
+      neither empty nor a package.
+  """
+  local_artifact = is_local_path(artifact_uri)
+  if local_artifact:
+    uri = local_path(artifact_uri).rstrip('/')
+    parent = os.path.dirname(uri)
+    os.makedirs(parent, exist_ok=True)
+    staging_root = _fsutil.temp_sibling(uri, 'stage')
+    os.mkdir(staging_root, 0o700)
+  else:
+    staging_root = tempfile.mkdtemp(prefix='tfx-encrypt-staging-')
+  try:
+    if is_local_path(model_path):
+      src = local_path(model_path)
+    else:
+      src = os.path.join(staging_root, 'plaintext-model')
+      io_utils.copy_dir(model_path, src)
+    pkg_root = os.path.join(staging_root, 'package')
+    if bundle:
+      os.makedirs(pkg_root)
+      package = os.path.join(pkg_root, spec.BUNDLE_FILE_NAME)
+    else:
+      package = pkg_root
+    try:
+      info = encrypt(src, package)
+    finally:
+      if src.startswith(staging_root + os.sep):
+        _fsutil.remove_tree(src)
+    if local_artifact:
+      if os.path.isdir(uri) and not os.listdir(uri):
+        os.rmdir(uri)  # TFX pre-creates output dirs; replace the empty one.
+      rename_noreplace(pkg_root, uri)
+      yield info, uri
+    else:
+      if fileio.exists(artifact_uri):
+        # TFX creates the output directory: replace it only empty, or
+        # holding a package (an earlier attempt of this execution).
+        if is_empty_or_package(artifact_uri):
+          fileio.rmtree(artifact_uri)
+        else:
+          raise errors.OutputExistsError(
+              f'the EncryptedModel artifact {artifact_uri} already has '
+              'content; tfx-encrypt never replaces what it did not write')
+      io_utils.copy_dir(pkg_root, artifact_uri)
+      yield info, pkg_root
+  finally:
+    _fsutil.remove_tree(staging_root)
