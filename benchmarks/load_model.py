@@ -7,8 +7,17 @@ a fresh subprocess each (TensorFlow imported and warmed up before the clock
 starts, for every mode alike), in an order that rotates from round to round.
 The median and the spread (min-max) of the per-round ratios are reported.
 
-    .venv/bin/python benchmarks/load_model.py                 # 256 MiB, 5 rounds
-    .venv/bin/python benchmarks/load_model.py --size-mib 512 --rounds 7
+    .venv/bin/python benchmarks/load_model.py                 # both models, 5 rounds
+    .venv/bin/python benchmarks/load_model.py --models chain --rounds 7
+
+Models (each >= 200 MB of variables, in one data shard):
+  keras   a tf_keras functional model as a TFX Trainer exports it
+          (model.save(..., save_format='tf')): Embedding(102400 x 512),
+          pooling, three Dense layers; 200 MiB of variables
+  chain   a tf.Module of four 4096 x 4096 matrices (256 MiB) chained by
+          matmuls: a tiny graph, so TensorFlow's own work is almost only the
+          restore and there is little graph loading to hide decryption
+          behind (the hard case)
 
 Modes:
   plain        tf.saved_model.load(dir) + first prediction (the baseline)
@@ -33,16 +42,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 MODES = ('plain', 'load_model', 'sha256', 'ram_v1')
+MODELS = ('keras', 'chain')
 
-# A SavedModel of N 4096x4096 float32 matrices (64 MiB each) chained by
-# matmuls: all variables in one data shard, a small graph. That is the hard
-# case for load_model: TensorFlow's own work is mostly the restore, so there
-# is little graph loading to hide decryption behind.
-_MAKE = r'''
+_MAKE_KERAS = r'''
 import os, sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import tensorflow as tf
-out, n = sys.argv[1], int(sys.argv[2])
+import tf_keras as keras
+out = sys.argv[1]
+ids = keras.Input(shape=(16,), dtype='int64', name='ids')
+x = keras.layers.Embedding(102400, 512, name='emb')(ids)
+x = keras.layers.GlobalAveragePooling1D()(x)
+x = keras.layers.Dense(256, activation='relu')(x)
+x = keras.layers.Dense(64, activation='relu')(x)
+y = keras.layers.Dense(1, activation='sigmoid', name='score')(x)
+model = keras.Model(ids, y)
+model.compile(optimizer='adam', loss='binary_crossentropy')
+model.save(out, save_format='tf')
+'''
+
+_MAKE_CHAIN = r'''
+import os, sys
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import tensorflow as tf
+out, n = sys.argv[1], 4
 
 class Chain(tf.Module):
 
@@ -67,7 +90,7 @@ import json, os, sys, time, uuid, warnings
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 warnings.filterwarnings('ignore')
 sys.path.insert(0, sys.argv[1])
-mode, path, key = sys.argv[2:5]
+mode, path, key, model_kind = sys.argv[2:6]
 import tensorflow as tf
 from tfx_encrypt import package as package_lib
 from tfx_encrypt import runtime
@@ -89,6 +112,10 @@ def timed(mod, name, label):
       phases[label] = phases.get(label, 0.0) + time.perf_counter() - t
   setattr(mod, name, wrapper)
 
+if model_kind == 'keras':
+  inputs = {'ids': tf.reshape(tf.range(128, dtype=tf.int64), [8, 16])}
+else:
+  inputs = {'x': tf.random.stateless_normal([8, 4096], seed=[1, 2])}
 x = tf.random.stateless_normal([8, 4096], seed=[1, 2])
 tf.matmul(x, tf.ones([4096, 1]))  # the TF runtime warmed up for every mode
 if mode in ('load_model', 'sha256'):
@@ -127,12 +154,13 @@ elif mode == 'ram_v1':  # the previous load_model, verbatim in substance
 else:
   m = runtime.load_model(path, identities=[key], allow_unsigned=True)
 t1 = time.perf_counter()
-y = m.signatures['serving_default'](x=x)['y'].numpy()
+out = m.signatures['serving_default'](**inputs)
+y = next(iter(out.values())).numpy()
 t2 = time.perf_counter()
 phases['first prediction'] = t2 - t1
 print(json.dumps({'seconds': t2 - t0, 'load_seconds': t1 - t0,
                   'phases': phases, 'base_kib': base,
-                  'peak_kib': status('VmHWM'), 'y0': float(y[0])}))
+                  'peak_kib': status('VmHWM'), 'y0': float(y.ravel()[0])}))
 '''
 
 
@@ -140,14 +168,14 @@ def _median_spread(values):
   return statistics.median(values), min(values), max(values)
 
 
-def prepare(out, size_mib):
+def prepare(out, model_kind):
   """The SavedModel, its packages (default hash and sha256) and a key."""
   import tfx_encrypt as te  # pylint: disable=g-import-not-at-top
   from tfx_encrypt.keys import local  # pylint: disable=g-import-not-at-top
-  n = max(1, size_mib // 64)
-  model = os.path.join(out, f'savedmodel-{n * 64}m')
+  model = os.path.join(out, f'savedmodel-{model_kind}')
   if not os.path.exists(os.path.join(model, 'saved_model.pb')):
-    subprocess.run([sys.executable, '-c', _MAKE, model, str(n)], check=True,
+    make = _MAKE_KERAS if model_kind == 'keras' else _MAKE_CHAIN
+    subprocess.run([sys.executable, '-c', make, model], check=True,
                    capture_output=True)
   keys = os.path.join(out, 'keys')
   os.makedirs(keys, exist_ok=True)
@@ -170,28 +198,30 @@ def prepare(out, size_mib):
   return model, pkgs, key
 
 
-def run_child(mode, path, key):
-  r = subprocess.run([sys.executable, '-c', _CHILD, ROOT, mode, path, key],
-                     capture_output=True, text=True, check=False)
+def run_child(mode, path, key, model_kind):
+  r = subprocess.run(
+      [sys.executable, '-c', _CHILD, ROOT, mode, path, key, model_kind],
+      capture_output=True, text=True, check=False)
   if r.returncode != 0:
     raise RuntimeError(f'{mode} failed:\n{r.stderr[-3000:]}')
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(out, size_mib=256, rounds=5, modes=MODES, log=sys.stderr):
+def run(out, model_kind='keras', rounds=5, modes=MODES, log=sys.stderr):
   """Interleaved rounds; returns the result dict (also written as JSON)."""
-  model, pkgs, key = prepare(out, size_mib)
+  model, pkgs, key = prepare(out, model_kind)
   var_bytes = sum(os.path.getsize(os.path.join(model, 'variables', f))
                   for f in os.listdir(os.path.join(model, 'variables')))
   raw = {m: [] for m in modes}
   for r in range(rounds):
     order = list(modes[r % len(modes):]) + list(modes[:r % len(modes)])
-    print(f'load_model round {r + 1}/{rounds}: {", ".join(order)}', file=log)
+    print(f'load_model ({model_kind}) round {r + 1}/{rounds}: '
+          f'{", ".join(order)}', file=log)
     for mode in order:
-      raw[mode].append(run_child(mode, pkgs[mode], key))
+      raw[mode].append(run_child(mode, pkgs[mode], key, model_kind))
   with open('/proc/loadavg') as f:
     load_after = f.read().split()[:3]
-  res = {'size_mib': size_mib, 'variables_bytes': var_bytes,
+  res = {'model': model_kind, 'variables_bytes': var_bytes,
          'rounds': rounds, 'loadavg_after': load_after, 'modes': {}}
   plain = raw['plain']
   for mode in modes:
@@ -214,15 +244,16 @@ def run(out, size_mib=256, rounds=5, modes=MODES, log=sys.stderr):
         'phases_median': phases,
         'raw': runs,
     }
-  with open(os.path.join(out, 'load_model.json'), 'w') as f:
+  with open(os.path.join(out, f'load_model-{model_kind}.json'), 'w') as f:
     json.dump(res, f, indent=2)
   return res
 
 
 def table(res) -> str:
   lines = [
-      f'SavedModel: {res["variables_bytes"] / (1 << 20):.0f} MiB of variables '
-      f'in one shard; {res["rounds"]} interleaved rounds, one subprocess per '
+      f'SavedModel `{res["model"]}`: {res["variables_bytes"] / (1 << 20):.0f} '
+      f'MiB of variables in one shard; {res["rounds"]} interleaved rounds, one '
+      f'subprocess per '
       f'run; ratios per round to plain, median [min-max]; load average after: '
       f'{" ".join(res["loadavg_after"])}.', '',
       '| mode | to first prediction, s | × plain | peak RSS, MiB | × plain '
@@ -246,7 +277,7 @@ def table(res) -> str:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--size-mib', type=int, default=256)
+  ap.add_argument('--models', default=','.join(MODELS))
   ap.add_argument('--rounds', type=int, default=5)
   ap.add_argument('--modes', default=','.join(MODES))
   ap.add_argument('--out', default=os.path.join(ROOT, 'bench-out'))
@@ -255,8 +286,9 @@ def main(argv=None):
   modes = tuple(m for m in args.modes.split(',') if m)
   if 'plain' not in modes:
     modes = ('plain',) + modes
-  res = run(os.path.abspath(args.out), args.size_mib, args.rounds, modes)
-  print(table(res))
+  for kind in filter(None, args.models.split(',')):
+    res = run(os.path.abspath(args.out), kind, args.rounds, modes)
+    print(table(res) + '\n')
   return 0
 
 

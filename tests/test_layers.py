@@ -21,7 +21,7 @@ LAYERS = [
     (0, ['tfx_encrypt.errors', 'tfx_encrypt._text', 'tfx_encrypt.__about__',
          'tfx_encrypt._signals', 'tfx_encrypt.mlmd_names']),
     (1, ['tfx_encrypt.format']),
-    (2, ['tfx_encrypt._fsutil', 'tfx_encrypt.policy']),
+    (2, ['tfx_encrypt._fsutil', 'tfx_encrypt.policy', 'tfx_encrypt.audit']),
     (3, ['tfx_encrypt.keys']),
     (4, ['tfx_encrypt.package']),
     (5, ['tfx_encrypt.cli', 'tfx_encrypt._entry', 'tfx_encrypt.__main__',

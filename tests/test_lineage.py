@@ -170,14 +170,52 @@ def _ids(records):
   return [r['id'] for r in records]
 
 
+def _recorded(store, artifact_id):
+  """An artifact's custom properties as the executor wrote them (raw)."""
+  [artifact] = store.get_artifacts_by_id([artifact_id])
+  return {k: getattr(v, v.WhichOneof('value'))
+          for k, v in artifact.custom_properties.items()}
+
+
 @pytest.mark.slow
-def test_property_names_mirror_the_component_spec():
-  from tfx_encrypt.components.encrypt_pusher import spec  # pylint: disable=g-import-not-at-top
-  for name in dir(lineage):
-    if name.endswith('_PROPERTY') or name.startswith('CONTEXT_'):
-      assert getattr(lineage, name) == getattr(spec, name), name
+def test_every_property_the_executor_records_is_decoded(runs, store):
+  """What EncryptPusher wrote into MLMD is what lineage reports, name by name.
+
+  The names come from the store the pipeline runs wrote, not from a list
+  shared with the executor: a property the executor starts recording that
+  lineage drops, renames or decodes differently fails here. What TFX itself
+  records on every output artifact (`is_external`, ...) is told apart by
+  the input Model, which the Importer, not the executor, produced.
+  """
   from tfx_encrypt import types  # pylint: disable=g-import-not-at-top
   assert lineage.ENCRYPTED_MODEL_TYPE == types.EncryptedModel.TYPE_NAME
+  traces = [lineage.trace(store, r['id'])
+            for r in lineage.encrypted_models(store)]
+  assert len(traces) == 3
+  for t in traces:
+    em, pushed = t['encrypted_model'], t['pushed_model']
+    [model] = t['models']
+    tfx_own = _recorded(store, model['id']).keys()
+    recorded = _recorded(store, em['id'])
+    assert {'cipher', 'recipient_key_ids', 'model_fingerprint', 'pushed',
+            'encryption_context'} <= recorded.keys()
+    for name, value in recorded.items():
+      if name in tfx_own and name not in em['properties']:
+        continue
+      assert name in em['properties'], name
+      reported = em['properties'][name]
+      if isinstance(reported, (list, dict)):  # recorded as JSON text
+        value = json.loads(value)
+      assert reported == value, name
+    # The PushedModel carries the same package facts (reported once, on
+    # the EncryptedModel), Pusher's three properties and a link back.
+    for name, value in _recorded(store, pushed['id']).items():
+      if name == 'encrypted_model_uri':
+        assert value == em['uri']
+      elif name in ('pushed', 'pushed_destination', 'pushed_version'):
+        assert pushed[name] == value, name
+      else:
+        assert recorded[name] == value, name
 
 
 @pytest.mark.slow

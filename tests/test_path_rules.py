@@ -320,12 +320,12 @@ def test_encrypt_too_long_chain_is_one_typed_error(tmp_path, deep):
 
 def test_tree_walkers_do_not_recurse(tmp_path, deep):
   """os.walk recurses per level before Python 3.12; ours must not."""
-  from tfx_encrypt import cli as cli_lib  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt import _fsutil  # pylint: disable=g-import-not-at-top
   from tfx_encrypt.runtime import serving  # pylint: disable=g-import-not-at-top
   src = tmp_path / 'm'
   deep.append(src)
   _make_chain(str(src), 1100)
-  assert cli_lib._dir_size(str(src)) == len(b'model') + len(b'deep')  # pylint: disable=protected-access
+  assert _fsutil.tree_size(str(src)) == len(b'model') + len(b'deep')
   serving._make_group_readable(str(src))  # pylint: disable=protected-access
   leaf = os.path.join(str(src), *['a'] * 1100, 'leaf')
   assert os.stat(leaf).st_mode & 0o777 == 0o640

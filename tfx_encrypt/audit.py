@@ -36,7 +36,8 @@ line. It cannot see a rewrite of the whole file (the chain can be
 recomputed) or the removal of the newest events: compare the head hash it
 prints with one recorded elsewhere (`--expect-head`).
 
-Standard library only (and tfx_encrypt.errors, tfx_encrypt._text).
+Standard library and click only (and tfx_encrypt's errors, _text and
+_signals).
 """
 
 import contextlib
@@ -45,16 +46,21 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import ipaddress
 import json
 import logging
 import logging.handlers
 import os
 import pwd
 import re
+import signal
 import socket
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
+import click
+
+from tfx_encrypt import _signals
 from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.__about__ import __version__
@@ -89,8 +95,6 @@ FIELDS = frozenset({
     # the file sink's chain
     'seq', 'prev',
 })
-_PACKAGE_FIELDS = ('package', 'package_id', 'fingerprint', 'recipients',
-                   'signer', 'signer_verified')
 
 #: The longest line `verify_log` and an append accept (an event holds at
 #: most a few header strings; a longer line is not one of ours).
@@ -199,9 +203,10 @@ def _parse_line(line: bytes, where: str) -> Dict[str, Any]:
   """One log line (without LF) as an event, or AuditLogError."""
   try:
     event = json.loads(line.decode('ascii'))
-  except (UnicodeDecodeError, ValueError):
-    event = None
-  if not isinstance(event, dict) or canonical(event) != line:
+    ok = isinstance(event, dict) and canonical(event) == line
+  except (UnicodeDecodeError, ValueError, RecursionError):
+    ok = False  # not JSON, NaN, nested beyond the parser's depth
+  if not ok:
     raise AuditLogError(
         f'{where} is not an audit event (not canonical JSON): it was edited, '
         'or written by something else')
@@ -372,6 +377,11 @@ def _syslog_address(arg: str):
     host, port = m.group(1), m.group(2) or '514'
   elif arg.count(':') == 1:
     host, port = arg.split(':')
+  if ':' in host:  # only an IPv6 address has colons
+    try:
+      ipaddress.IPv6Address(host)
+    except ValueError:
+      host = ''
   if not host or not port.isdigit() or not 0 < int(port) < 65536:
     raise errors.UsageError(
         f'--audit-log syslog:{_text.printable(arg)}: expected syslog:/PATH '
@@ -420,11 +430,9 @@ def _classify(exc: Optional[BaseException]):
   if exc is None:
     return OK, None, 0, None
   code = getattr(exc, 'exit_code', None)
-  signum = getattr(exc, 'signum', None)
-  if signum is not None:  # tfx_encrypt._signals.Interrupted
-    import signal  # pylint: disable=g-import-not-at-top
-    return INTERRUPTED, None, code, signal.Signals(signum).name
-  if type(exc).__name__ == 'Exit':  # click.exceptions.Exit (ctx.exit(N))
+  if isinstance(exc, _signals.Interrupted):
+    return INTERRUPTED, None, code, signal.Signals(exc.signum).name
+  if isinstance(exc, click.exceptions.Exit):  # ctx.exit(N), --help
     return (OK if code == 0 else ERROR), None, code, None
   if isinstance(exc, OSError) and not isinstance(code, int):
     code = 9
@@ -447,16 +455,16 @@ class Run:
   """
 
   def __init__(self, auditor: Auditor, action: str, *,
-               per_action: bool = False,
+               per_action: bool = False, with_exit_code: bool = True,
                warn: Optional[Callable[[str], None]] = None):
     self.auditor = auditor
     self.action = action
     self.per_action = per_action
+    self.with_exit_code = with_exit_code  # a CLI command's, not a library's
     self.fields: Dict[str, Any] = {}
     self._outcome = None  # (exception or None,) once known
     self._warn = warn
     self._token = None
-    self.emitted: List[Dict[str, Any]] = []
 
   def record(self, info: Any, *, as_source: bool = False) -> None:
     facts = package_fields(info)
@@ -478,8 +486,8 @@ class Run:
 
   def _write(self, action, outcome, error, fields) -> None:
     try:
-      self.emitted.append(self.auditor.emit(action, outcome, error, **fields))
-    except (OSError, errors.TfxEncryptError, ValueError) as e:
+      self.auditor.emit(action, outcome, error, **fields)
+    except (OSError, errors.TfxEncryptError) as e:
       message = (f'audit event of {action} not written to '
                  f'{_text.printable(self.auditor.sink.name)}: '
                  f'{type(e).__name__}: {_text.printable(str(e))}')
@@ -503,13 +511,14 @@ class Run:
     exc = self._outcome[0]
     self._outcome = ()  # finished: never twice
     outcome, error, code, signame = _classify(exc)
-    if type(exc).__name__ == 'Exit' and code == 0 and not self.fields:
+    if (isinstance(exc, click.exceptions.Exit) and code == 0 and
+        not self.fields):
       return  # a subcommand's --help: nothing was done
-    if self.per_action and outcome == OK or (
-        self.per_action and error is None and outcome == ERROR):
-      return  # every step already has its event
+    if self.per_action and outcome != INTERRUPTED and error is None:
+      return  # every step has its event; only a failure of the whole is one
     fields = dict(self.fields)
-    fields['exit_code'] = code
+    if self.with_exit_code:
+      fields['exit_code'] = code
     if signame:
       fields['signal'] = signame
     self._write(self.action, outcome, error, fields)
@@ -566,16 +575,18 @@ def sync_action(action: Any) -> None:
   if name is None:
     return
   failed = name == 'serve-sync.fail'
-  signer = getattr(action, 'signer', None)
+  fields = {'version': getattr(action, 'version', None)}
   source = getattr(action, 'source', None)
+  if isinstance(source, str):  # the package (or, failed, the path) used
+    fields['package'] = os.path.abspath(source)
+  for key in ('package_id', 'fingerprint'):
+    if getattr(action, key, None) is not None:
+      fields[key] = getattr(action, key)
+  if name == 'serve-sync.install':  # serve-sync records a verified signer
+    signer = getattr(action, 'signer', None)
+    fields.update(signer=signer, signer_verified=signer is not None)
   emit_now(name, ERROR if failed else OK,
-           getattr(action, 'error', None) if failed else None,
-           version=getattr(action, 'version', None),
-           package=os.path.abspath(source) if isinstance(source, str)
-           else None,
-           package_id=getattr(action, 'package_id', None),
-           fingerprint=getattr(action, 'fingerprint', None),
-           signer=signer, signer_verified=signer is not None)
+           getattr(action, 'error', None) if failed else None, **fields)
 
 
 @contextlib.contextmanager
@@ -590,7 +601,7 @@ def execution(spec: Optional[str], action: str):
     return
   sink = open_sink(spec)
   sink.check()
-  run = start(Auditor(sink), action)
+  run = start(Auditor(sink), action, with_exit_code=False)
   try:
     yield run
   except BaseException as e:

@@ -21,10 +21,13 @@ import click
 from tfx_encrypt import _fsutil
 from tfx_encrypt import _signals
 from tfx_encrypt import _text
+from tfx_encrypt import audit as audit_lib
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
 from tfx_encrypt import policy as policy_lib
 from tfx_encrypt.__about__ import __version__
+from tfx_encrypt.format import digest as digest_lib
+from tfx_encrypt.format import streaming
 from tfx_encrypt.keys import local as local_keys
 
 PROGRESS_THRESHOLD = 64 << 20  # show a bar for models above 64 MiB
@@ -55,28 +58,6 @@ def _progress(label: str, total: Optional[int]):
       with lock:
         bar.update(n)
     yield update
-
-
-def _dir_size(path: str) -> int:
-  """Bytes of the files below `path`, for the progress bar (best effort).
-
-  Iterative: os.walk recurses once per level before Python 3.12, and a
-  1,000-level directory chain must give encrypt's typed errors, not a
-  RecursionError.
-  """
-  total = 0
-  stack = [path]
-  while stack:
-    try:
-      with os.scandir(stack.pop()) as it:
-        for e in it:
-          if e.is_dir(follow_symlinks=False):
-            stack.append(e.path)
-          else:
-            total += e.stat(follow_symlinks=False).st_size
-    except OSError:
-      pass
-  return total
 
 
 def _key_groups(groups: Sequence[str], threshold: Optional[int]):
@@ -184,10 +165,64 @@ def _policy_options(f):
 
 
 def _require_trust(trusted: Sequence[str], allow_unsigned: bool) -> None:
-  """Commands that read a package's origin have no default trust."""
+  """Commands that read a package's origin have no default trust.
+
+  The one "say whom you trust" check: decrypt, rewrap, rotate, serve-sync
+  and pull call it first thing. verify does not: with no --trust it says
+  who signed the package (UntrustedSignerError), which is its answer.
+  """
   if not trusted and not allow_unsigned:
     raise errors.UsageError(
         'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
+
+
+# --- options shared by several commands, each defined once ------------------
+
+_TRUST_HELP = 'Public key of a trusted publisher (repeatable).'
+_ALLOW_UNSIGNED_HELP = 'Accept a package without a signature.'
+
+
+def _trust_options(trust_help: str = _TRUST_HELP,
+                   allow_unsigned_help: str = _ALLOW_UNSIGNED_HELP):
+  """--trust KEY_URI (repeatable) and --allow-unsigned.
+
+  The command gets `trusted` and `allow_unsigned`, and checks them with
+  `_require_trust`. A command may say more in the help (rewrap's checks
+  the current signature before any key is used).
+  """
+
+  def decorate(f):
+    f = click.option('--allow-unsigned', is_flag=True,
+                     help=allow_unsigned_help)(f)
+    return click.option('--trust', 'trusted', multiple=True,
+                        metavar='KEY_URI', help=trust_help)(f)
+
+  return decorate
+
+
+_IDENTITY_HELP = ('Private key (X25519, RSA) or KMS/HSM key URI that can '
+                  'decrypt (repeatable); - reads one PEM private key from '
+                  'standard input.')
+# --identity KEY_URI (repeatable, at least one); the command gets `identities`.
+_identity_option = click.option('--identity', '-i', '--identity-file',
+                                'identities', multiple=True, required=True,
+                                metavar='KEY_URI', help=_IDENTITY_HELP)
+
+
+def _force_option(output: str = 'OUT', help_text: Optional[str] = None):
+  """--force: replace an existing output, atomically.
+
+  Only what --force may replace (docs/SECURITY.md); the command gets
+  `force`.
+  """
+  return click.option('--force', is_flag=True,
+                      help=help_text or f'Replace {output} atomically.')
+
+
+def _cipher_option(**kwargs):
+  """--cipher, one of the stream suites' names (format/streaming.CIPHERS)."""
+  return click.option('--cipher', type=click.Choice(list(streaming.CIPHERS)),
+                      **kwargs)
 
 
 class _EchoWarnings(logging.Handler):
@@ -296,6 +331,73 @@ def _os_error_text(e: OSError) -> str:
   return e.strerror + (f' ({" -> ".join(names)})' if names else '')
 
 
+# --- audit trail (tfx_encrypt.audit; docs/SECURITY.md §8) ---------------------
+
+
+def _audit_warn(message: str) -> None:
+  click.echo(f'tfx-encrypt: warning: {message}', err=True)
+
+
+def _audit_begin(ctx: click.Context, spec: Optional[str]) -> None:
+  """Start auditing the command `main` is about to run (--audit-log).
+
+  The sink is checked first (a file is created, its last event read), so a
+  command never runs while its event cannot be written. `audit` itself,
+  which reads logs, is not audited.
+  """
+  name = ctx.invoked_subcommand
+  if not spec or not name or name == 'audit':
+    return
+  sink = audit_lib.open_sink(spec)
+  sink.check()
+  audit_lib.start(audit_lib.Auditor(sink), name,
+                  per_action=name == 'serve-sync', warn=_audit_warn)
+
+
+def _audit_done(exc: Optional[BaseException]) -> None:
+  """How the audited command ended (the first call counts)."""
+  run = audit_lib.current()
+  if run is not None:
+    run.done(exc)
+
+
+def _audit_finish() -> None:
+  """Emit the command's event with signals held: the outcome is decided,
+  and a signal now cannot change it or cut the line in half."""
+  run = audit_lib.current()
+  if run is None:
+    return
+  try:
+    with _signals.deferred():
+      run.finish()
+  except _signals.Interrupted:
+    pass  # arrived after the command ended: its outcome stands
+
+
+def _audit_input(package: str, *, as_source: bool = False) -> None:
+  """Record the package a command reads, as its header says (signer not
+  verified), so that the event of a failed command names it too; the
+  command's verified result replaces it. Never fails: the command itself
+  reports what is wrong with the package."""
+  if audit_lib.current() is None:
+    return
+  audit_lib.note(package=os.path.abspath(package))
+  try:
+    audit_lib.record(pkg.inspect_package(package), as_source=as_source)
+  except (errors.TfxEncryptError, OSError, ValueError):
+    pass
+
+
+def _audit_ref(ref: str) -> None:
+  """Record a registry reference as parsed (no user info can be in it)."""
+  if audit_lib.current() is None:
+    return
+  try:
+    audit_lib.note(ref=str(_import_oci().parse_reference(ref)))
+  except errors.TfxEncryptError:
+    pass  # push/pull report it
+
+
 class _Group(click.Group):
   """Turns every failure into one line on stderr and a non-zero exit code.
 
@@ -331,25 +433,36 @@ class _Group(click.Group):
   def invoke(self, ctx):
     # SIGINT/SIGTERM/SIGHUP: the command unwinds, every temporary sibling
     # it created is removed, and it exits 128 + the signal number.
+    # With --audit-log, the command's run (started by `main`, which knows
+    # the command) learns how it ended; `finally` emits its one event.
     _signals.install()
     try:
-      return super().invoke(ctx)
+      rv = super().invoke(ctx)
+      _audit_done(None)
+      return rv
     except _signals.Interrupted as e:
+      _audit_done(e)
       _fsutil.remove_all_temps()
       click.echo(f'tfx-encrypt: error: {e}; its temporary files were removed',
                  err=True)
       ctx.exit(e.exit_code)
     except errors.TfxEncryptError as e:
+      _audit_done(e)
       # Messages escape what they quote from a package; this is the backstop.
       click.echo(f'tfx-encrypt: error: {_text.printable(str(e), limit=None)}',
                  err=True)
       ctx.exit(e.exit_code)
     except OSError as e:
+      _audit_done(e)
       if _stdout_closed(e):  # also a subcommand's --help
         _exit_closed_stdout()
       click.echo(f'tfx-encrypt: error: {_os_error_text(e)}', err=True)
       ctx.exit(9)
+    except BaseException as e:  # click's usage errors and exits, bugs
+      _audit_done(e)
+      raise
     finally:
+      _audit_finish()
       # A backstop: the API removes its temporaries on every error itself.
       _fsutil.remove_all_temps()
       _signals.uninstall()
@@ -365,18 +478,22 @@ class _Group(click.Group):
       _exit_closed_stdout()
 
 
-_IDENTITY_HELP = ('Private key (X25519, RSA) or KMS/HSM key URI that can '
-                  'decrypt (repeatable); - reads one PEM private key from '
-                  'standard input.')
-
-
 @click.group(cls=_Group, context_settings={'help_option_names': ['-h', '--help']})
 @click.version_option(__version__, prog_name='tfx-encrypt')
-def main():
+@click.option('--audit-log', 'audit_log', envvar=audit_lib.ENV,
+              metavar='PATH|stderr|syslog[:ADDR]|logging',
+              help='Write one audit event per action (JSON): to a '
+              'hash-chained file of JSON lines (check it with `audit '
+              'verify`), stderr, syslog (/dev/log, syslog:/SOCKET or '
+              'syslog:HOST[:PORT] over UDP) or the Python logger '
+              f'tfx_encrypt.audit. Default: ${audit_lib.ENV}.')
+@click.pass_context
+def main(ctx, audit_log):
   """Encrypt, sign and verify TensorFlow model packages."""
   # The keys layer asks for the passphrase of an encrypted key only on a
   # terminal; the CLI asks with click, like keygen --passphrase.
   local_keys.set_passphrase_prompt(_ask_passphrase)
+  _audit_begin(ctx, audit_log)
 
 
 def _ask_passphrase(text: str) -> str:
@@ -413,7 +530,7 @@ def _new_key_passphrase(passphrase_file: Optional[str]) -> bytes:
 @main.command()
 @click.argument('kind', type=click.Choice(local_keys.KEY_KINDS))
 @click.argument('out_prefix')
-@click.option('--force', is_flag=True, help='Overwrite existing key files.')
+@_force_option(help_text='Overwrite existing key files.')
 @click.option('--passphrase', 'protect', is_flag=True,
               help='Encrypt the private key with a passphrase: asked twice on '
               'a terminal, or from --passphrase-file, $TFXE_KEY_PASSPHRASE or '
@@ -430,6 +547,7 @@ def keygen(kind, out_prefix, force, protect, passphrase_file):
   priv, pub = local_keys.keygen(kind, out_prefix, force=force,
                                 passphrase=passphrase)
   key_id = local_keys.LocalKey(pub).key_id
+  audit_lib.note(key_id=key_id, key_kind=kind)
   how = ', passphrase-protected' if passphrase else ''
   click.echo(f'wrote {priv} (private, 0600{how}) and {pub} (public); '
              f'key id {key_id}')
@@ -451,6 +569,7 @@ def pubkey(key):
   backend = keys_lib.resolve(key)
   pem = backend.public_key_pem()
   key_id = backend.signer_id
+  audit_lib.note(key_id=key_id)
   click.echo(pem.decode('ascii'), nl=False)
   click.echo(f'key id {_text.printable(key_id)}', err=True)
 
@@ -472,14 +591,14 @@ def pubkey(key):
               help='Ed25519/ECDSA P-256 private key to sign the header.')
 @click.option('--context', 'context', multiple=True, metavar='K=V',
               help='Encryption context entry bound to the package.')
-@click.option('--cipher', type=click.Choice(['aes-256-gcm', 'chacha20-poly1305']),
-              default='aes-256-gcm', show_default=True)
-@click.option('--hash', 'hash_alg', type=click.Choice(['blake3', 'sha256']),
+@_cipher_option(default='aes-256-gcm', show_default=True)
+@click.option('--hash', 'hash_alg',
+              type=click.Choice(sorted(digest_lib.HASHES)),
               default='blake3', show_default=True,
               help='Digest of every file and payload (the fingerprint '
               'root is SHA-256 either way); sha256 for FIPS-bound users.')
 @click.option('--bundle', is_flag=True, help='Write a single .tfxe file.')
-@click.option('--force', is_flag=True, help='Replace PACKAGE atomically.')
+@_force_option('PACKAGE')
 @click.option('--fsync', is_flag=True, help='fsync before publishing.')
 @click.option('--any-dir', is_flag=True,
               help='Encrypt SRC_DIR even if it holds no model file '
@@ -487,6 +606,7 @@ def pubkey(key):
 def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
             context, cipher, hash_alg, bundle, force, fsync, any_dir):
   """Encrypt SRC_DIR (a SavedModel) into PACKAGE."""
+  audit_lib.note(package=os.path.abspath(package))
   ctx = _parse_context(context)
   groups, k = _key_groups(key_groups, threshold)
   if groups and recipients:
@@ -497,31 +617,28 @@ def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
     raise errors.UsageError(
         'say who can decrypt: --recipient KEY_URI, or --key-group URI[,URI] '
         '(at least two) with --threshold K')
-  with _progress('encrypting', _dir_size(src_dir)) as progress:
+  with _progress('encrypting', _fsutil.tree_size(src_dir)) as progress:
     info = pkg.encrypt_model(src_dir, package, recipients=list(recipients),
                              key_groups=groups, threshold=k,
                              signer=sign_with, context=ctx, cipher=cipher,
                              hash_alg=hash_alg, bundle=bundle, force=force,
                              progress=progress, fsync=fsync, any_dir=any_dir)
+  audit_lib.record(info)
   click.echo(f'encrypted {_summary(info)}')
 
 
 @main.command()
 @click.argument('package')
 @click.argument('out_dir')
-@click.option('--identity', '-i', '--identity-file', 'identities',
-              multiple=True, required=True, metavar='KEY_URI',
-              help=_IDENTITY_HELP)
-@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
-              help='Public key of a trusted publisher (repeatable).')
-@click.option('--allow-unsigned', is_flag=True,
-              help='Accept a package without a signature.')
-@click.option('--force', is_flag=True, help='Replace OUT_DIR atomically.')
+@_identity_option
+@_trust_options()
+@_force_option('OUT_DIR')
 @click.option('--fsync', is_flag=True, help='fsync before publishing.')
 @_policy_options
 def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
             fsync, policy):
   """Verify and decrypt PACKAGE into OUT_DIR."""
+  _audit_input(package)
   _require_trust(trusted, allow_unsigned)
   total = pkg.inspect_package(package).ciphertext_bytes
   with _progress('decrypting', total) as progress:
@@ -529,6 +646,7 @@ def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
                              trusted=list(trusted),
                              allow_unsigned=allow_unsigned, force=force,
                              progress=progress, fsync=fsync, policy=policy)
+  audit_lib.record(info)
   who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
          else 'UNSIGNED (accepted by --allow-unsigned)')
   click.echo(f'decrypted {info.file_count} files into {_show(out_dir)}; {who}; '
@@ -540,7 +658,9 @@ def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
 @click.option('--json', 'as_json', is_flag=True, help='Machine-readable output.')
 def inspect(package, as_json):
   """Show what PACKAGE says about itself (no key needed, signer NOT verified)."""
+  audit_lib.note(package=os.path.abspath(package))
   info = pkg.inspect_package(package)
+  audit_lib.record(info)
   if as_json:
     click.echo(_json(info.to_dict(), indent=2))
     return
@@ -581,13 +701,14 @@ def inspect(package, as_json):
 
 @main.command()
 @click.argument('package')
-@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI')
-@click.option('--allow-unsigned', is_flag=True)
+@_trust_options()
 @_policy_options
 def verify(package, trusted, allow_unsigned, policy):
   """Check the signature and every ciphertext digest, without any key."""
+  _audit_input(package)
   info = pkg.verify_package(package, trusted=list(trusted),
                             allow_unsigned=allow_unsigned, policy=policy)
+  audit_lib.record(info)
   who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
          else 'UNSIGNED')
   click.echo(f'OK: {info.file_count} payloads match their digests; {who}')
@@ -595,9 +716,7 @@ def verify(package, trusted, allow_unsigned, policy):
 
 @main.command()
 @click.argument('package')
-@click.option('--identity', '-i', '--identity-file', 'identities',
-              multiple=True, required=True, metavar='KEY_URI',
-              help=_IDENTITY_HELP)
+@_identity_option
 @click.option('--add-recipient', 'adds', multiple=True, metavar='KEY_URI')
 @click.option('--remove-recipient', 'removes', multiple=True,
               metavar='KEY_URI_OR_ID')
@@ -606,18 +725,18 @@ def verify(package, trusted, allow_unsigned, policy):
               'required for a package with key groups.')
 @click.option('--sign-with', metavar='KEY_URI',
               help='Re-sign the new header (required if PACKAGE is signed).')
-@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
-              help='Public key of a trusted publisher (repeatable); the '
-              'current signature is verified before any key is used.')
-@click.option('--allow-unsigned', is_flag=True,
-              help='Accept an unsigned PACKAGE (a signed one must still be '
-              'signed by a --trust key).')
+@_trust_options(
+    trust_help='Public key of a trusted publisher (repeatable); the current '
+    'signature is verified before any key is used.',
+    allow_unsigned_help='Accept an unsigned PACKAGE (a signed one must still '
+    'be signed by a --trust key).')
 @click.option('--resign-unsigned', is_flag=True,
               help='With --allow-unsigned and --sign-with: sign an UNSIGNED '
               'package, vouching for it yourself.')
 def rewrap(package, identities, adds, removes, add_to_group, sign_with,
            trusted, allow_unsigned, resign_unsigned):
   """Change PACKAGE's recipients without re-encrypting the payload."""
+  _audit_input(package, as_source=True)
   _require_trust(trusted, allow_unsigned)
   if not adds and not removes:
     raise errors.UsageError('nothing to do: pass --add-recipient and/or '
@@ -630,36 +749,35 @@ def rewrap(package, identities, adds, removes, add_to_group, sign_with,
                               trusted=list(trusted),
                               allow_unsigned=allow_unsigned,
                               resign_unsigned=resign_unsigned)
+  audit_lib.record(info)
   click.echo(f'rewrapped {_summary(info)}')
 
 
 @main.command()
 @click.argument('package')
 @click.argument('out')
-@click.option('--identity', '-i', '--identity-file', 'identities',
-              multiple=True, required=True, metavar='KEY_URI',
-              help=_IDENTITY_HELP)
+@_identity_option
 @click.option('--recipient', '-r', 'recipients', multiple=True,
               metavar='KEY_URI')
 @click.option('--key-group', 'key_groups', multiple=True,
               metavar='KEY_URI[,KEY_URI...]',
               help='As for encrypt: new key groups instead of --recipient.')
 @click.option('--threshold', type=int, metavar='K')
-@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI')
-@click.option('--allow-unsigned', is_flag=True)
+@_trust_options()
 @click.option('--sign-with', metavar='KEY_URI')
 @click.option('--resign-unsigned', is_flag=True,
               help='With --allow-unsigned and --sign-with: sign the output of '
               'an UNSIGNED package, vouching for it yourself.')
-@click.option('--cipher', type=click.Choice(['aes-256-gcm', 'chacha20-poly1305']))
+@_cipher_option()
 @click.option('--bundle/--directory', 'bundle', default=None,
               help='Output form (default: same as PACKAGE).')
-@click.option('--force', is_flag=True)
+@_force_option('OUT')
 @_policy_options
 def rotate(package, out, identities, recipients, key_groups, threshold,
            trusted, allow_unsigned, sign_with, resign_unsigned, cipher, bundle,
            force, policy):
   """Re-encrypt PACKAGE under a fresh data key into OUT (no plaintext on disk)."""
+  _audit_input(package, as_source=True)
   _require_trust(trusted, allow_unsigned)
   groups, k = _key_groups(key_groups, threshold)
   if bool(groups) == bool(recipients):
@@ -676,6 +794,7 @@ def rotate(package, out, identities, recipients, key_groups, threshold,
                               resign_unsigned=resign_unsigned,
                               cipher=cipher, bundle=bundle, force=force,
                               progress=p, policy=policy)
+  audit_lib.record(info)
   click.echo(f'rotated into {_summary(info)}')
 
 
@@ -801,13 +920,8 @@ def _print_sync(result, as_json: bool) -> None:
 @main.command('serve-sync')
 @click.argument('source')
 @click.argument('serving_base')
-@click.option('--identity', '-i', '--identity-file', 'identities',
-              multiple=True, required=True, metavar='KEY_URI',
-              help=_IDENTITY_HELP)
-@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
-              help='Public key of a trusted publisher (repeatable).')
-@click.option('--allow-unsigned', is_flag=True,
-              help='Accept packages without a signature.')
+@_identity_option
+@_trust_options(allow_unsigned_help='Accept packages without a signature.')
 @click.option('--keep', type=click.IntRange(min=1), default=2,
               show_default=True, help='How many newest versions to serve.')
 @click.option('--once', is_flag=True, help='Sync once and exit.')
@@ -846,7 +960,8 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
     return serving.sync_serving(
         source, serving_base, identities=list(identities),
         trusted=list(trusted), allow_unsigned=allow_unsigned, keep=keep,
-        group_readable=group_readable, policy=policy)
+        group_readable=group_readable, policy=policy,
+        on_action=audit_lib.sync_action)  # one audit event per action
 
   if once:
     _signals.install(commit_on_publish=False)
@@ -972,21 +1087,21 @@ def push(package, ref, insecure, registry_auth):
   (with --password-stdin), else the docker config (~/.docker/config.json,
   $DOCKER_CONFIG, credential helpers); --cert-file/--key-file for mutual TLS.
   """
+  _audit_input(package)
+  _audit_ref(ref)
   digest = _import_oci().push_package(package, ref, insecure=insecure,
                                       auth=registry_auth)
+  audit_lib.note(manifest_digest=digest)
   click.echo(f'pushed {package} to {ref}; manifest digest {digest}')
 
 
 @main.command()
 @click.argument('ref')
 @click.argument('out')
-@click.option('--trust', 'trusted', multiple=True, metavar='KEY_URI',
-              help='Public key of a trusted publisher (repeatable).')
-@click.option('--allow-unsigned', is_flag=True,
-              help='Accept a package without a signature.')
+@_trust_options()
 @click.option('--insecure', is_flag=True,
               help='Plain HTTP, for a loopback registry only (tests).')
-@click.option('--force', is_flag=True, help='Replace OUT atomically.')
+@_force_option('OUT')
 @_policy_options
 @_registry_options
 def pull(ref, out, trusted, allow_unsigned, insecure, force, policy,
@@ -997,17 +1112,51 @@ def pull(ref, out, trusted, allow_unsigned, insecure, force, policy,
   and every ciphertext digest (no key needed); on any failure nothing is
   written at OUT.
   """
+  _audit_ref(ref)
   _require_trust(trusted, allow_unsigned)
   res = _import_oci().pull_package(ref, out, trusted=list(trusted),
                                    allow_unsigned=allow_unsigned,
                                    insecure=insecure, force=force,
                                    policy=policy, auth=registry_auth)
   info = res.info
+  audit_lib.record(info)
+  audit_lib.note(manifest_digest=res.manifest_digest)
   who = (f'signed by trusted {_show(info.signer)}' if info.signature_verified
          else 'UNSIGNED (accepted by --allow-unsigned)')
   click.echo(f'pulled {_show(ref)} ({_show(res.manifest_digest)}) into '
              f'{_show(out)}: {info.file_count} payloads verified; {who}; '
              f'fingerprint {_show(info.fingerprint)}')
+
+
+# --- audit --------------------------------------------------------------------
+
+
+@main.group('audit')
+def audit():
+  """Check an audit log written with --audit-log PATH."""
+
+
+@audit.command('verify')
+@click.argument('log', type=click.Path(dir_okay=False))
+@click.option('--expect-head', 'expect_head', metavar='HASH',
+              help='A head printed by an earlier `audit verify` and kept '
+              'elsewhere: refuse the log (exit 4) unless that event is '
+              'still in its chain.')
+def audit_verify(log, expect_head):
+  """Check LOG's hash chain and print its head (the last event's hash).
+
+  Exits 4 with one line naming the first line that was edited, deleted,
+  inserted or moved, or a cut last line. A rewrite of the whole file, or
+  the newest events removed, show only against a head kept elsewhere
+  (--expect-head).
+  """
+  found = audit_lib.verify_log(log, expect_head=expect_head)
+  anchored = ''
+  if expect_head is not None:
+    anchored = (f'; the expected head is event {found.anchor_seq}'
+                if found.anchor_seq else '; the expected head is the genesis')
+  click.echo(f'OK: {_show(log)}: {found.events} events, chain intact; head '
+             f'{found.head}{anchored}')
 
 
 if __name__ == '__main__':

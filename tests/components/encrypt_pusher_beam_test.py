@@ -154,7 +154,7 @@ def test_worker_failure_leaves_nothing(tmp_path, big_model, keys,
                                        monkeypatch):
   def boom(job):
     raise errors.BackendUnavailableError('KMS unreachable (test)')
-  monkeypatch.setattr(beam_executor, '_worker_stream_key', boom)
+  monkeypatch.setattr(beam_executor, '_worker_envelope', boom)
   with pytest.raises(Exception, match='KMS unreachable'):
     beam_executor.encrypt_model_with_beam(
         big_model, str(tmp_path / 'pkg'), recipients=[keys.recipient],

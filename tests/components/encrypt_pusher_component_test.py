@@ -16,6 +16,7 @@ from tfx_encrypt.components import BeamEncryptPusher
 from tfx_encrypt.components import EncryptPusher
 from tfx_encrypt.components.encrypt_pusher import beam_executor
 from tfx_encrypt.components.encrypt_pusher import executor
+from tfx_encrypt.components.encrypt_pusher import params
 from tfx_encrypt.components.encrypt_pusher import spec
 
 _PEM = ('-----BEGIN PRIVATE KEY-----\n'
@@ -254,15 +255,15 @@ def test_context_version_must_be_canonical_at_build_time(model):
 def test_executor_rechecks_exec_properties():
   """A hand-edited compiled pipeline is refused at run time too."""
   with pytest.raises(errors.KeyMaterialInParameterError):
-    spec.Params({'recipients': json.dumps([_PEM])})
+    params.Params({'recipients': json.dumps([_PEM])})
   with pytest.raises(errors.KeyMaterialInParameterError):
-    spec.Params({'recipients': json.dumps(['/k.pem']),
-                 'custom_config': json.dumps({'x': _RAW_B64})})
+    params.Params({'recipients': json.dumps(['/k.pem']),
+                   'custom_config': json.dumps({'x': _RAW_B64})})
   with pytest.raises(errors.KeyMaterialInParameterError):
-    spec.Params({'recipients': json.dumps(['/k.pem']),
-                 'beam_worker_identity': 'pkcs11:object=x?pin-value=1'})
-  p = spec.Params({'recipients': json.dumps(['/k.pem']), 'bundle': 1,
-                   'encryption_context': json.dumps({'a': 'b'})})
+    params.Params({'recipients': json.dumps(['/k.pem']),
+                   'beam_worker_identity': 'pkcs11:object=x?pin-value=1'})
+  p = params.Params({'recipients': json.dumps(['/k.pem']), 'bundle': 1,
+                     'encryption_context': json.dumps({'a': 'b'})})
   assert p.recipients == ['/k.pem'] and p.bundle
   assert p.encryption_context == {'a': 'b'}
 
@@ -292,5 +293,6 @@ def test_top_level_type_is_importable_for_vertex():
 
 def test_component_files_exist():
   here = os.path.dirname(executor.__file__)
-  for name in ('component.py', 'executor.py', 'beam_executor.py', 'spec.py'):
+  for name in ('component.py', 'executor.py', 'beam_executor.py', 'spec.py',
+               'params.py', 'key_material.py', 'push.py'):
     assert os.path.exists(os.path.join(here, name))

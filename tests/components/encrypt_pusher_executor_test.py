@@ -19,6 +19,7 @@ from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
 from tfx_encrypt import types as tfxe_types
 from tfx_encrypt.components.encrypt_pusher import executor as executor_lib
+from tfx_encrypt.components.encrypt_pusher import push as push_lib
 from tfx_encrypt.components.encrypt_pusher import spec
 
 
@@ -149,7 +150,7 @@ def test_no_push_destination_records_package_only(tmp_path, model_uri, keys):
       inputs, outputs, _props(keys, None, **{spec.BUNDLE_KEY: 1}))
   assert encrypted.get_int_custom_property('pushed') == 0
   assert encrypted.get_int_custom_property('bundle') == 1
-  bundle = os.path.join(encrypted.uri, executor_lib.BUNDLE_FILE_NAME)
+  bundle = os.path.join(encrypted.uri, spec.BUNDLE_FILE_NAME)
   assert package_lib.inspect_package(bundle).bundle
   assert pushed.get_string_custom_property('encrypted_model_uri') == (
       encrypted.uri)
@@ -197,8 +198,8 @@ def test_concurrent_pushes_same_second_never_overwrite(tmp_path, model_uri,
   def push(i):
     try:
       barrier.wait()
-      results[i] = executor_lib.push_package(packages[i], dest,
-                                             version='1700000000')
+      results[i] = push_lib.push_package(packages[i], dest,
+                                         version='1700000000')
     except Exception as e:  # pylint: disable=broad-except
       failures.append(e)
 
@@ -219,11 +220,11 @@ def test_concurrent_pushes_same_second_never_overwrite(tmp_path, model_uri,
 
 _PUSH_SCRIPT = r'''
 import os, sys, time
-from tfx_encrypt.components.encrypt_pusher import executor
+from tfx_encrypt.components.encrypt_pusher import push
 pkg, dest, go = sys.argv[1:4]
 while not os.path.exists(go):
   time.sleep(0.01)
-path, version = executor.push_package(pkg, dest, version='1700000000')
+path, version = push.push_package(pkg, dest, version='1700000000')
 print(version)
 '''
 
@@ -264,8 +265,8 @@ def test_existing_version_is_never_replaced(tmp_path, model_uri, keys):
   pkg = str(tmp_path / 'pkg')
   package_lib.encrypt_model(os.path.join(model_uri, 'Format-Serving'), pkg,
                             recipients=[keys.recipient])
-  path, version = executor_lib.push_package(pkg, str(dest),
-                                            version='1700000000')
+  path, version = push_lib.push_package(pkg, str(dest),
+                                        version='1700000000')
   assert version == '1700000002'
   assert os.listdir(dest / '1700000000') == []
   assert (dest / '1700000001').read_text() == 'a file'
@@ -297,14 +298,14 @@ def test_failing_recipient_leaves_nothing(tmp_path, model_uri, keys,
 def test_push_failure_cleans_temporary_dirs(tmp_path, model_uri, keys):
   dest = str(tmp_path / 'serving')
   inputs, outputs, _, _ = _artifacts(tmp_path, model_uri)
-  real_rename = executor_lib.rename_noreplace
+  real_rename = push_lib.rename_noreplace
 
   def failing_rename(src, dst):
     if dst.startswith(dest):
       raise OSError(5, 'I/O error')
     real_rename(src, dst)
 
-  with mock.patch.object(executor_lib, 'rename_noreplace', failing_rename):
+  with mock.patch.object(push_lib, 'rename_noreplace', failing_rename):
     with pytest.raises(OSError, match='I/O error'):
       executor_lib.Executor().Do(inputs, outputs, _props(keys, dest))
   assert os.listdir(dest) == []

@@ -564,19 +564,6 @@ def _canonical(obj) -> bytes:
                     ensure_ascii=True).encode('ascii')
 
 
-def _sha256_file(path: str) -> Tuple[str, int]:
-  h = hashlib.sha256()
-  n = 0
-  with open(path, 'rb') as f:
-    while True:
-      b = f.read(1 << 20)
-      if not b:
-        break
-      h.update(b)
-      n += len(b)
-  return f'sha256:{h.hexdigest()}', n
-
-
 def push_package(package, ref: str, *, insecure: bool = False,
                  timeout: float = DEFAULT_TIMEOUT,
                  auth: Optional[RegistryAuth] = None) -> str:
@@ -612,7 +599,8 @@ def push_package(package, ref: str, *, insecure: bool = False,
                                                        info.fingerprint):
         raise errors.TamperedPackageError(
             f'{package} changed while it was being pushed; push it again')
-    digest, size = _sha256_file(blob)
+    hexdigest, size = _fsutil.hash_file(blob, 'sha256')
+    digest = f'sha256:{hexdigest}'
     config = _canonical(config_facts(info))
     config_digest = f'sha256:{hashlib.sha256(config).hexdigest()}'
     client.upload_file(blob, digest, size)

@@ -16,7 +16,8 @@ The byte format itself is :mod:`tfx_encrypt.format`; keys come from
 """
 
 from tfx_encrypt.package._streams import (  # noqa: F401
-    PIPELINE_MIN_SEGMENTS, Progress, default_workers)
+    PIPELINE_MIN_SEGMENTS, Progress, default_workers, seal_segment_range,
+    start_payload)
 from tfx_encrypt.package.envelope import (  # noqa: F401
     RESERVED_CONTEXT_PREFIX, SHARE_GROUP_KEY, SHARE_SIZE, Envelope, KeyLike,
     open_key_groups, prepare_envelope, resolve_keys, resolve_signer,

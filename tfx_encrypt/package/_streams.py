@@ -24,8 +24,10 @@ from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import streaming
 from tfx_encrypt.format.header import FileEntry, Header
+from tfx_encrypt.package.envelope import Envelope
 from tfx_encrypt.package.layout import (
-    _O_CLOEXEC, _O_NOFOLLOW, _Source, _SourceFile)
+    PAYLOAD_DIR, _O_CLOEXEC, _O_NOFOLLOW, _Source, _SourceFile, _create,
+    payload_name)
 
 
 Progress = Optional[Callable[[int], None]]
@@ -244,8 +246,7 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
       ct_hash.update(seg)
       return sc.decrypt_into(i, i == n - 1, seg, plain)
 
-    def consume(mv: memoryview) -> None:
-      ph.update(mv)
+    def deliver(mv: memoryview) -> None:
       sink(mv)
       if progress:
         progress(len(mv))
@@ -255,9 +256,10 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
       for i in range(n):
         _signals.check()
         k = open_segment(i, cipher, plain)
-        consume(plain[:k])
+        ph.update(plain[:k])
+        deliver(plain[:k])
     else:
-      _open_pipelined(n, open_segment, consume)
+      _open_pipelined(n, open_segment, [ph.update, deliver])
     _check_ciphertext(h, index, ct_hash)
     if ph.hexdigest() != entry.digest:
       raise errors.TamperedPackageError(
@@ -268,21 +270,26 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
     os.close(fd)
 
 
+_STOP = object()
+
+
 def _open_pipelined(n: int,
                     open_segment: Callable[[int, memoryview, memoryview], int],
-                    consume: Callable[[memoryview], None]) -> None:
-  """Decrypt a large payload with two threads (the mirror of _seal_stream).
+                    stages: Sequence[Callable[[memoryview], None]]) -> None:
+  """Decrypt a large payload on a pipeline of threads (cf. _seal_stream).
 
-  A helper thread reads segment i + 1, hashes its ciphertext and decrypts
-  it while this thread hashes segment i's plaintext and hands it to the
-  sink, so the two digests run on two cores even for a model that is one
-  large variables shard. Segments reach `consume` in order; the first
-  error on either side stops both, and this thread raises it.
+  A helper thread reads segment i, hashes its ciphertext and decrypts it;
+  each of `stages` but the last (the plaintext digest) runs in a thread of
+  its own; the last (the sink) runs in this thread. So the two digests, the
+  decryption and the sink's copy (a first write to fresh pages costs as
+  much as a hash here) spread over the cores even for a model that is one
+  large variables shard. Segments go through every stage in order; the
+  first error anywhere stops every thread, and this thread raises it.
   """
   free: 'queue.Queue' = queue.Queue()
   for _ in range(_PIPELINE_DEPTH):
     free.put(bytearray(streaming.PLAINTEXT_SEGMENT_SIZE))
-  ready: 'queue.Queue' = queue.Queue()
+  queues = [queue.Queue() for _ in stages]
   stop = threading.Event()
 
   def produce():
@@ -293,26 +300,48 @@ def _open_pipelined(n: int,
         if stop.is_set():
           return
         _signals.check()
-        ready.put((buf, open_segment(i, cipher, memoryview(buf))))
+        queues[0].put((buf, open_segment(i, cipher, memoryview(buf))))
     except BaseException as e:  # pylint: disable=broad-except
-      ready.put(e)
+      queues[0].put(e)
 
-  opener = threading.Thread(target=produce, name='tfxe-open-reader',
-                            daemon=True)
-  opener.start()
+  def relay(fn, inq, outq):
+    while True:
+      item = inq.get()
+      if item is _STOP:
+        return
+      if not isinstance(item, BaseException):
+        try:
+          fn(memoryview(item[0])[:item[1]])
+        except BaseException as e:  # pylint: disable=broad-except
+          item = e
+      outq.put(item)
+      if isinstance(item, BaseException):
+        return
+
+  threads = [threading.Thread(target=produce, name='tfxe-open-reader',
+                              daemon=True)]
+  threads += [threading.Thread(target=relay, args=(fn, queues[j],
+                                                   queues[j + 1]),
+                               name='tfxe-open-stage', daemon=True)
+              for j, fn in enumerate(stages[:-1])]
+  for t in threads:
+    t.start()
   try:
     for _ in range(n):
-      item = ready.get()
+      item = queues[-1].get()
       if isinstance(item, BaseException):
         raise item
       buf, k = item
       _signals.check()
-      consume(memoryview(buf)[:k])
+      stages[-1](memoryview(buf)[:k])
       free.put(buf)
   finally:
     stop.set()
-    free.put(bytearray(0))  # wakes the helper if it waits for a buffer
-    opener.join()
+    free.put(bytearray(0))  # wakes the reader if it waits for a buffer
+    for q in queues[:-1]:
+      q.put(_STOP)
+    for t in threads:
+      t.join()
 
 
 def _decrypt_file_table(h: Header, keys: header_lib.DerivedKeys
@@ -330,3 +359,75 @@ def _decrypt_file_table(h: Header, keys: header_lib.DerivedKeys
     raise errors.TamperedPackageError(
         'the model fingerprint does not match the file table')
   return entries, dirs
+
+
+# --------------------------------------------------------------------------
+# One stream sealed in parts, in any order (BeamEncryptPusher's workers).
+# --------------------------------------------------------------------------
+
+
+def start_payload(env: Envelope, tmp: str, index: int,
+                  size: int) -> Tuple[str, bytes]:
+  """Create payload file `index` of the package being written in `tmp`.
+
+  For a stream that workers seal in parts: the file holds a fresh stream's
+  header (`Envelope.new_stream`) and is sized (sparse) for the ciphertext
+  of `size` plaintext bytes, so that `seal_segment_range` can fill in any
+  range of segments, in any order, from any process. `tmp` is what
+  `start_package` returned.
+
+  Returns:
+    (the payload file's path, its stream header). The header is public (a
+    salt and a nonce prefix): all a worker needs besides the envelope.
+  """
+  path = os.path.join(tmp, PAYLOAD_DIR, payload_name(index))
+  sc = env.new_stream(index)
+  fd = _create(path, 0o644)
+  try:
+    _fsutil.write_all(fd, sc.header)
+    os.ftruncate(fd, streaming.ciphertext_size(size))
+  finally:
+    os.close(fd)
+  return path, sc.header
+
+
+def seal_segment_range(env: Envelope, index: int, stream_header: bytes, *,
+                       source: str, relpath: str, size: int, payload: str,
+                       first: int, end: int) -> int:
+  """Seal plaintext segments [first, end) of `source` into their places.
+
+  `payload` is payload file `index`, made by `start_payload` (which returned
+  `stream_header`); each segment's ciphertext is written at its own offset.
+  The digests of the file table are computed once every range of the file
+  is sealed, by hashing the whole source and payload files. Returns the
+  plaintext bytes sealed.
+
+  Raises:
+    UsageError: the source changed size while it was being encrypted.
+    UnsafePathError: the source is no longer a regular file.
+  """
+  sc = streaming.StreamCipher.from_header(
+      env.suite, env.keys.stream_key, env.payload_aad(index), stream_header)
+  n = streaming.num_segments(size)
+  plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
+  sealed = 0
+  src = _open_source(_SourceFile(relpath, source, size))
+  try:
+    out = os.open(payload, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+      for i in range(first, end):
+        _signals.check()
+        off, ln = streaming.plaintext_segment(i, size)
+        if _fsutil.read_into_exact(src, plain[:ln], off) != ln:
+          raise errors.UsageError(
+              f'{relpath} shrank while it was being encrypted; do not modify '
+              'the model during encryption')
+        k = sc.encrypt_into(i, i == n - 1, plain[:ln], cipher)
+        _fsutil.write_all(out, cipher[:k],
+                          streaming.ciphertext_segment_offset(i))
+        sealed += ln
+    finally:
+      os.close(out)
+  finally:
+    os.close(src)
+  return sealed

@@ -139,16 +139,10 @@ def verify_package(package, *, trusted: Sequence[KeyLike] = (),
     size, want = h.payloads[i]
     fd, offset = src.open_payload(i)
     try:
-      hh = digest_lib.new_hash(h.hash_alg)
-      buf = memoryview(bytearray(min(size, 4 << 20)))
-      pos = 0
-      while pos < size:
-        ln = min(len(buf), size - pos)
-        if _fsutil.read_into_exact(fd, buf[:ln], offset + pos) != ln:
-          raise errors.TamperedPackageError(f'payload {i} is truncated')
-        hh.update(buf[:ln])
-        pos += ln
-      if hh.hexdigest() != want:
+      got, hashed = _fsutil.hash_file(fd, h.hash_alg, offset=offset, size=size)
+      if hashed != size:
+        raise errors.TamperedPackageError(f'payload {i} is truncated')
+      if got != want:
         raise errors.TamperedPackageError(
             f'payload {i} does not match its digest in the header; the '
             'package was modified')

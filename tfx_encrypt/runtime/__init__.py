@@ -10,8 +10,10 @@ tfx-encrypt does not.
 """
 
 import os
+import re
+import threading
 import uuid
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from tfx_encrypt import _fsutil
 from tfx_encrypt import package as package_lib
@@ -35,8 +37,17 @@ def load_model(package, *, identities: Sequence[KeyLike],
   its ciphertext and plaintext digests are checked; TensorFlow gets the
   directory of links only when all files passed (see `_memfiles`). Files
   are decrypted in parallel (`workers` threads, largest first; a large file
-  uses a second thread for its ciphertext digest and decryption). Where
-  memfds are unavailable (not Linux), it falls back to TensorFlow's
+  also spreads its digests and decryption over a pipeline of threads).
+
+  For an object-based (TF2) SavedModel the variables shards, which only the
+  checkpoint restore reads, are decrypted while TensorFlow loads the graph
+  from the other files, already verified (`LoadOptions(
+  experimental_skip_checkpoint=True)`); the variables are then restored from
+  the verified shards with `tf.train.Checkpoint(root=model).read`, which is
+  what `tf.saved_model.load` does itself. Should that restore not fit a
+  model, the whole model, verified by then, is loaded again the plain way.
+
+  Where memfds are unavailable (not Linux), it falls back to TensorFlow's
   `ram://` filesystem, which costs two more copies of the model.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -44,23 +55,121 @@ def load_model(package, *, identities: Sequence[KeyLike],
       package, identities, trusted, allow_unsigned, policy=policy)
   if not _memfiles.supported(len(entries)):
     return _load_via_ram(tf, src, h, keys, entries, tags)
+  workers = workers or package_lib.default_workers()
+  cancel = threading.Event()
   with _memfiles.MemoryTree(dirs) as tree:
 
     def decrypt_one(i):
       e = entries[i]
       fd = tree.create(e.path)
+
+      def sink(mv):
+        if cancel.is_set():
+          raise _Cancelled()
+        _fsutil.write_all(fd, mv)
+
       try:
-        package_lib._decrypt_payload(  # pylint: disable=protected-access
-            src, h, keys, i, e, lambda mv: _fsutil.write_all(fd, mv))
+        package_lib._decrypt_payload(src, h, keys, i, e, sink)  # pylint: disable=protected-access
       except BaseException:
         tree.discard(e.path)
         raise
       tree.done(e.path)
 
-    order = sorted(range(len(entries)), key=lambda i: -entries[i].size)
-    package_lib._run_parallel(  # pylint: disable=protected-access
-        decrypt_one, order, workers or package_lib.default_workers())
+    def run(indices):
+      package_lib._run_parallel(  # pylint: disable=protected-access
+          decrypt_one, sorted(indices, key=lambda i: -entries[i].size),
+          workers)
+
+    shards = {i for i, e in enumerate(entries)
+              if _VARIABLES_SHARD.fullmatch(e.path)}
+    others = [i for i in range(len(entries)) if i not in shards]
+    run(others)
+    options = _skip_checkpoint_options(tf, tree, tags) if shards else None
+    if options is not None:
+      tree.publish([entries[i].path for i in others])
+      return _load_overlapped(tf, tree, lambda: run(shards), cancel, tags,
+                              options)
+    run(shards)
     return tf.saved_model.load(tree.publish(), tags=tags)
+
+
+#: The files only the checkpoint restore reads (TensorFlow's naming).
+_VARIABLES_SHARD = re.compile(r'variables/variables\.data-[0-9]{5}-of-[0-9]{5}')
+
+
+class _Cancelled(Exception):
+  """Stops the decryption of the variables when the graph failed to load."""
+
+
+def _skip_checkpoint_options(tf, tree, tags):
+  """LoadOptions that skip the restore, if this model can be restored after.
+
+  Only an object-based (TF2) SavedModel with one MetaGraph, as
+  `tf.saved_model.save` and Keras write, is restored from its object graph;
+  TF1 SavedModels (and a TensorFlow without the option) load the plain way.
+  """
+  try:
+    options = tf.saved_model.LoadOptions(experimental_skip_checkpoint=True)
+    from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+    sm = saved_model_pb2.SavedModel.FromString(tree.read('saved_model.pb'))
+  except Exception:  # pylint: disable=broad-except
+    return None  # no such option, no saved_model.pb (.pbtxt), or unreadable
+  if len(sm.meta_graphs) != 1 or not sm.meta_graphs[0].HasField(
+      'object_graph_def'):
+    return None
+  want = [tags] if isinstance(tags, str) else tags
+  if want is not None and set(want) != set(sm.meta_graphs[0].meta_info_def.tags):
+    return None  # tf.saved_model.load raises the usual error
+  return options
+
+
+def _load_overlapped(tf, tree, decrypt_shards: Callable[[], None],
+                     cancel: threading.Event, tags, options):
+  """Load the graph while the variables shards decrypt, then restore them.
+
+  TensorFlow only ever sees verified files: the graph load gets the links
+  the caller published (every file but the shards), the shards are linked
+  once every one of them passed its digests.
+  """
+  failures: List[BaseException] = []
+
+  def work():
+    try:
+      decrypt_shards()
+    except BaseException as e:  # pylint: disable=broad-except
+      failures.append(e)
+
+  root = tree.root
+  worker = threading.Thread(target=work, name='tfxe-load-variables',
+                            daemon=True)
+  worker.start()
+  try:
+    model = tf.saved_model.load(root, tags=tags, options=options)
+  except Exception as e:
+    cancel.set()  # the decryption stops at its next segment
+    worker.join()
+    real = [f for f in failures if not isinstance(f, _Cancelled)]
+    if real:  # a tampered shard says more than what TensorFlow made of it
+      raise real[0] from e
+    raise
+  except BaseException:
+    cancel.set()
+    worker.join()
+    raise
+  worker.join()
+  if failures:
+    raise failures[0]
+  tree.publish()
+  prefix = os.path.join(root, 'variables', 'variables')
+  try:
+    with tf.init_scope():
+      tf.train.Checkpoint(root=model).read(
+          prefix).assert_existing_objects_matched()
+  except Exception:  # pylint: disable=broad-except
+    # Not restorable that way (an unusual SavedModel): load the whole
+    # model, every file of which is verified and linked by now.
+    return tf.saved_model.load(root, tags=tags)
+  return model
 
 
 def _load_via_ram(tf, src, h, keys, entries, tags):

@@ -65,9 +65,10 @@ class MemoryTree:
   """Verified plaintext files in memfds, published as a directory of links.
 
   Usage: `create(relpath)` an fd and write the file into it; `done(relpath)`
-  once its digests are checked (the memfd is sealed); `publish()` after every
-  file is done returns the directory to hand to TensorFlow. `close()`
-  (or leaving the `with` block) frees everything.
+  once its digests are checked (the memfd is sealed); `publish(relpaths)`
+  links files that are done (all of them by default) and returns the
+  directory to hand to TensorFlow; it may be called again for more files.
+  `close()` (or leaving the `with` block) frees everything.
   """
 
   def __init__(self, dirs: Iterable[str] = ()):
@@ -75,6 +76,7 @@ class MemoryTree:
     self._lock = threading.Lock()
     self._fds: Dict[str, int] = {}
     self._done = set()
+    self._linked = set()
     self.root: Optional[str] = None
 
   def __enter__(self) -> 'MemoryTree':
@@ -112,23 +114,45 @@ class MemoryTree:
     with self._lock:
       self._done.add(relpath)
 
-  def publish(self) -> str:
-    """Create the link directory (after every file is done); return it."""
+  def publish(self, relpaths: Optional[Iterable[str]] = None) -> str:
+    """Link `relpaths` (default: every file), all verified; return the root.
+
+    The first call creates the link directory and the model's
+    subdirectories. Only files that are `done` are ever linked: asking for
+    another one is a bug, and raises before anything is linked.
+    """
     with self._lock:
-      missing = set(self._fds) - self._done
-      fds = dict(self._fds)
+      want = set(self._fds if relpaths is None else relpaths) - self._linked
+      missing = want - self._done
+      fds = {p: self._fds[p] for p in want if p in self._fds}
     if missing:
       raise RuntimeError(f'{len(missing)} files are not verified yet')
-    parent = _link_parent()
-    root = _fsutil.temp_sibling(os.path.join(parent, 'tfx-encrypt-model'),
-                                'load')
-    self.root = root
-    os.mkdir(root, 0o700)
-    for d in self._dirs:  # sorted, so parents come first
-      os.mkdir(os.path.join(root, *d.split('/')), 0o700)
+    if self.root is None:
+      parent = _link_parent()
+      root = _fsutil.temp_sibling(os.path.join(parent, 'tfx-encrypt-model'),
+                                  'load')
+      self.root = root
+      os.mkdir(root, 0o700)
+      for d in self._dirs:  # sorted, so parents come first
+        os.mkdir(os.path.join(root, *d.split('/')), 0o700)
     for relpath, fd in sorted(fds.items()):
-      os.symlink(f'/proc/self/fd/{fd}', os.path.join(root, *relpath.split('/')))
-    return root
+      os.symlink(f'/proc/self/fd/{fd}',
+                 os.path.join(self.root, *relpath.split('/')))
+      with self._lock:
+        self._linked.add(relpath)
+    return self.root
+
+  def read(self, relpath: str) -> bytes:
+    """The content of a file that is done (e.g. to inspect saved_model.pb)."""
+    with self._lock:
+      if relpath not in self._done:
+        raise RuntimeError(f'{relpath!r} is not verified yet')
+      fd = self._fds[relpath]
+    size = os.fstat(fd).st_size
+    buf = bytearray(size)
+    if _fsutil.read_into_exact(fd, buf, 0) != size:
+      raise OSError(f'short read of {relpath!r} from memory')
+    return bytes(buf)
 
   def close(self) -> None:
     """Remove the link directory and free every memfd (idempotent)."""
@@ -140,5 +164,6 @@ class MemoryTree:
       with self._lock:
         fds, self._fds = self._fds, {}
         self._done = set()
+        self._linked = set()
       for fd in fds.values():
         os.close(fd)

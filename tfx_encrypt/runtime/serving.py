@@ -104,6 +104,19 @@ class SyncAction:
     return f'{f["action"]} {f["version"]} ({f["path"]})'
 
 
+class _Reported(list):
+  """SyncResult.actions that passes each action to `report` as it is
+  appended (sync_serving's `on_action`)."""
+
+  def __init__(self, report):
+    super().__init__()
+    self._report = report
+
+  def append(self, action: SyncAction) -> None:
+    super().append(action)
+    self._report(action)
+
+
 @dataclasses.dataclass
 class SyncResult:
   """Everything one `sync_serving` call did, in order."""
@@ -409,7 +422,8 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
                  trusted: Sequence[KeyLike] = (), allow_unsigned: bool = False,
                  keep: int = 2, group_readable: bool = False,
                  model_check=None,
-                 policy: Optional[policy_lib.Policy] = None) -> SyncResult:
+                 policy: Optional[policy_lib.Policy] = None,
+                 on_action=None) -> SyncResult:
   """Make `serving_base` hold the newest `keep` versions of `source_base`.
 
   Versions are taken newest first; each one that is not yet in
@@ -444,6 +458,10 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
     model_check: optional callable(path) run on each decrypted version before
       it is published; raising rejects the version (reported as failed).
     policy: optional tfx_encrypt.policy.Policy every version must satisfy.
+    on_action: optional callable(SyncAction), called as each action is
+      taken (before the next one starts), e.g. to audit it
+      (tfx_encrypt.audit.sync_action): a sync a signal stops half-way has
+      still reported what it did.
 
   Returns:
     A SyncResult listing every installed, kept, removed and failed version.
@@ -495,6 +513,8 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
       pass
   identities, trusted = list(identities), list(trusted)
   result = SyncResult(source_base, serving_base)
+  if on_action is not None:
+    result.actions = _Reported(on_action)
   with _Lock(serving_base):
     _clean_stale(serving_base)
     managed = read_marker(serving_base)

@@ -4,22 +4,26 @@ For large models, the per-file streams of a tfx-encrypt package (docs/FORMAT.md
 §6: 1 MiB segments, each sealed independently) are encrypted by Beam workers,
 file by file and, for big files, segment range by segment range. The output
 is a standard package, byte-compatible with `tfx_encrypt.package`, that the
-plain `decrypt_model` / `tfx-encrypt decrypt` reads.
+plain `decrypt_model` / `tfx-encrypt decrypt` reads: it is written with the
+same building blocks as `package.encrypt_model` (`prepare_envelope`,
+`start_package`, `start_payload` / `seal_segment_range`, `finish_package`).
 
 Key handling:
 
-* The driver (this executor) generates the data key (DEK), wraps it for every
-  recipient, and keeps it in its own memory only, to compute the header MAC
-  and the encrypted file table at the end.
+* The driver (this executor) prepares the envelope: it generates the data key
+  (DEK), wraps it for every recipient, and keeps the derived keys in its own
+  memory only, to compute the header MAC and the encrypted file table at the
+  end.
 * The Beam job graph carries only public values: key URIs, paths, sizes, the
   package id, the encryption context, the wrapped-key stanzas (which are in
   the package header anyway), the key commitment, and each file's public
   stream header (salt and nonce prefix).
-* Every worker unwraps the DEK itself, once per worker process, from
-  `beam_worker_identity` (a KMS key that is also a recipient, or a private
-  key file every worker can read), checks it against the key commitment,
-  derives the payload key and forgets the DEK. No plaintext key is ever part
-  of the job graph, a pickled DoFn or a Beam element.
+* Every worker rebuilds the envelope itself, once per worker process: it
+  unwraps the DEK from `beam_worker_identity` (a KMS key that is also a
+  recipient, or a private key file every worker can read) and checks it
+  against the key commitment. No plaintext key is ever part of the job
+  graph, a pickled DoFn or a Beam element (an Envelope refuses to be
+  pickled).
 
 Runner requirements: workers read the model and write the payload files in
 place (positioned writes), so the model directory and the package staging
@@ -29,8 +33,8 @@ multi-threading); for Dataflow/Flink/Spark, use a shared POSIX filesystem
 (NFS, Filestore, ...).
 
 Work is done in two Beam stages:
-  1. `EncryptRanges`: one element per (file, segment range); seals segments
-     into the pre-sized payload file with `pwrite`.
+  1. `EncryptRanges`: one element per (file, segment range);
+     `package.seal_segment_range` seals it into the pre-sized payload file.
   2. `DigestFiles`: after all ranges of a file are done (GroupByKey), hashes
      its plaintext and ciphertext (the digests the header records) and writes
      a small result record that the driver collects.
@@ -39,9 +43,8 @@ Work is done in two Beam stages:
 import dataclasses
 import json
 import os
-import stat
 import time
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from absl import logging
 import apache_beam as beam
@@ -53,14 +56,47 @@ from tfx_encrypt import _fsutil
 from tfx_encrypt import errors
 from tfx_encrypt import keys as keys_lib
 from tfx_encrypt import package as package_lib
-from tfx_encrypt.format import digest as digest_lib
-from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import streaming
-from tfx_encrypt.keys.base import Stanza
+from tfx_encrypt.format.header import FileEntry
+from tfx_encrypt.format.stanza import Stanza
+from tfx_encrypt.keys.base import KeyBackend
 
 DEFAULT_SEGMENT_BYTES = 64 << 20
-_READ_CHUNK = 4 << 20
 _METRICS_NAMESPACE = 'tfx_encrypt'
+
+
+# --------------------------------------------------------------------------
+# The envelope, as public values and back.
+# --------------------------------------------------------------------------
+
+
+def _public_values(env: package_lib.Envelope) -> Dict[str, Any]:
+  """What a worker needs, with its identity, to rebuild `env`: no key."""
+  return {
+      'suite': env.suite,
+      'hash_alg': env.hash_alg,
+      'package_id': env.package_id.hex(),
+      'context': dict(env.context),
+      'stanzas': [st.to_json() for st in env.stanzas],
+      'commitment': env.keys.commitment.hex(),
+  }
+
+
+def _open_envelope(identity: KeyBackend,
+                   public: Mapping[str, Any]) -> package_lib.Envelope:
+  """The envelope of `public`, its DEK unwrapped with `identity`.
+
+  Raises:
+    NoMatchingKeyError: `identity` cannot unwrap any of the stanzas.
+    TamperedPackageError: the unwrapped key does not match the commitment.
+  """
+  package_id = bytes.fromhex(public['package_id'])
+  stanzas = [Stanza.from_json(o) for o in public['stanzas']]
+  _, keys = package_lib.unwrap_data_key(
+      [identity], stanzas, package_id, public['context'], public['suite'],
+      bytes.fromhex(public['commitment']))
+  return package_lib.Envelope(public['suite'], public['hash_alg'], package_id,
+                              dict(public['context']), stanzas, keys)
 
 
 # --------------------------------------------------------------------------
@@ -68,20 +104,16 @@ _METRICS_NAMESPACE = 'tfx_encrypt'
 # --------------------------------------------------------------------------
 
 
-def _worker_stream_key(job: Mapping[str, Any]) -> bytes:
-  """Unwraps the DEK with the worker identity and derives the payload key."""
+def _worker_envelope(job: Mapping[str, Any]) -> package_lib.Envelope:
+  """The envelope, rebuilt with the worker identity named in `job`."""
   identity = keys_lib.resolve(job['identity'])
   try:
-    _, keys = package_lib.unwrap_data_key(
-        [identity], [Stanza.from_json(o) for o in job['stanzas']],
-        bytes.fromhex(job['package_id']), job['context'], job['suite'],
-        bytes.fromhex(job['commitment']))
+    return _open_envelope(identity, job)
   except errors.NoMatchingKeyError:
     raise errors.NoMatchingKeyError(
-        f'the Beam worker identity {identity.describe()} cannot unwrap the data '
-        'key: it must be a recipient (a KMS key) or the private key of one'
-    ) from None
-  return keys.stream_key
+        f'the Beam worker identity {identity.describe()} cannot unwrap the '
+        'data key: it must be a recipient (a KMS key) or the private key of '
+        'one') from None
 
 
 class EncryptRangesFn(beam.DoFn):
@@ -90,7 +122,7 @@ class EncryptRangesFn(beam.DoFn):
   def __init__(self, job: Mapping[str, Any]):
     super().__init__()
     self._job = dict(job)  # public values only; see the module docstring
-    self._stream_key = None
+    self._env = None
     self._unwraps = beam.metrics.Metrics.counter(_METRICS_NAMESPACE,
                                                  'dek_unwraps')
     self._segments = beam.metrics.Metrics.counter(_METRICS_NAMESPACE,
@@ -100,78 +132,27 @@ class EncryptRangesFn(beam.DoFn):
 
   def __getstate__(self):
     state = dict(self.__dict__)
-    state['_stream_key'] = None  # never pickle a key, even by accident
+    state['_env'] = None  # never pickle keys, even by accident
     return state
 
   def setup(self):
-    self._stream_key = None
+    self._env = None
 
   def teardown(self):
-    self._stream_key = None
+    self._env = None
 
   def process(self, item: Mapping[str, Any]):
-    job = self._job
-    if self._stream_key is None:
-      self._stream_key = _worker_stream_key(job)
+    if self._env is None:
+      self._env = _worker_envelope(self._job)
       self._unwraps.inc()
-    i, size = item['index'], item['size']
-    n = streaming.num_segments(size)
-    sc = streaming.StreamCipher(
-        job['suite'], self._stream_key,
-        header_lib.payload_aad(bytes.fromhex(job['package_id']), i,
-                               bytes.fromhex(job['ctx_digest'])),
-        bytes.fromhex(item['salt']), bytes.fromhex(item['nonce_prefix']))
-    plain = bytearray(streaming.PLAINTEXT_SEGMENT_SIZE)
-    cipher = bytearray(streaming.SEGMENT_SIZE)
-    src = os.open(item['src'], os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
-    try:
-      if os.fstat(src).st_size != size:
-        raise errors.UsageError(
-            f'{item["relpath"]} changed size during encryption; do not modify '
-            'the model during encryption')
-      out = os.open(item['out'], os.O_WRONLY)
-      try:
-        for s in range(item['seg_start'], item['seg_end']):
-          off, ln = streaming.plaintext_segment(s, size)
-          mv = memoryview(plain)[:ln]
-          if _fsutil.read_into_exact(src, mv, off) != ln:
-            raise errors.UsageError(
-                f'{item["relpath"]} shrank during encryption; do not modify '
-                'the model during encryption')
-          k = sc.encrypt_into(s, s == n - 1, mv, cipher)
-          _pwrite_all(out, memoryview(cipher)[:k],
-                      streaming.ciphertext_segment_offset(s))
-          self._bytes.inc(ln)
-        self._segments.inc(item['seg_end'] - item['seg_start'])
-      finally:
-        os.close(out)
-    finally:
-      os.close(src)
-    yield i, {'pid': os.getpid(),
-              'segments': item['seg_end'] - item['seg_start']}
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-  while data:
-    k = os.pwrite(fd, data, offset)
-    data, offset = data[k:], offset + k
-
-
-def _hash_file(path: str, hash_alg: str) -> Tuple[str, int]:
-  h = digest_lib.new_hash(hash_alg)
-  buf = bytearray(_READ_CHUNK)
-  total = 0
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    while True:
-      k = os.readv(fd, [buf])
-      if not k:
-        break
-      h.update(memoryview(buf)[:k])
-      total += k
-  finally:
-    os.close(fd)
-  return h.hexdigest(), total
+    sealed = package_lib.seal_segment_range(
+        self._env, item['index'], bytes.fromhex(item['stream_header']),
+        source=item['src'], relpath=item['relpath'], size=item['size'],
+        payload=item['out'], first=item['seg_start'], end=item['seg_end'])
+    segments = item['seg_end'] - item['seg_start']
+    self._bytes.inc(sealed)
+    self._segments.inc(segments)
+    yield item['index'], {'pid': os.getpid(), 'segments': segments}
 
 
 class DigestFilesFn(beam.DoFn):
@@ -193,12 +174,12 @@ class DigestFilesFn(beam.DoFn):
       raise errors.TfxEncryptError(
           f'{f["relpath"]}: {want} of {streaming.num_segments(f["size"])} '
           'segments were sealed')
-    plain_digest, plain_size = _hash_file(f['src'], self._hash_alg)
+    plain_digest, plain_size = _fsutil.hash_file(f['src'], self._hash_alg)
     if plain_size != f['size']:
       raise errors.UsageError(
           f'{f["relpath"]} changed size during encryption; do not modify the '
           'model during encryption')
-    cipher_digest, ct_size = _hash_file(f['out'], self._hash_alg)
+    cipher_digest, ct_size = _fsutil.hash_file(f['out'], self._hash_alg)
     if ct_size != streaming.ciphertext_size(f['size']):
       raise errors.TfxEncryptError(f'payload of {f["relpath"]} has the wrong '
                                    'size')
@@ -245,15 +226,12 @@ class BeamStats:
 
 
 def _pick_identity(candidates: Sequence[str],
-                   env: package_lib.Envelope) -> str:
+                   public: Mapping[str, Any]) -> str:
   """First candidate URI that can unwrap the DEK (checked once, up front)."""
   tried = []
   for uri in candidates:
     try:
-      backend = keys_lib.resolve(uri)
-      package_lib.unwrap_data_key([backend], env.stanzas, env.package_id,
-                                  env.context, env.suite,
-                                  env.keys.commitment)
+      _open_envelope(keys_lib.resolve(uri), public)
       return uri
     except (errors.NoMatchingKeyError, errors.UsageError):
       tried.append(uri)
@@ -262,11 +240,6 @@ def _pick_identity(candidates: Sequence[str],
       f'{", ".join(tried) or "the given keys"} can: pass '
       'beam_worker_identity=<a KMS recipient key URI, or the URI of the '
       'private key of a recipient that every worker can read>')
-
-
-def _create(path: str, mode: int = 0o644) -> int:
-  return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
-                 getattr(os, 'O_NOFOLLOW', 0), mode)
 
 
 def encrypt_model_with_beam(
@@ -303,6 +276,13 @@ def encrypt_model_with_beam(
 
   Returns:
     The PackageInfo of the new package.
+
+  Raises:
+    UsageError: no candidate identity can unwrap the data key, or the model
+      changed while it was being encrypted.
+    OutputExistsError: `package` exists.
+    TfxEncryptError: as `package.encrypt_model`, or the Beam job did not
+      seal every file.
   """
   started = time.monotonic()
   stats = stats if stats is not None else BeamStats()
@@ -315,47 +295,31 @@ def encrypt_model_with_beam(
   files, dirs = package_lib.scan_model(os.fspath(src_dir))
   env = package_lib.prepare_envelope(recipient_uris, context=context,
                                      cipher=cipher, hash_alg=hash_alg)
-  identity = _pick_identity(
-      [worker_identity] if worker_identity else recipient_uris, env)
-  stats.worker_identity = identity
+  job = _public_values(env)  # public values only: URIs, ids, wrapped keys
+  job['identity'] = _pick_identity(
+      [worker_identity] if worker_identity else recipient_uris, job)
+  stats.worker_identity = job['identity']
 
   tmp = package_lib.start_package(package)
   results_dir = _fsutil.temp_sibling(package, 'beam')
   try:
     os.mkdir(results_dir, 0o700)
-    pdir = os.path.join(tmp, package_lib.PAYLOAD_DIR)
     segs_per_item = max(1, int(segment_bytes) //
                         streaming.PLAINTEXT_SEGMENT_SIZE)
     items, file_specs = [], {}
     for i, f in enumerate(files):
-      out = os.path.join(pdir, package_lib.payload_name(i))
-      salt = os.urandom(streaming.SALT_SIZE)
-      prefix = os.urandom(streaming.NONCE_PREFIX_SIZE)
-      fd = _create(out)
-      try:  # public stream header, then the full (sparse) payload size
-        _fsutil.write_all(fd, bytes([streaming.HEADER_SIZE]) + salt + prefix)
-        os.ftruncate(fd, streaming.ciphertext_size(f.size))
-      finally:
-        os.close(fd)
+      out, stream_header = package_lib.start_payload(env, tmp, i, f.size)
       file_specs[i] = {'relpath': f.path, 'src': f.abspath, 'out': out,
                        'size': f.size}
       n = streaming.num_segments(f.size)
       for start in range(0, n, segs_per_item):
-        items.append(dict(file_specs[i], index=i, salt=salt.hex(),
-                          nonce_prefix=prefix.hex(), seg_start=start,
+        items.append(dict(file_specs[i], index=i,
+                          stream_header=stream_header.hex(), seg_start=start,
                           seg_end=min(n, start + segs_per_item)))
     items.sort(key=lambda x: -x['size'])  # big files first
-    job = {  # public values only: URIs, ids, wrapped keys, commitment
-        'identity': identity,
-        'suite': env.suite,
-        'package_id': env.package_id.hex(),
-        'context': dict(env.context),
-        'ctx_digest': env.ctx_digest.hex(),
-        'stanzas': [st.to_json() for st in env.stanzas],
-        'commitment': env.keys.commitment.hex(),
-    }
     logging.info('Encrypting %d files as %d Beam work items; workers unwrap '
-                 'the data key with %s.', len(files), len(items), identity)
+                 'the data key with %s.', len(files), len(items),
+                 job['identity'])
     pipeline = make_pipeline()
     build_graph(pipeline, items, job, file_specs, hash_alg, results_dir)
     result = pipeline.run()
@@ -371,16 +335,14 @@ def encrypt_model_with_beam(
     if sorted(records) != list(range(len(files))):
       raise errors.TfxEncryptError(
           f'the Beam job finished {len(records)} of {len(files)} files')
-    _, hlen = package_lib.finish_package(
+    package_lib.finish_package(
         env, tmp, package,
-        entries=[header_lib.FileEntry(f.path, f.size,
-                                      records[i]['plain_digest'])
+        entries=[FileEntry(f.path, f.size, records[i]['plain_digest'])
                  for i, f in enumerate(files)],
         dirs=dirs,
         payloads=[(records[i]['ct_size'], records[i]['cipher_digest'])
                   for i in range(len(files))],
         signer=sign_with, bundle=bundle)
-    del hlen
     stats.files = len(files)
     stats.work_items = len(items)
     stats.segments = sum(streaming.num_segments(f.size) for f in files)
@@ -408,20 +370,6 @@ def _counter(result, name: str) -> Optional[int]:
     return None
 
 
-def _model_bytes(model_dir: str) -> int:
-  total = 0
-  stack = [model_dir]  # not os.walk: it recurses per level before 3.12
-  while stack:
-    with os.scandir(stack.pop()) as it:
-      for e in it:
-        st = e.stat(follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-          stack.append(e.path)
-        elif stat.S_ISREG(st.st_mode):
-          total += st.st_size
-  return total
-
-
 def _make_executor_class():
   """Builds the TFX Beam executor class (imports TFX on first use)."""
   # pylint: disable=g-import-not-at-top
@@ -443,28 +391,18 @@ def _make_executor_class():
 
     def EncryptModel(self, model_dir: str, package: str, params: Any,
                      context: Mapping[str, str]) -> Any:
-      size = _model_bytes(model_dir)
+      size = _fsutil.tree_size(model_dir)
       if size < params.beam_min_bytes:
         logging.info('Model is %d bytes (< beam_min_bytes=%d): encrypting '
                      'in-process.', size, params.beam_min_bytes)
         return super().EncryptModel(model_dir, package, params, context)
       stats = BeamStats()
-      kwargs = {}
-      if params.cipher:
-        kwargs['cipher'] = params.cipher
-      if params.hash_alg:
-        kwargs['hash_alg'] = params.hash_alg
       info = encrypt_model_with_beam(
-          model_dir, package,
-          recipients=list(params.recipients),
+          model_dir, package, context=dict(context),
           make_pipeline=self._make_beam_pipeline,
           worker_identity=params.beam_worker_identity,
-          signer=params.signer,
-          context=dict(context),
-          bundle=params.bundle,
           segment_bytes=params.beam_segment_bytes or DEFAULT_SEGMENT_BYTES,
-          stats=stats,
-          **kwargs)
+          stats=stats, **params.package_options())
       self.last_beam_stats = stats
       logging.info(
           'Beam encryption: %d files, %d work items, %d segments, worker '

@@ -59,6 +59,12 @@ class EncryptPusher(base_component.BaseComponent):
 
   SPEC_CLASS = spec.EncryptPusherSpec
   EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(executor.Executor)
+  # `IMAGE`: the container image this component (and BeamEncryptPusher) runs
+  # in on Kubeflow Pipelines v2 / Vertex AI (docker/component.Dockerfile).
+  # tfx_encrypt.components.kubeflow_v2.image_map() puts it in
+  # KubeflowV2DagRunnerConfig's per-component `default_image` map, TFX 1.16's
+  # way to choose a step's image; kubeflow_v2.with_image() overrides it.
+  from tfx_encrypt.__about__ import IMAGE  # pylint: disable=g-import-not-at-top
 
   def __init__(
       self,
@@ -73,7 +79,8 @@ class EncryptPusher(base_component.BaseComponent):
       encryption_context: Optional[Dict[str, str]] = None,
       push_destination: Union[None, str, pusher_pb2.PushDestination] = None,
       custom_config: Optional[Dict[str, Any]] = None,
-      bundle: bool = False):
+      bundle: bool = False,
+      audit_log: Optional[str] = None):
     """Constructs an EncryptPusher component.
 
     Args:
@@ -94,6 +101,10 @@ class EncryptPusher(base_component.BaseComponent):
         package is only recorded as the EncryptedModel artifact (pushed=0).
       custom_config: Optional dict recorded with the execution.
       bundle: Write a single-file `.tfxe` bundle instead of a directory.
+      audit_log: Optional audit sink on the executor's host: a file path
+        (hash-chained JSON lines), 'stderr', 'syslog[:ADDR]' or 'logging';
+        each execution writes one event (docs/SECURITY.md §8). Recorded as
+        an exec property: a place, never a secret.
 
     Raises:
       KeyMaterialInParameterError: a parameter looks like key material.
@@ -108,7 +119,7 @@ class EncryptPusher(base_component.BaseComponent):
         recipients=recipients, signer=signer, cipher=cipher,
         hash_alg=hash_alg, encryption_context=encryption_context,
         push_destination=push_destination, custom_config=custom_config,
-        bundle=bundle)
+        bundle=bundle, audit_log=audit_log)
     parameters.update(self._more_parameters())
     super().__init__(spec=spec.EncryptPusherSpec(
         model=model,
@@ -161,7 +172,8 @@ class BeamEncryptPusher(EncryptPusher, base_beam_component.BaseBeamComponent):
         (rounded to whole 1 MiB segments). Default 64 MiB.
       **kwargs: the keyword arguments of `EncryptPusher` (`recipients`,
         `signer`, `cipher`, `hash_alg`, `encryption_context`,
-        `push_destination`, `custom_config`, `bundle`), defined there once.
+        `push_destination`, `custom_config`, `bundle`, `audit_log`), defined
+        there once.
 
     Raises:
       KeyMaterialInParameterError: a parameter looks like key material.

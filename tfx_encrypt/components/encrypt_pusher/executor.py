@@ -39,6 +39,7 @@ from tfx.components.pusher import executor as pusher_executor
 from tfx.types import artifact_utils
 
 from tfx_encrypt import _text
+from tfx_encrypt import audit
 from tfx_encrypt.components.encrypt_pusher import params as params_lib
 from tfx_encrypt.components.encrypt_pusher import push
 from tfx_encrypt.components.encrypt_pusher import spec
@@ -51,15 +52,29 @@ def _info_get(info: Any, name: str, default=None):
   return getattr(info, name, default)
 
 
+def _audited(do):
+  """Emit one audit event per execution to the `audit_log` exec property's
+  sink, if set (tfx_encrypt.audit; docs/SECURITY.md §8), whatever happens."""
+
+  @functools.wraps(do)
+  def execute(self, input_dict, output_dict, exec_properties):
+    with audit.execution(exec_properties.get(spec.AUDIT_LOG_KEY) or None,
+                         'encrypt-pusher'):
+      return do(self, input_dict, output_dict, exec_properties)
+
+  return execute
+
+
 class Executor(pusher_executor.Executor):
   """Encrypts a blessed model into an EncryptedModel artifact and pushes it.
 
   Execution properties (see `spec.EncryptPusherSpec`): `recipients` (JSON list
   of key URIs), `signer`, `cipher`, `hash_alg`, `encryption_context` (JSON
   object), `push_destination` (base directory), `custom_config` (JSON),
-  `bundle`.
+  `bundle`, `audit_log` (an audit sink: one event per execution).
   """
 
+  @_audited
   def Do(self, input_dict: Dict[str, List[types.Artifact]],
          output_dict: Dict[str, List[types.Artifact]],
          exec_properties: Dict[str, Any]) -> None:
@@ -83,6 +98,7 @@ class Executor(pusher_executor.Executor):
 
     if not self.CheckBlessing(input_dict):
       logging.info('Model is not blessed: not encrypting, not pushing.')
+      audit.note(blessed=False, pushed=False)
       self._MarkNotPushed(model_push)
       self._MarkNotPushed(encrypted_model)
       return
@@ -104,9 +120,13 @@ class Executor(pusher_executor.Executor):
 
     encrypt = functools.partial(self.EncryptModel, params=params,
                                 context=context)
-    with push.encrypt_to_artifact(model_path, encrypted_model.uri,
-                                  params.bundle, encrypt) as (info,
-                                                              local_package):
+    staged = push.encrypt_to_artifact(model_path, encrypted_model.uri,
+                                      params.bundle, encrypt)
+    with staged as (info, local_package):
+      audit.record(info)
+      audit.note(package=encrypted_model.uri, blessed=True, pushed=False,
+                 pipeline=context.get(spec.CONTEXT_PIPELINE_NAME),
+                 run_id=context.get(spec.CONTEXT_PIPELINE_RUN_ID))
       for artifact in (encrypted_model, model_push):
         self._MarkEncrypted(artifact, info, params, context)
       model_push.set_string_custom_property(
@@ -125,6 +145,7 @@ class Executor(pusher_executor.Executor):
                                                version=push_version)
     logging.info('Encrypted model pushed to %s (version %s).',
                  _text.printable(destination), _text.printable(version))
+    audit.note(pushed=True, destination=destination, version=version)
     for artifact in (encrypted_model, model_push):
       self._MarkPushed(artifact, pushed_destination=destination,
                        pushed_version=version)

@@ -14,6 +14,7 @@ from tfx.proto import pusher_pb2
 from tfx.utils import json_utils
 
 from tfx_encrypt import _text
+from tfx_encrypt import audit
 from tfx_encrypt import errors
 from tfx_encrypt import policy as policy_lib
 from tfx_encrypt.components.encrypt_pusher import key_material
@@ -205,7 +206,7 @@ def push_destination_dir(
 
 def exec_properties(*, recipients, signer, cipher, hash_alg,
                     encryption_context, push_destination, custom_config,
-                    bundle) -> Dict[str, Any]:
+                    bundle, audit_log=None) -> Dict[str, Any]:
   """The EncryptPusher arguments as execution properties, checked.
 
   Checked when the pipeline is built, so a mistake fails there and not in
@@ -237,7 +238,13 @@ def exec_properties(*, recipients, signer, cipher, hash_alg,
   if custom_config is not None and not isinstance(custom_config, dict):
     raise errors.UsageError('custom_config must be a dict')
   key_material.check_value(custom_config or {}, spec.CUSTOM_CONFIG_KEY)
+  if audit_log is not None:
+    if not isinstance(audit_log, str):
+      raise errors.UsageError(f'{spec.AUDIT_LOG_KEY} must be a string')
+    key_material.check_text(audit_log, spec.AUDIT_LOG_KEY)
+    audit.open_sink(audit_log)  # its form; opened by the executor
   return {
+      spec.AUDIT_LOG_KEY: audit_log,
       spec.RECIPIENTS_KEY: json_utils.dumps(uris),
       spec.SIGNER_KEY: signer_uri,
       spec.CIPHER_KEY: cipher,

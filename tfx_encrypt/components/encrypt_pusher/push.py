@@ -211,7 +211,7 @@ def _push_remote(package_path: str, base: str, start: int
 def encrypt_to_artifact(model_path: str, artifact_uri: str, bundle: bool,
                         encrypt: Callable[[str, str], Any]
                         ) -> Iterator[Tuple[Any, str]]:
-  """Runs `encrypt(model_dir, package)` so that `artifact_uri` holds the package.
+  """Runs `encrypt(model_dir, package)`; `artifact_uri` then holds the package.
 
   The package is written into a temporary sibling of the artifact directory
   and renamed into place (or, for a remote pipeline root, staged locally

@@ -40,6 +40,9 @@ BUNDLE_KEY = 'bundle'
 BEAM_WORKER_IDENTITY_KEY = 'beam_worker_identity'
 BEAM_MIN_BYTES_KEY = 'beam_min_bytes'
 BEAM_SEGMENT_BYTES_KEY = 'beam_segment_bytes'
+# Where the executor writes its audit event (a tfx_encrypt.audit sink: a
+# path, stderr, syslog[:ADDR] or logging; never a secret).
+AUDIT_LOG_KEY = 'audit_log'
 
 # Custom property and encryption-context names (shared with the lineage
 # layer, which must not import TFX).
@@ -101,6 +104,7 @@ class EncryptPusherSpec(ComponentSpec):
       BEAM_WORKER_IDENTITY_KEY: ExecutionParameter(type=str, optional=True),
       BEAM_MIN_BYTES_KEY: ExecutionParameter(type=int, optional=True),
       BEAM_SEGMENT_BYTES_KEY: ExecutionParameter(type=int, optional=True),
+      AUDIT_LOG_KEY: ExecutionParameter(type=str, optional=True),
   }
   INPUTS = {
       MODEL_KEY:
