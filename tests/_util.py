@@ -3,6 +3,7 @@
 import os
 
 from tfx_encrypt.keys import local
+from tfx_encrypt.keys.base import KeyBackend
 
 
 class Keys:
@@ -61,3 +62,31 @@ def read_tree(root):
 def leftovers(parent, name):
   """Hidden temp siblings of `name` left in `parent`."""
   return [e for e in os.listdir(parent) if e.startswith('.' + name + '.')]
+
+
+class CountingKey(KeyBackend):
+  """A real local key (a path or a LocalKey) that counts its unwrap calls:
+  `calls` (all) and `ok` (successful). Used to prove that a refusal comes
+  before any key call, and that a reader makes exactly k calls."""
+
+  def __init__(self, key):
+    self.inner = local.LocalKey(key) if isinstance(key, str) else key
+    super().__init__(self.inner.uri)
+    self.calls = 0
+    self.ok = 0
+
+  @property
+  def key_id(self):
+    return self.inner.key_id
+
+  def matches(self, stanza):
+    return self.inner.matches(stanza)
+
+  def wrap(self, dek, context):
+    return self.inner.wrap(dek, context)
+
+  def unwrap(self, stanza, context):
+    self.calls += 1
+    out = self.inner.unwrap(stanza, context)
+    self.ok += 1
+    return out

@@ -22,7 +22,6 @@ from tfx_encrypt import package as pkg_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.keys import local
 from tfx_encrypt.keys import shamir
-from tfx_encrypt.keys.base import KeyBackend
 from tests import _util
 
 TYPED = (errors.TamperedPackageError, errors.UnsupportedFormatError,
@@ -126,32 +125,6 @@ def _rewrite_body(pkg_dir, edit):
                  data[12 + blen:])
 
 
-class _Counting(KeyBackend):
-  """Wraps a local key and counts unwrap calls (all, and successful)."""
-
-  def __init__(self, inner):
-    super().__init__(inner.uri)
-    self.inner = inner
-    self.calls = 0
-    self.ok = 0
-
-  @property
-  def key_id(self):
-    return self.inner.key_id
-
-  def matches(self, stanza):
-    return self.inner.matches(stanza)
-
-  def wrap(self, dek, context):
-    return self.inner.wrap(dek, context)
-
-  def unwrap(self, stanza, context):
-    self.calls += 1
-    out = self.inner.unwrap(stanza, context)
-    self.ok += 1
-    return out
-
-
 # --- Shamir helpers -----------------------------------------------------------
 
 @pytest.mark.parametrize('n,k', [(2, 2), (3, 2), (5, 3), (16, 16)])
@@ -215,14 +188,14 @@ def test_one_group_is_not_enough(tmp_path, keys, grouped, names):
 
 
 def test_all_groups_make_at_most_k_unwraps(tmp_path, keys, model, grouped):
-  idents = [_Counting(local.LocalKey(keys.priv(n)))
+  idents = [_util.CountingKey(local.LocalKey(keys.priv(n)))
             for n in ('a', 'rsa', 'b', 'c', 'd')]
   te.decrypt_model(grouped / 'p', tmp_path / 'o', identities=idents,
                    allow_unsigned=True)
   assert _util.read_tree(tmp_path / 'o') == _util.read_tree(model)
   assert sum(i.ok for i in idents) == 2
   assert sum(i.calls for i in idents) == 2
-  idents = [_Counting(local.LocalKey(keys.priv(n))) for n in 'abcd']
+  idents = [_util.CountingKey(local.LocalKey(keys.priv(n))) for n in 'abcd']
   te.decrypt_model(grouped / 'k3', tmp_path / 'o3', identities=idents,
                    allow_unsigned=True)
   assert sum(i.ok for i in idents) == 3 and sum(i.calls for i in idents) == 3
@@ -505,7 +478,7 @@ def test_rewrap_usage_errors(tmp_path, keys, grouped, kwargs, match):
   before = (pkg / 'tfxe.header').read_bytes()
   kw = dict(kwargs)
   kw['add_recipients'] = [keys.pub(n) for n in kw['add_recipients']]
-  idents = [_Counting(local.LocalKey(keys.priv(n))) for n in 'ab']
+  idents = [_util.CountingKey(local.LocalKey(keys.priv(n))) for n in 'ab']
   with pytest.raises(errors.UsageError, match=match):
     te.rewrap_package(pkg, identities=idents, allow_unsigned=True, **kw)
   assert sum(i.calls for i in idents) == 0  # refused before any key call

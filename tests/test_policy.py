@@ -22,7 +22,6 @@ from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
 from tfx_encrypt import policy as policy_lib
 from tfx_encrypt.keys import local
-from tfx_encrypt.keys.base import KeyBackend
 from tfx_encrypt.policy import Policy
 from tfx_encrypt.runtime import serving
 
@@ -73,26 +72,6 @@ class Packages:
 @pytest.fixture(scope='module')
 def pkgs(tmp_path_factory, keys, model):
   return Packages(str(tmp_path_factory.mktemp('pkgs')), keys, model)
-
-
-class CountingIdentity(KeyBackend):
-  """A real LocalKey identity that counts its unwrap calls."""
-
-  def __init__(self, path):
-    self.inner = local.LocalKey(path)
-    super().__init__(self.inner.uri)
-    self.calls = 0
-
-  @property
-  def key_id(self):
-    return self.inner.key_id
-
-  def matches(self, stanza):
-    return self.inner.matches(stanza)
-
-  def unwrap(self, stanza, context):
-    self.calls += 1
-    return self.inner.unwrap(stanza, context)
 
 
 PROD_TAXI = Policy({'model': 'taxi', 'env': 'prod'}, min_version=1700000006)
@@ -313,7 +292,7 @@ def _decrypt(keys, package, out, policy, identity=None, **kwargs):
 
 
 def test_decrypt_matching_policy(keys, pkgs, model, tmp_path):
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   for i, package in enumerate((pkgs.taxi, pkgs.taxi_bundle)):
     out = tmp_path / f'out{i}'
     info = _decrypt(keys, package, out, PROD_TAXI, ident)
@@ -336,7 +315,7 @@ def test_decrypt_matching_policy(keys, pkgs, model, tmp_path):
 ])
 def test_decrypt_refused_before_any_key_call(keys, pkgs, tmp_path, name,
                                              fragment):
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   out = tmp_path / 'out'
   with pytest.raises(errors.PolicyError) as e:
     _decrypt(keys, getattr(pkgs, name), out, PROD_TAXI, ident)
@@ -348,7 +327,7 @@ def test_decrypt_refused_before_any_key_call(keys, pkgs, tmp_path, name,
 def test_signature_is_checked_before_the_policy(keys, pkgs, tmp_path):
   # Signed by an untrusted key, and its context fails the policy too: the
   # signer is what is reported (an unauthenticated context means nothing).
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   with pytest.raises(errors.UntrustedSignerError):
     _decrypt(keys, pkgs.evil, tmp_path / 'o', PROD_TAXI, ident)
   with pytest.raises(errors.UntrustedSignerError):
@@ -359,7 +338,7 @@ def test_signature_is_checked_before_the_policy(keys, pkgs, tmp_path):
 def test_unsigned_allowed_is_still_policed(keys, pkgs, tmp_path):
   _decrypt(keys, pkgs.unsigned, tmp_path / 'ok', PROD_TAXI,
            allow_unsigned=True, trusted=[])
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   with pytest.raises(errors.PolicyError):
     _decrypt(keys, pkgs.unsigned, tmp_path / 'o', Policy({'model': 'fraud'}),
              ident, allow_unsigned=True, trusted=[])
@@ -367,7 +346,7 @@ def test_unsigned_allowed_is_still_policed(keys, pkgs, tmp_path):
 
 
 def test_iter_decrypted_files_with_policy(keys, pkgs, model):
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   files = dict(package_lib.iter_decrypted_files(
       pkgs.taxi, identities=[ident], trusted=[keys.pub('ed')],
       policy=PROD_TAXI))
@@ -396,7 +375,7 @@ def test_verify_package_with_policy(keys, pkgs, monkeypatch):
 
 
 def test_rotate_package_with_policy(keys, pkgs, tmp_path):
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   out = tmp_path / 'rotated'
   with pytest.raises(errors.PolicyError, match="'model' is 'fraud'"):
     package_lib.rotate_package(
@@ -549,7 +528,7 @@ def test_serve_sync_skips_versions_the_policy_refuses(keys, model, tmp_path):
   _push(keys, model, source, '1700000003', {'model': 'fraud',
                                             'version': '1700000003'})
   serving_base = tmp_path / 'serving'
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   result = serving.sync_serving(
       source, serving_base, identities=[ident], trusted=[keys.pub('ed')],
       keep=2, policy=Policy({'model': 'taxi'}))
@@ -675,7 +654,7 @@ def test_load_model_with_policy(keys, tmp_path):
   pkg = tmp_path / 'p'
   package_lib.encrypt_model(sm, pkg, recipients=[keys.pub('x')],
                             signer=keys.priv('ed'), context=TAXI)
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   loaded = runtime.load_model(pkg, identities=[ident],
                               trusted=[keys.pub('ed')], policy=PROD_TAXI)
   y = loaded.signatures['serving_default'](x=tf.constant([[1.0, 1.0]]))

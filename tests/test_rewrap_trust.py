@@ -17,7 +17,6 @@ import pytest
 import tfx_encrypt as te
 from tfx_encrypt import errors
 from tfx_encrypt.keys import local
-from tfx_encrypt.keys.base import KeyBackend
 from tests import _util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,26 +33,6 @@ def keys(tmp_path_factory):
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
   return _util.make_tree(tmp_path_factory.mktemp('model') / 'm', MODEL)
-
-
-class CountingIdentity(KeyBackend):
-  """A real LocalKey identity that counts its unwrap calls."""
-
-  def __init__(self, path):
-    self.inner = local.LocalKey(path)
-    super().__init__(self.inner.uri)
-    self.calls = 0
-
-  @property
-  def key_id(self):
-    return self.inner.key_id
-
-  def matches(self, stanza):
-    return self.inner.matches(stanza)
-
-  def unwrap(self, stanza, context):
-    self.calls += 1
-    return self.inner.unwrap(stanza, context)
 
 
 def _make(tmp_path, keys, model, signer, bundle, name='p'):
@@ -124,7 +103,7 @@ def test_api_refuses_untrusted_signer(tmp_path, keys, model, bundle):
              {'allow_unsigned': True},  # signed, so allow_unsigned is moot
              {'trusted': [keys.pub('ed')], 'allow_unsigned': True,
               'resign_unsigned': True}):
-    ident = CountingIdentity(keys.priv('x'))
+    ident = _util.CountingKey(keys.priv('x'))
     with pytest.raises(errors.UntrustedSignerError):
       te.rewrap_package(pkg, identities=[ident], add_recipients=[keys.pub('x2')],
                         signer=keys.priv('ed'), **kw)
@@ -140,7 +119,7 @@ def test_api_refuses_untrusted_signer(tmp_path, keys, model, bundle):
 def test_api_refuses_to_sign_an_unsigned_package(tmp_path, keys, model, bundle):
   pkg = _make(tmp_path, keys, model, None, bundle)
   same = Unchanged(pkg)
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   with pytest.raises(errors.UsageError, match='resign-unsigned'):
     te.rewrap_package(pkg, identities=[ident], add_recipients=[keys.pub('x2')],
                       signer=keys.priv('ed'), allow_unsigned=True)
@@ -159,7 +138,7 @@ def test_api_refuses_to_sign_an_unsigned_package(tmp_path, keys, model, bundle):
 def test_api_fails_closed_by_default(tmp_path, keys, model):
   pkg = _make(tmp_path, keys, model, None, False)
   same = Unchanged(pkg)
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   with pytest.raises(errors.UsageError, match='say whom you trust'):
     te.rewrap_package(pkg, identities=[ident], add_recipients=[keys.pub('x2')])
   with pytest.raises(errors.UsageError, match='say whom you trust'):
@@ -252,7 +231,7 @@ def test_api_unsigned_stays_unsigned_without_signer(tmp_path, keys, model):
 @FORMS
 def test_api_trusted_signed_package_rewraps(tmp_path, keys, model, bundle):
   pkg = _make(tmp_path, keys, model, 'ed', bundle)
-  ident = CountingIdentity(keys.priv('x'))
+  ident = _util.CountingKey(keys.priv('x'))
   info = te.rewrap_package(pkg, identities=[ident],
                            add_recipients=[keys.pub('x2')],
                            remove_recipients=[keys.pub('x')],
