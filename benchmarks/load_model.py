@@ -7,7 +7,7 @@ a fresh subprocess each (TensorFlow imported and warmed up before the clock
 starts, for every mode alike), in an order that rotates from round to round.
 The median and the spread (min-max) of the per-round ratios are reported.
 
-    .venv/bin/python benchmarks/load_model.py                 # both models, 5 rounds
+    .venv/bin/python benchmarks/load_model.py            # both models, 5 rounds
     .venv/bin/python benchmarks/load_model.py --models chain --rounds 7
 
 Models (each >= 200 MB of variables, in one data shard):

@@ -9,7 +9,7 @@ tree as `mutmut_config.py`, where mutmut imports it. For every mutant,
   (comma-separated; empty or unset: every module whole) are mutated;
 * skips it when it only changes the text of an error or log message (a
   string inside `raise ...`, an `...Error(...)`, `_bad(...)`,
-  `_unsafe(...)` or a logger call), unless TFXE_MUTATE_MESSAGES=1: a
+  `_unsafe(...)`, `attempts.fail(...)` or a logger call), unless TFXE_MUTATE_MESSAGES=1: a
   message is not a check, and such mutants would double the run time;
 * otherwise sets the test command to the fast core tests that exercise the
   mutated file (or, in tfx_encrypt/package/, the mutated function),
@@ -17,8 +17,8 @@ tree as `mutmut_config.py`, where mutmut imports it. For every mutant,
   with `-x` so that a killed mutant costs one failing test.
 
 TFXE_MUTATE_PYTEST is the pytest command line (scripts/mutate.sh sets it to
-.venv's python, `-x -q`, and the marker filter that leaves out slow,
-integration, TFX and interop tests).
+.venv's python, `-x -q`, and the marker filter that leaves out slow, TFX
+and interop tests).
 """
 
 import ast
@@ -71,7 +71,7 @@ TESTS_BY_FUNCTION = {
 }
 
 _MESSAGE_CALLS = {'_bad', '_unsafe', '_refuse_in_model', '_segment_error',
-                  'warning', 'info', 'debug', 'error', 'exception'}
+                  'fail', 'warning', 'info', 'debug', 'error', 'exception'}
 
 
 def _norm(filename):

@@ -286,3 +286,33 @@ def test_publish_rechecks_the_destination_under_force(place):
     _fsutil.publish(tmp, str(dst), force=True)
   assert (dst / 'appeared-meanwhile').read_bytes() == b'keep'
   _fsutil.remove_tree(tmp)
+
+
+# --- the shared walkers -----------------------------------------------------------
+
+def test_hash_file_matches_hashlib_for_whole_files_ranges_and_fds(tmp_path):
+  import hashlib  # pylint: disable=g-import-not-at-top
+  data = os.urandom(3 << 20) + b'tail'
+  p = tmp_path / 'f'
+  p.write_bytes(data)
+  assert _fsutil.hash_file(str(p), 'sha256') == (
+      hashlib.sha256(data).hexdigest(), len(data))
+  assert _fsutil.hash_file(str(p), 'sha256', offset=5, size=1 << 20) == (
+      hashlib.sha256(data[5:5 + (1 << 20)]).hexdigest(), 1 << 20)
+  fd = os.open(p, os.O_RDONLY)
+  try:
+    assert _fsutil.hash_file(fd, 'sha256')[0] == hashlib.sha256(data).hexdigest()
+  finally:
+    os.close(fd)
+
+
+def test_tree_size_counts_regular_files_only_and_never_follows_links(tmp_path):
+  root = tmp_path / 'root'
+  (root / 'a' / 'b').mkdir(parents=True)
+  (root / 'x').write_bytes(b'1' * 10)
+  (root / 'a' / 'b' / 'y').write_bytes(b'2' * 32)
+  outside = tmp_path / 'big'
+  outside.write_bytes(b'3' * 1000)
+  os.symlink(outside, root / 'link')
+  os.symlink(tmp_path, root / 'a' / 'loop')
+  assert _fsutil.tree_size(str(root)) == 42

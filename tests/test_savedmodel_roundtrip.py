@@ -80,3 +80,71 @@ def test_runtime_load_model_in_memory(tmp_path, keys, saved_model):
   with pytest.raises(errors.UntrustedSignerError):
     runtime.load_model(tmp_path / 'p', identities=[keys.priv('x')],
                        trusted=[keys.pub('evil')])
+
+
+def _memfds():
+  """This process's descriptors that are load_model's memory files."""
+  out = []
+  for n in os.listdir('/proc/self/fd'):
+    try:
+      if os.readlink(f'/proc/self/fd/{n}').startswith('/memfd:tfx-encrypt'):
+        out.append(n)
+    except OSError:
+      pass
+  return out
+
+
+def _link_dirs():
+  from tfx_encrypt import _fsutil
+  with _fsutil._LIVE.lock:  # pylint: disable=protected-access
+    return [t for t in _fsutil._LIVE.temps if 'tfx-encrypt-model' in t]  # pylint: disable=protected-access
+
+
+def test_runtime_load_model_sees_only_verified_files(tmp_path, keys,
+                                                     saved_model,
+                                                     monkeypatch):
+  """The graph loads from verified files while the variables shard is still
+  being decrypted; the shard is linked only once its digests passed; every
+  memfd and the link directory are gone afterwards, on success and when a
+  shard is tampered with."""
+  from tfx_encrypt import errors
+  from tfx_encrypt import runtime
+  te.encrypt_model(saved_model, tmp_path / 'p', recipients=[keys.pub('x')],
+                   signer=keys.priv('ed'))
+  seen = []
+  real_load = tf.saved_model.load
+
+  def spy(path, *args, **kwargs):
+    opts = kwargs.get('options')
+    seen.append((sorted(os.listdir(os.path.join(path, 'variables'))),
+                 bool(opts and opts.experimental_skip_checkpoint)))
+    for name in os.listdir(path):  # links into this process's memfds only
+      link = os.path.join(path, name)
+      if os.path.islink(link):
+        assert os.readlink(link).startswith('/proc/self/fd/'), link
+    return real_load(path, *args, **kwargs)
+
+  monkeypatch.setattr(tf.saved_model, 'load', spy)
+  x = tf.random.stateless_normal([3, 64], seed=[5, 6])
+  want = real_load(saved_model).signatures['serving_default'](x=x)
+  m = runtime.load_model(tmp_path / 'p', identities=[keys.priv('x')],
+                         trusted=[keys.pub('ed')])
+  got = m.signatures['serving_default'](x=x)
+  for k in want:
+    assert (got[k].numpy() == want[k].numpy()).all()
+  # One load, without the checkpoint, before the shard was linked.
+  assert seen == [(['variables.index'], True)], seen
+  assert _memfds() == [] and _link_dirs() == []
+
+  # A modified variables shard: refused, nothing left behind.
+  payloads = tmp_path / 'p' / 'payload'
+  shard = max(payloads.iterdir(), key=lambda p: p.stat().st_size)
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 1
+  shard.write_bytes(bytes(data))
+  seen.clear()
+  with pytest.raises(errors.TamperedPackageError):
+    runtime.load_model(tmp_path / 'p', identities=[keys.priv('x')],
+                       trusted=[keys.pub('ed')])
+  assert all('variables.data-00000-of-00001' not in s[0] for s in seen), seen
+  assert _memfds() == [] and _link_dirs() == []

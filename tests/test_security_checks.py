@@ -10,6 +10,7 @@ under test can refuse them. Real keys, real packages, a real registry; no
 mocks.
 """
 
+import base64
 import hashlib
 import json
 import os
@@ -27,6 +28,8 @@ from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import paths
 from tfx_encrypt.format import streaming
+from tfx_encrypt.format.stanza import Stanza
+from tfx_encrypt.format.stanza import WrapContext
 from tfx_encrypt.keys import local
 from tfx_encrypt.keys import shamir
 from tfx_encrypt.runtime import serving
@@ -79,48 +82,6 @@ def _assert_nothing_at(out):
   assert not os.path.lexists(out), 'no output may exist after a refusal'
   assert _util.leftovers(os.path.dirname(str(out)),
                          os.path.basename(str(out))) == []
-
-
-# --- serve-sync: a trust list means signed packages only ---------------------
-
-def test_serve_sync_refuses_unsigned_package_when_trust_is_given(
-    keys, model, tmp_path):
-  """Kills: sync_serving/_install decrypting with allow_unsigned=True (or
-  dropping `trusted`), i.e. installing an unsigned package although a trust
-  list was given and allow_unsigned was not."""
-  source = tmp_path / 'push'
-  source.mkdir()
-  te.encrypt_model(model, source / V1, recipients=[keys.pub('x')],
-                   signer=keys.priv('ed'))
-  te.encrypt_model(model, source / V2, recipients=[keys.pub('x')])
-  te.encrypt_model(model, source / (V3 + '.tfxe'), recipients=[keys.pub('x')],
-                   bundle=True)
-  serving_base = tmp_path / 'serving'
-  result = serving.sync_serving(source, serving_base,
-                                identities=[keys.priv('x')],
-                                trusted=[keys.pub('ed')], keep=1)
-  assert [(a.action, a.version) for a in result.actions] == [
-      ('failed', V3), ('failed', V2), ('installed', V1)]
-  assert {a.error for a in result.failed} == {'UntrustedSignerError'}
-  assert sorted(n for n in os.listdir(serving_base) if n.isdigit()) == [V1]
-  assert set(serving.read_marker(str(serving_base))) == {V1}
-  assert result.installed[0].signer == local.LocalKey(keys.pub('ed')).key_id
-
-  # The CLI the same way (`--trust` without `--allow-unsigned`).
-  p = subprocess.run(
-      [sys.executable, '-m', 'tfx_encrypt', 'serve-sync', str(source),
-       str(tmp_path / 'serving2'), '--identity', keys.priv('x'), '--trust',
-       keys.pub('ed'), '--keep', '1', '--once', '--json'],
-      capture_output=True, text=True, timeout=120, check=False)
-  assert p.returncode == 1, p.stderr
-  doc = json.loads(p.stdout)
-  assert [(a['action'], a['version'], a.get('error'))
-          for a in doc['actions']] == [
-              ('failed', V3, 'UntrustedSignerError'),
-              ('failed', V2, 'UntrustedSignerError'),
-              ('installed', V1, None)]
-  assert sorted(n for n in os.listdir(tmp_path / 'serving2')
-                if n.isdigit()) == [V1]
 
 
 # --- rewrap: the old data key and the whole header first ---------------------
@@ -345,6 +306,133 @@ def test_key_group_share_tag_must_match_group(keys, model, tmp_path):
     te.decrypt_model(pkg, out, allow_unsigned=True,
                      identities=[keys.priv('x'), keys.priv('rsa')])
   _assert_nothing_at(out)
+
+
+# --- unwrapping: every stanza an identity matches, every identity ----------------
+
+def _stanza_variants(h, keys):
+  """(bad stanza, good stanza) for x: the bad one fails to authenticate."""
+  good = h.recipients[0]
+  ct = bytearray(base64.b64decode(good.body['ct']))
+  ct[-1] ^= 1
+  return {
+      # the key cannot open it: TamperedPackageError from the backend
+      'fails-authentication': Stanza(good.type, good.key_id, {
+          'ct': base64.b64encode(bytes(ct)).decode('ascii')}),
+      # the key does not understand it: NoMatchingKeyError from the backend
+      'unknown-body': Stanza(good.type, good.key_id,
+                             dict(good.body, extra='x')),
+  }
+
+
+@pytest.mark.parametrize('bad', ['fails-authentication', 'unknown-body'])
+def test_unwrap_tries_every_stanza_an_identity_matches(keys, model, tmp_path,
+                                                       bad):
+  """Kills: `_UnwrapAttempts.first` giving up on an identity after the
+  first stanza it matches fails (`continue` -> `break` after a
+  TamperedPackageError or a NoMatchingKeyError from the backend). FORMAT.md
+  §10 step 3: each identity tries each stanza it matches, and the first DEK
+  whose commitment matches wins (here a DEK holder put a stanza for the
+  same key that it cannot open before the good one, and re-MACed)."""
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, recipients=[keys.pub('x')])
+  h = _read_header(pkg)
+  dek = local.LocalKey(keys.priv('x')).unwrap(
+      h.recipients[0], WrapContext(h.package_id, h.context))
+  h.recipients = [_stanza_variants(h, keys)[bad], h.recipients[0]]
+  package_lib.seal_header(
+      h, header_lib.DerivedKeys(dek, h.package_id, h.suite).mac_key, None)
+  _write_header(pkg, h)
+  te.decrypt_model(pkg, tmp_path / 'o', identities=[keys.priv('x')],
+                   allow_unsigned=True)
+  assert _util.read_tree(tmp_path / 'o') == _util.read_tree(model)
+
+
+def test_no_matching_key_names_identities_and_recipients(keys, model,
+                                                         tmp_path):
+  """Kills: `unwrap_data_key` dropping what its NoMatchingKeyError reports
+  (the identities tried, and the key ids the package is encrypted for):
+  the only clue an operator has for which key to use."""
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, recipients=[keys.pub('x'), keys.pub('rsa')])
+  with pytest.raises(errors.NoMatchingKeyError) as ei:
+    te.decrypt_model(pkg, tmp_path / 'o', identities=[keys.priv('x2')],
+                     allow_unsigned=True)
+  message = str(ei.value)
+  assert local.LocalKey(keys.pub('x2')).key_id in message
+  assert (f"{local.LocalKey(keys.pub('x')).key_id}, "
+          f"{local.LocalKey(keys.pub('rsa')).key_id}") in message
+
+
+@pytest.mark.integration
+def test_unreachable_backend_is_skipped_in_later_key_groups(
+    keys, model, tmp_path, monkeypatch, fast_retry):
+  """Kills: `_UnwrapAttempts.first` stopping at an identity whose backend
+  already failed (`continue` -> `break`): the identities after it must
+  still open the later key groups, so a recovery key opens the package
+  while the production KMS is down (moto's KMS server, stopped)."""
+  del fast_retry  # short backoffs for the failing KMS calls
+  from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top
+  server = fx.start_moto()
+  try:
+    env = fx.AwsEnv(server)
+    env.apply(monkeypatch)
+    kms = env.create_key()
+    pkg = tmp_path / 'p'
+    te.encrypt_model(model, pkg, threshold=2, key_groups=[
+        [kms], [keys.pub('x')], [keys.pub('x2')]])
+  finally:
+    server.stop()
+  identities = [kms, keys.priv('x'), keys.priv('x2')]
+  te.decrypt_model(pkg, tmp_path / 'o', identities=identities,
+                   allow_unsigned=True)
+  assert _util.read_tree(tmp_path / 'o') == _util.read_tree(model)
+  # Control: without the recovery keys the KMS error is what is reported.
+  with pytest.raises(errors.BackendUnavailableError):
+    te.decrypt_model(pkg, tmp_path / 'o2', identities=[kms, keys.priv('x')],
+                     allow_unsigned=True)
+
+
+# --- serve-sync: a trust list means signed packages only ---------------------
+
+def test_serve_sync_refuses_unsigned_package_when_trust_is_given(
+    keys, model, tmp_path):
+  """Kills: sync_serving/_install decrypting with allow_unsigned=True (or
+  dropping `trusted`), i.e. installing an unsigned package although a trust
+  list was given and allow_unsigned was not."""
+  source = tmp_path / 'push'
+  source.mkdir()
+  te.encrypt_model(model, source / V1, recipients=[keys.pub('x')],
+                   signer=keys.priv('ed'))
+  te.encrypt_model(model, source / V2, recipients=[keys.pub('x')])
+  te.encrypt_model(model, source / (V3 + '.tfxe'), recipients=[keys.pub('x')],
+                   bundle=True)
+  serving_base = tmp_path / 'serving'
+  result = serving.sync_serving(source, serving_base,
+                                identities=[keys.priv('x')],
+                                trusted=[keys.pub('ed')], keep=1)
+  assert [(a.action, a.version) for a in result.actions] == [
+      ('failed', V3), ('failed', V2), ('installed', V1)]
+  assert {a.error for a in result.failed} == {'UntrustedSignerError'}
+  assert sorted(n for n in os.listdir(serving_base) if n.isdigit()) == [V1]
+  assert set(serving.read_marker(str(serving_base))) == {V1}
+  assert result.installed[0].signer == local.LocalKey(keys.pub('ed')).key_id
+
+  # The CLI the same way (`--trust` without `--allow-unsigned`).
+  p = subprocess.run(
+      [sys.executable, '-m', 'tfx_encrypt', 'serve-sync', str(source),
+       str(tmp_path / 'serving2'), '--identity', keys.priv('x'), '--trust',
+       keys.pub('ed'), '--keep', '1', '--once', '--json'],
+      capture_output=True, text=True, timeout=120, check=False)
+  assert p.returncode == 1, p.stderr
+  doc = json.loads(p.stdout)
+  assert [(a['action'], a['version'], a.get('error'))
+          for a in doc['actions']] == [
+              ('failed', V3, 'UntrustedSignerError'),
+              ('failed', V2, 'UntrustedSignerError'),
+              ('installed', V1, None)]
+  assert sorted(n for n in os.listdir(tmp_path / 'serving2')
+                if n.isdigit()) == [V1]
 
 
 # --- OCI pull: the manifest config must describe the package ---------------------

@@ -498,8 +498,10 @@ class Run:
 
   def emit_now(self, action: str, outcome: str = OK,
                error: Optional[str] = None, **fields) -> None:
-    """One event of a step (serve-sync), written at once."""
-    self._write(action, outcome, error, fields)
+    """One event of a step (serve-sync), written at once; a signal that
+    arrives meanwhile stops the command after the line is written."""
+    with _signals.deferred():
+      self._write(action, outcome, error, fields)
 
   def finish(self) -> None:
     """Emit the action's event (once), with the outcome given to `done`."""

@@ -57,6 +57,10 @@ PIPELINE_MIN_SEGMENTS = 8
 
 
 _PIPELINE_DEPTH = 3
+# At most this many payloads are opened by a pipeline at once: it adds
+# cores only while fewer large files than cores are in flight (one large
+# variables shard, load_model), and costs 4 MiB of buffers each.
+_OPEN_PIPELINES = threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // 2))
 
 
 def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
@@ -251,15 +255,18 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
       if progress:
         progress(len(mv))
 
-    if n < PIPELINE_MIN_SEGMENTS:
+    if n >= PIPELINE_MIN_SEGMENTS and _OPEN_PIPELINES.acquire(blocking=False):
+      try:
+        _open_pipelined(n, open_segment, [ph.update, deliver])
+      finally:
+        _OPEN_PIPELINES.release()
+    else:
       plain, cipher = memoryview(_BUFS.plain), memoryview(_BUFS.cipher)
       for i in range(n):
         _signals.check()
         k = open_segment(i, cipher, plain)
         ph.update(plain[:k])
         deliver(plain[:k])
-    else:
-      _open_pipelined(n, open_segment, [ph.update, deliver])
     _check_ciphertext(h, index, ct_hash)
     if ph.hexdigest() != entry.digest:
       raise errors.TamperedPackageError(

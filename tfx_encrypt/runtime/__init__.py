@@ -118,7 +118,8 @@ def _skip_checkpoint_options(tf, tree, tags):
       'object_graph_def'):
     return None
   want = [tags] if isinstance(tags, str) else tags
-  if want is not None and set(want) != set(sm.meta_graphs[0].meta_info_def.tags):
+  have = set(sm.meta_graphs[0].meta_info_def.tags)
+  if want is not None and set(want) != have:
     return None  # tf.saved_model.load raises the usual error
   return options
 

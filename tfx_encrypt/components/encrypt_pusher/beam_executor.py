@@ -290,8 +290,8 @@ def encrypt_model_with_beam(
   recipient_uris = [recipients] if isinstance(recipients, str) else list(
       recipients)
   sign_with = package_lib.resolve_signer(signer)
-  if os.path.lexists(package):
-    raise errors.OutputExistsError(f'{package} already exists')
+  # The same output rules as the in-process path (docs/SECURITY.md §1).
+  package = _fsutil.check_output(package, force=False, sources=[src_dir])
   files, dirs = package_lib.scan_model(os.fspath(src_dir))
   env = package_lib.prepare_envelope(recipient_uris, context=context,
                                      cipher=cipher, hash_alg=hash_alg)
