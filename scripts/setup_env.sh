@@ -145,7 +145,7 @@ main() {
   # The editable install maps the packages find_packages() saw, so whether
   # tfx_encrypt/__init__.py exists counts too.
   note="extras=all,dev; tfx_encrypt/__init__.py: $([[ -f tfx_encrypt/__init__.py ]] && echo yes || echo no)"
-  fp=$(tfxe_fingerprint "$venv" "$note" setup.py pyproject.toml "$constraints")
+  fp=$(tfxe_fingerprint "$venv" "$note" setup.py pyproject.toml tfx_encrypt/__about__.py "$constraints")
   if tfxe_stamp_matches "$stamp" "$fp"; then
     tfxe_log "$venv is up to date (Python $(tfxe_version_of "$venv/bin/python"), $constraints); nothing to do"
     return 0

@@ -9,7 +9,8 @@ HASHES = ('sha256', 'blake3')
 
 
 def new_hash(name: str):
-  """A fresh hash object. BLAKE3 needs the optional `blake3` package."""
+  """A fresh hash object. BLAKE3 (the default) comes from the `blake3`
+  package, a core dependency; an install without it reads SHA-256 only."""
   if name == 'sha256':
     return hashlib.sha256()
   if name == 'blake3':
@@ -17,8 +18,9 @@ def new_hash(name: str):
       import blake3  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise errors.UsageError(
-          "this package uses BLAKE3 digests; install it with "
-          "pip install 'tfx-encrypt[fast]'") from None
+          'BLAKE3 digests need the blake3 module, which this install lacks '
+          '(it is a dependency of tfx-encrypt: pip install blake3); or use '
+          '--hash sha256') from None
     return blake3.blake3()
   raise errors.UnsupportedFormatError(
       f'unknown hash {name!r}; choose one of {", ".join(HASHES)}')
