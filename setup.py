@@ -57,7 +57,9 @@ _FEATURE_EXTRAS = {
         'dill',
     ],
     'aws': ['boto3'],
-    'gcp': ['google-cloud-kms', 'google-crc32c'],
+    # google-cloud-storage / boto3 also carry gs:// and s3:// packages
+    # (tfx_encrypt/storage, docs/OBJECT_STORES.md).
+    'gcp': ['google-cloud-kms', 'google-crc32c', 'google-cloud-storage'],
     'vault': ['hvac'],
     'azure': ['azure-keyvault-keys', 'azure-identity'],
     'pkcs11': ['python-pkcs11'],
@@ -90,6 +92,7 @@ _DEV = _union(
         'nbmake',
         'moto[server]',  # moto_server, the AWS KMS fake the tests start
         'grpcio',  # the in-process fake GCP KMS server
+        'gcp-storage-emulator',  # the gs:// emulator the tests start
     ],
     _ALL,
 )

@@ -122,16 +122,28 @@ def _predict(export_dir: str) -> List[List[float]]:
 
 
 def _encrypted_model_record(metadata_path: str) -> Dict[str, Any]:
-  """The newest EncryptedModel artifact, read back through ml_metadata."""
+  """The newest pushed EncryptedModel artifact, read back through ml_metadata.
+
+  An unblessed run records an EncryptedModel too (TFX publishes every
+  declared output) with `encrypted=0` and `pushed=0`, and a key rotation
+  marks the artifact it replaced `superseded=1`: both are skipped
+  (docs/COMPONENT.md "Unblessed models"). `tfx_encrypt.lineage` does the
+  same, with filters.
+  """
   # pylint: disable=g-import-not-at-top
   from ml_metadata.metadata_store import metadata_store
   from tfx.orchestration import metadata
   # pylint: enable=g-import-not-at-top
   store = metadata_store.MetadataStore(
       metadata.sqlite_metadata_connection_config(metadata_path))
-  artifacts = store.get_artifacts_by_type('tfx_encrypt.EncryptedModel')
+  artifacts = [
+      a for a in store.get_artifacts_by_type('tfx_encrypt.EncryptedModel')
+      if 'pushed' in a.custom_properties
+      and a.custom_properties['pushed'].int_value == 1
+      and 'superseded' not in a.custom_properties]
   if not artifacts:
-    raise RuntimeError('no tfx_encrypt.EncryptedModel artifact in MLMD')
+    raise RuntimeError('no pushed tfx_encrypt.EncryptedModel artifact in '
+                       'MLMD')
   latest = max(artifacts, key=lambda a: a.id)
   props = {}
   for k, v in latest.custom_properties.items():

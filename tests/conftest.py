@@ -145,3 +145,35 @@ def aws(moto, monkeypatch):
   env.apply(monkeypatch)
   yield env
   env.close()
+
+
+# --- Object stores: s3:// on moto, gs:// on gcp-storage-emulator --------------
+# tests/fakes/stores.py; the servers live for the session, each test gets the
+# SDK environment applied and fresh buckets (env.new_base()).
+
+@pytest.fixture(scope='session')
+def _s3_server():
+  from tests.fakes import stores  # pylint: disable=g-import-not-at-top
+  env = stores.S3Store()
+  yield env
+  env.close()
+
+
+@pytest.fixture
+def s3_store(_s3_server):
+  with _s3_server.applied():
+    yield _s3_server
+
+
+@pytest.fixture(scope='session')
+def _gs_server():
+  from tests.fakes import stores  # pylint: disable=g-import-not-at-top
+  env = stores.GcsStore(enforce_preconditions=True)
+  yield env
+  env.close()
+
+
+@pytest.fixture
+def gs_store(_gs_server):
+  with _gs_server.applied():
+    yield _gs_server

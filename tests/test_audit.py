@@ -69,7 +69,7 @@ def key_id_of(stderr_or_stdout):
   return stderr_or_stdout.split('key id ')[-1].split()[0]
 
 
-# --- a full run ------------------------------------------------------------------
+# --- a full run ---------------------------------------------------------------
 
 
 class Run:
@@ -101,7 +101,8 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def registry(tmp_path_factory, pki):
-  with oci_auth._registry(tmp_path_factory.mktemp('registry'), pki) as r:  # pylint: disable=protected-access
+  running = oci_auth._registry  # pylint: disable=protected-access
+  with running(tmp_path_factory.mktemp('registry'), pki) as r:
     yield r
 
 
@@ -494,7 +495,7 @@ def test_concurrent_appends_keep_one_chain(tmp_path):
   assert _verify(log).returncode == 0
 
 
-# --- signals -----------------------------------------------------------------------
+# --- signals ------------------------------------------------------------------
 
 
 def test_an_interrupted_command_emits_one_interrupted_event(tmp_path):
@@ -530,7 +531,7 @@ def test_an_interrupted_command_emits_one_interrupted_event(tmp_path):
   assert audit.verify_log(str(log)).events == 1
 
 
-# --- the other sinks -------------------------------------------------------------
+# --- the other sinks ----------------------------------------------------------
 
 
 @pytest.fixture(scope='module')
@@ -566,6 +567,25 @@ def test_syslog_sink_over_udp(small):
     assert e['outcome'] == outcome and 'seq' not in e and 'prev' not in e
     assert head == b'<%d>tfx-encrypt[%d]' % (pri, e['pid'])
   assert json.loads(failed.partition(b': ')[2][:-1])['error'] == 'KeyRoleError'
+
+
+def test_syslog_sink_on_a_unix_socket(small, tmp_path):
+  path = str(tmp_path / 'log.sock')
+  with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    sock.bind(path)
+    sock.settimeout(30)
+    r = cli('--audit-log', f'syslog:{path}', 'inspect', small / 'p',
+            env=_env())
+    assert r.returncode == 0 and r.stderr == ''
+    head, _, body = sock.recv(65536).partition(b': ')
+  assert head.startswith(b'<14>tfx-encrypt[')
+  assert json.loads(body[:-1])['action'] == 'inspect'
+  # Nobody listening (no syslog daemon): refused before the command runs.
+  r = cli('--audit-log', f'syslog:{tmp_path}/none.sock', 'inspect',
+          small / 'p', env=_env())
+  assert r.returncode == 9 and r.stdout == ''
+  assert r.stderr == (f'tfx-encrypt: error: audit log syslog:{tmp_path}/'
+                      'none.sock: No such file or directory\n')
 
 
 def test_stderr_sink(small):

@@ -29,6 +29,7 @@ from tfx_encrypt import package as package_lib
 pytestmark = pytest.mark.tfx
 
 _BLESSED_PIPELINE = 'tfx-encrypt-lineage-blessed'
+_UNBLESSED_PIPELINE = 'tfx-encrypt-lineage-unblessed'
 _EXECUTION_TYPE = (
     'tfx_encrypt.components.encrypt_pusher.component.EncryptPusher')
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,6 +157,16 @@ def runs(tmp_path_factory):
       signer=os.path.join(keys, 'signer.key.pem'),
       push_destination=blessed_dest,
       blessed=True))
+  # An unblessed run: TFX still publishes its EncryptedModel (encrypted=0).
+  tfx.orchestration.LocalDagRunner().run(local_pipeline.create_pipeline(
+      pipeline_name=_UNBLESSED_PIPELINE,
+      pipeline_root=os.path.join(workdir, 'pipeline_root_unblessed'),
+      metadata_path=first['metadata_path'],
+      model_uri=os.path.join(workdir, 'model'),
+      recipients=[os.path.join(keys, 'recipient.pub.pem')],
+      signer=os.path.join(keys, 'signer.key.pem'),
+      push_destination=os.path.join(workdir, 'serving-unblessed'),
+      blessed=False))
   return {'workdir': workdir, 'first': first, 'second': second,
           'store_path': first['metadata_path'],
           'blessed_destination': blessed_dest}
@@ -422,3 +433,471 @@ def test_cli_no_match_fails_with_one_line(runs):
         'tfx-encrypt: error: no EncryptedModel matches')
     assert proc.stderr.count('\n') == 1
   assert _sha256(runs['store_path']) == before
+
+
+@pytest.mark.slow
+def test_unblessed_run_is_marked_and_skipped(runs, store):
+  """TFX publishes the declared EncryptedModel of an unblessed run: it says
+  `encrypted=0` (and Pusher's `pushed=0`), and every query skips it."""
+  assert lineage.encrypted_models(store, pipeline_name=_UNBLESSED_PIPELINE
+                                  ) == []
+  [record] = lineage.encrypted_models(store, pipeline_name=_UNBLESSED_PIPELINE,
+                                      include_unpackaged=True)
+  assert record['status'] == 'no package'
+  assert record['properties']['encrypted'] == 0
+  assert record['properties']['pushed'] == 0
+  assert 'package_id' not in record['properties']
+  assert not os.listdir(record['uri'])  # TFX's empty output directory
+  assert len(lineage.encrypted_models(store)) == 3
+  assert {r['status'] for r in lineage.encrypted_models(
+      store, include_unpackaged=True)} == {'live', 'no package'}
+  assert all(r['properties']['encrypted'] == 1
+             for r in lineage.encrypted_models(store))
+  # The example's own helper picks the newest *pushed* artifact, not the
+  # newer unblessed one.
+  from pipelines import local_pipeline  # pylint: disable=g-import-not-at-top
+  [blessed] = lineage.encrypted_models(store, pipeline_name=_BLESSED_PIPELINE)
+  assert record['id'] > blessed['id']
+  assert local_pipeline._encrypted_model_record(  # pylint: disable=protected-access
+      runs['store_path'])['id'] == blessed['id']
+  proc = _cli('--mlmd-sqlite', runs['store_path'], '--pipeline',
+              _UNBLESSED_PIPELINE)
+  assert proc.returncode == 1 and proc.stdout == '', proc.stderr
+  proc = _cli('--mlmd-sqlite', runs['store_path'], '--pipeline',
+              _UNBLESSED_PIPELINE, '--all')
+  assert proc.returncode == 0, proc.stderr
+  assert 'not pushed' in proc.stdout
+  assert 'status    no package' in proc.stdout
+
+
+@pytest.mark.slow
+def test_version_filter(runs, store):
+  for summary in (runs['first'], runs['second']):
+    version = summary['pushed_version']
+    assert _ids(lineage.encrypted_models(store, version=version)) == [
+        summary['encrypted_model_artifact_id']]
+    proc = _cli('--mlmd-sqlite', runs['store_path'], '--version', version,
+                '--json')
+    assert proc.returncode == 0, proc.stderr
+    [t] = json.loads(proc.stdout)
+    assert t['encrypted_model']['id'] == summary['encrypted_model_artifact_id']
+    assert t['pushes'][0]['pushed_version'] == version
+  assert lineage.encrypted_models(store, version='1') == []
+  proc = _cli('--mlmd-sqlite', runs['store_path'], '--version', '1')
+  assert proc.returncode == 1
+  assert proc.stderr.startswith('tfx-encrypt: error: no EncryptedModel '
+                                'matches') and 'version 1' in proc.stderr
+
+
+@pytest.mark.slow
+def test_trace_upstream_of_an_imported_model(runs, store):
+  t = lineage.trace(store, runs['first']['encrypted_model_artifact_id'])
+  [model] = t['models']
+  producer = model['produced_by']
+  assert producer['type'].endswith('Importer')
+  assert producer['component_id'] == 'model_importer'
+  assert producer['inputs'] == [] and t['examples'] == []
+  assert t['pushes'] == [t['pushed_model']]
+  assert t['rotated_from'] == [] and t['rotations'] == []
+
+
+def test_connect_needs_exactly_one_store(tmp_path):
+  with pytest.raises(errors.UsageError, match='name one ML Metadata store'):
+    lineage.connect()
+  with pytest.raises(errors.UsageError, match='--mlmd-sqlite and --mlmd-grpc'):
+    lineage.connect(sqlite='x', grpc='127.0.0.1:1')
+  with pytest.raises(errors.UsageError, match='--mlmd-user'):
+    lineage.connect(mysql='127.0.0.1:3306/db')
+  for bad in ('127.0.0.1/db', 'host:99999/db', 'host:1/', 'host:1/a/b'):
+    with pytest.raises(errors.UsageError, match='HOST:PORT'):
+      lineage.connect(mysql=bad, user='u')
+  with pytest.raises(errors.UsageError, match='HOST:PORT'):
+    lineage.connect(grpc='nohost')
+  junk = tmp_path / 'mlmd.pbtxt'
+  junk.write_text('mysql { host: ')
+  with pytest.raises(errors.UsageError, match='text proto'):
+    lineage.connect(config_file=str(junk))
+  with pytest.raises(lineage.MetadataStoreNotFoundError):
+    lineage.connect(config_file=str(tmp_path / 'missing.pbtxt'))
+  proc = _cli()
+  assert proc.returncode == 2 and 'name one ML Metadata store' in proc.stderr
+
+
+@pytest.mark.slow
+def test_config_file_connection(runs, tmp_path):
+  config = tmp_path / 'mlmd.pbtxt'
+  config.write_text(f'sqlite {{ filename_uri: "{runs["store_path"]}" }}\n')
+  store = lineage.connect(config_file=str(config))
+  assert len(lineage.encrypted_models(store)) == 3
+  proc = _cli('--mlmd-config', str(config), '--json')
+  assert proc.returncode == 0, proc.stderr
+  assert len(json.loads(proc.stdout)) == 3
+
+
+# --------------------------------------------------------------------------
+# MariaDB (MySQL) ML Metadata: a trained pipeline, run twice, rotated.
+# --------------------------------------------------------------------------
+
+_TRAINED_PIPELINE = 'tfx-encrypt-lineage-trained'
+_MLMD_USER = 'mlmd'
+_MLMD_PASSWORD = 'not-a-real-secret-7Qx'
+_MLMD_DATABASE = 'tfxe_lineage'
+
+
+class _MariaDB:
+  """Debian's mariadbd on a free loopback port, private datadir and socket,
+  one user with a password (MLMD connects over TCP as Kubeflow's does)."""
+
+  def __init__(self, root):
+    # pylint: disable=g-import-not-at-top
+    import shutil
+    import time
+    from tests.fakes import servers
+    # pylint: enable=g-import-not-at-top
+    mariadbd = '/usr/sbin/mariadbd'
+    install = shutil.which('mariadb-install-db')
+    client = shutil.which('mariadb')
+    if not (os.path.exists(mariadbd) and install and client):
+      raise RuntimeError('mariadb-server is not installed (Debian package '
+                         'mariadb-server; scripts/ensure_system_packages.sh '
+                         'test installs it)')
+    self.root = root
+    datadir, self.socket = os.path.join(root, 'data'), os.path.join(
+        root, 'mysqld.sock')
+    self.pid_file = os.path.join(root, 'mysqld.pid')
+    user = (['--user=root'] if os.geteuid() == 0 else [])
+    subprocess.run([install, '--no-defaults', f'--datadir={datadir}',
+                    '--auth-root-authentication-method=normal',
+                    '--skip-test-db', *user], check=True,
+                   capture_output=True, timeout=120)
+    self.port = servers.free_port()
+    self._log = open(os.path.join(root, 'mysqld.log'), 'wb')
+    self.proc = subprocess.Popen(
+        [mariadbd, '--no-defaults', f'--datadir={datadir}', *user,
+         f'--socket={self.socket}', f'--port={self.port}',
+         '--bind-address=127.0.0.1', '--skip-name-resolve',
+         f'--pid-file={self.pid_file}', '--skip-log-bin',
+         '--innodb-buffer-pool-size=16M', '--innodb-log-file-size=8M',
+         f'--log-error={os.path.join(root, "error.log")}'],
+        stdout=self._log, stderr=subprocess.STDOUT)
+    try:
+      servers.wait_for_port(self.port, timeout=60, proc=self.proc)
+      deadline = time.monotonic() + 30
+      while True:
+        done = subprocess.run(
+            [client, '--no-defaults', f'--socket={self.socket}', '-uroot',
+             '-e', f"CREATE USER '{_MLMD_USER}'@'%' IDENTIFIED BY "
+             f"'{_MLMD_PASSWORD}'; GRANT ALL ON *.* TO '{_MLMD_USER}'@'%';"],
+            capture_output=True, timeout=30, check=False)
+        if done.returncode == 0:
+          break
+        if time.monotonic() > deadline:
+          raise RuntimeError(done.stderr.decode(errors='replace'))
+        time.sleep(0.2)
+    except BaseException:
+      self.stop()
+      raise
+
+  def config(self, password=_MLMD_PASSWORD):
+    from tfx.orchestration import metadata  # pylint: disable=g-import-not-at-top
+    return metadata.mysql_metadata_connection_config(
+        '127.0.0.1', self.port, _MLMD_DATABASE, _MLMD_USER, password)
+
+  @property
+  def target(self):
+    return f'127.0.0.1:{self.port}/{_MLMD_DATABASE}'
+
+  def stop(self):
+    if self.proc.poll() is None:
+      self.proc.terminate()
+      try:
+        self.proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    self._log.close()
+
+
+@pytest.fixture(scope='module')
+def mariadb(tmp_path_factory):
+  server = _MariaDB(str(tmp_path_factory.mktemp('mariadb')))
+  yield server
+  server.stop()
+
+
+def _tfxe(*args, env=None, input_text=None):
+  full_env = dict(os.environ)
+  full_env.pop('TFXE_MLMD_PASSWORD', None)
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, '-m', 'tfx_encrypt', *args],
+                        capture_output=True, text=True, cwd=_ROOT,
+                        timeout=300, check=False, env=full_env,
+                        input=input_text)
+
+
+def _trained_pipeline(root, connection, csv_dir, recipients, signer,
+                      destination):
+  """CsvExampleGen -> Trainer -> EncryptPusher (a real, if tiny, Trainer)."""
+  # pylint: disable=g-import-not-at-top
+  from tfx import v1 as tfx
+  from tfx_encrypt.components import EncryptPusher
+  # pylint: enable=g-import-not-at-top
+  example_gen = tfx.components.CsvExampleGen(input_base=csv_dir)
+  trainer = tfx.components.Trainer(
+      run_fn='tests._lineage_trainer.run_fn',
+      examples=example_gen.outputs['examples'],
+      train_args=tfx.proto.TrainArgs(num_steps=1),
+      eval_args=tfx.proto.EvalArgs(num_steps=1))
+  pusher = EncryptPusher(model=trainer.outputs['model'],
+                         recipients=recipients, signer=signer,
+                         push_destination=destination).with_id(
+                             'encrypt_pusher')
+  return tfx.dsl.Pipeline(
+      pipeline_name=_TRAINED_PIPELINE, pipeline_root=root,
+      metadata_connection_config=connection,
+      components=[example_gen, trainer, pusher], enable_cache=False)
+
+
+@pytest.fixture(scope='module')
+def rotated(mariadb, tmp_path_factory):
+  """The trained pipeline run twice into MariaDB (for key A, then A and B);
+  run 1's push rewrapped in place (A out, B in), run 2's rotated into a new
+  version (B only), both recorded in MLMD through the CLI."""
+  # pylint: disable=g-import-not-at-top
+  from absl import logging
+  from tfx import v1 as tfx
+  from tfx_encrypt.keys import local as local_keys
+  # pylint: enable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  keys = {}
+  for name, kind in (('a', 'x25519'), ('b', 'x25519'), ('s', 'ed25519')):
+    prefix = os.path.join(workdir, name)
+    local_keys.keygen(kind, prefix)
+    keys[name] = (prefix + '.pub.pem', prefix + '.key.pem')
+  csv_dir = os.path.join(workdir, 'csv')
+  os.makedirs(csv_dir)
+  with open(os.path.join(csv_dir, 'data.csv'), 'w') as f:
+    f.write('x1,x2,x3,y\n' + ''.join(f'{i},{i % 3},{i * 0.5},{i % 2}\n'
+                                     for i in range(12)))
+  destination = os.path.join(workdir, 'serving')
+  store = lineage.open_mysql('127.0.0.1', mariadb.port, _MLMD_DATABASE,
+                             _MLMD_USER, _MLMD_PASSWORD)
+  ids = []
+  for recipients in ([keys['a'][0]], [keys['a'][0], keys['b'][0]]):
+    tfx.orchestration.LocalDagRunner().run(_trained_pipeline(
+        os.path.join(workdir, 'pipeline_root'), mariadb.config(), csv_dir,
+        recipients, keys['s'][1], destination))
+    ids.append(lineage.encrypted_models(store)[0]['id'])
+  first, second = lineage.encrypted_models(store)[::-1]
+  assert [first['id'], second['id']] == ids
+  key_a, key_b = second['properties']['recipient_key_ids']
+  assert first['properties']['recipient_key_ids'] == [key_a]
+  v1 = first['properties']['pushed_destination']
+  v2 = second['properties']['pushed_destination']
+  env = {'TFXE_MLMD_PASSWORD': _MLMD_PASSWORD}
+  rewrap = _tfxe('rewrap', v1, '-i', keys['a'][1], '--add-recipient',
+                 keys['b'][0], '--remove-recipient', key_a, '--sign-with',
+                 keys['s'][1], '--trust', keys['s'][0], '--mlmd-mysql',
+                 mariadb.target, '--mlmd-user', _MLMD_USER, env=env)
+  assert rewrap.returncode == 0, rewrap.stderr
+  # rotate: the connection from a ConnectionConfig file without the
+  # password, which comes from stdin.
+  config = os.path.join(workdir, 'mlmd.pbtxt')
+  with open(config, 'w') as f:
+    f.write(f'mysql {{ host: "127.0.0.1" port: {mariadb.port} '
+            f'database: "{_MLMD_DATABASE}" user: "{_MLMD_USER}" }}\n')
+  v2_rotated = os.path.join(destination, str(int(os.path.basename(v2)) + 100))
+  rotate = _tfxe('rotate', v2, v2_rotated, '-i', keys['a'][1], '-r',
+                 keys['b'][0], '--sign-with', keys['s'][1], '--trust',
+                 keys['s'][0], '--mlmd-config', config,
+                 '--mlmd-password-stdin', input_text=_MLMD_PASSWORD + '\n')
+  assert rotate.returncode == 0, rotate.stderr
+  return {'workdir': workdir, 'keys': keys, 'key_a': key_a, 'key_b': key_b,
+          'first': first, 'second': second, 'v1': v1, 'v2': v2,
+          'v2_rotated': v2_rotated, 'rewrap': rewrap, 'rotate': rotate,
+          'config': config, 'env': env}
+
+
+@pytest.fixture
+def mysql_store(mariadb):
+  return lineage.open_mysql('127.0.0.1', mariadb.port, _MLMD_DATABASE,
+                            _MLMD_USER, _MLMD_PASSWORD)
+
+
+@pytest.mark.slow
+def test_mariadb_rotation_is_recorded(rotated, mysql_store):
+  store = mysql_store
+  first, second = rotated['first']['id'], rotated['second']['id']
+  live = lineage.encrypted_models(store)
+  by_id = {r['id']: r for r in lineage.encrypted_models(
+      store, include_superseded=True)}
+  assert set(by_id) == {r['id'] for r in live} | {first}
+  [rewrapped, rotated_new] = sorted(set(by_id) - {first, second})
+  assert _ids(live) == [rotated_new, rewrapped, second]
+  assert f'execution' in rotated['rewrap'].stdout
+  assert (f'EncryptedModel {rewrapped} (supersedes EncryptedModel {first})'
+          in rotated['rewrap'].stdout)
+  assert (f'EncryptedModel {rotated_new} (from EncryptedModel {second})'
+          in rotated['rotate'].stdout)
+  key_a, key_b = rotated['key_a'], rotated['key_b']
+
+  old = by_id[first]
+  assert old['status'] == 'superseded' and old['superseded_by'] == rewrapped
+  new = by_id[rewrapped]
+  assert new['status'] == 'live'
+  assert new['uri'] == rotated['v1']
+  assert new['properties']['recipient_key_ids'] == [key_b]
+  assert new['properties']['pushed'] == 1
+  assert new['properties']['pushed_destination'] == rotated['v1']
+  assert new['properties']['package_id'] == old['properties']['package_id']
+  assert new['properties']['model_fingerprint'] == (
+      old['properties']['model_fingerprint'])
+  assert new['properties']['ciphertext_digest'] == (
+      old['properties']['ciphertext_digest'])  # a header swap
+  assert new['pipeline_name'] == _TRAINED_PIPELINE
+  assert new['pipeline_run_id'] == old['pipeline_run_id']
+
+  r2 = by_id[second]
+  assert r2['status'] == 'live'  # its package is still there, for A and B
+  r2new = by_id[rotated_new]
+  assert r2new['uri'] == rotated['v2_rotated']
+  assert r2new['properties']['recipient_key_ids'] == [key_b]
+  assert r2new['properties']['pushed_version'] == os.path.basename(
+      rotated['v2_rotated'])
+  assert r2new['properties']['package_id'] != r2['properties']['package_id']
+  assert r2new['properties']['ciphertext_digest'] != (
+      r2['properties']['ciphertext_digest'])
+
+  # The worklist: live packages still wrapped for A; rotated ones apart.
+  assert _ids(lineage.encrypted_models(store, key_id=key_a)) == [second]
+  assert _ids(lineage.encrypted_models(store, key_id=key_a,
+                                       include_superseded=True)) == [
+                                           second, first]
+  assert _ids(lineage.encrypted_models(store, key_id=key_b)) == [
+      rotated_new, rewrapped, second]
+  assert _ids(lineage.encrypted_models(
+      store, version=os.path.basename(rotated['v1']))) == [rewrapped]
+
+  # The traces: KeyRotation executions, their key ids, and the way back.
+  t = lineage.trace(store, rewrapped)
+  [back] = t['rotated_from']
+  assert back['id'] == first
+  rotation = back['rotation']
+  assert rotation['type'] == lineage.KEY_ROTATION_TYPE
+  assert rotation['state'] == 'COMPLETE'
+  assert rotation['properties']['operation'] == 'rewrap'
+  assert rotation['properties']['added_key_ids'] == [key_b]
+  assert rotation['properties']['removed_key_ids'] == [key_a]
+  assert t['execution']['type'] == _EXECUTION_TYPE
+  assert t['execution']['pipeline_name'] == _TRAINED_PIPELINE
+  assert [p['pushed_destination'] for p in t['pushes']] == [rotated['v1']]
+  t_old = lineage.trace(store, first)
+  [r] = t_old['rotations']
+  assert r['id'] == rotation['id'] and r['new_artifact_id'] == rewrapped
+  t2 = lineage.trace(store, second)
+  [r] = t2['rotations']
+  assert r['new_artifact_id'] == rotated_new
+  assert r['properties']['operation'] == 'rotate'
+  assert r['properties']['added_key_ids'] == []
+  assert r['properties']['removed_key_ids'] == [key_a]
+
+  # The rewrapped push decrypts with B, no longer with A.
+  from tfx_encrypt import package as package_lib  # pylint: disable=g-import-not-at-top
+  keys = rotated['keys']
+  out = os.path.join(rotated['workdir'], 'decrypted-b')
+  package_lib.decrypt_model(rotated['v1'], out, identities=[keys['b'][1]],
+                            trusted=[keys['s'][0]])
+  assert os.path.exists(os.path.join(out, 'saved_model.pb'))
+
+
+@pytest.mark.slow
+def test_mariadb_trace_reaches_trainer_examples_and_example_gen(
+    rotated, mysql_store):
+  for record in (rotated['first'], rotated['second']):
+    t = lineage.trace(mysql_store, record['id'])
+    [model] = t['models']
+    trainer = model['produced_by']
+    assert trainer['type'] == 'tfx.components.trainer.component.Trainer'
+    assert trainer['component_id'] == 'Trainer'
+    assert trainer['state'] == 'COMPLETE'
+    assert trainer['pipeline_run_id'] == t['execution']['pipeline_run_id']
+    [examples] = [i for i in trainer['inputs'] if i['type'] == 'Examples']
+    assert examples['key'] == 'examples'
+    gen = examples['produced_by']
+    assert gen['type'] == (
+        'tfx.components.example_gen.csv_example_gen.component.CsvExampleGen')
+    assert gen['component_id'] == 'CsvExampleGen'
+    assert gen['pipeline_run_id'] == t['execution']['pipeline_run_id']
+    [flat] = t['examples']
+    assert flat['id'] == examples['id'] and flat['uri'] == examples['uri']
+    assert flat['produced_by']['id'] == gen['id']
+    assert json.loads(flat['split_names']) == ['train', 'eval']
+
+
+@pytest.mark.slow
+def test_mariadb_cli_worklist_json_and_table(rotated, mariadb):
+  first, second = rotated['first']['id'], rotated['second']['id']
+  key_a = rotated['key_a']
+  mysql = ['--mlmd-mysql', mariadb.target, '--mlmd-user', _MLMD_USER]
+  proc = _tfxe('lineage', *mysql, '--key-id', key_a, '--json',
+               env=rotated['env'])
+  assert proc.returncode == 0, proc.stderr
+  traces = json.loads(proc.stdout)
+  assert [(t['encrypted_model']['id'], t['encrypted_model']['status'])
+          for t in traces] == [(second, 'live'), (first, 'superseded')]
+  rewrapped = traces[1]['encrypted_model']['superseded_by']
+  assert traces[1]['rotations'][0]['new_artifact_id'] == rewrapped
+  assert traces[0]['models'][0]['produced_by']['type'].endswith('Trainer')
+  assert traces[0]['examples'][0]['produced_by']['type'].endswith(
+      'CsvExampleGen')
+
+  # The table, with the password on stdin.
+  proc = _tfxe('lineage', *mysql, '--mlmd-password-stdin', '--key-id', key_a,
+               input_text=_MLMD_PASSWORD + '\n')
+  assert proc.returncode == 0, proc.stderr
+  rows = [l for l in proc.stdout.splitlines()[1:] if not l.startswith(' ')]
+  assert [int(r.split()[0]) for r in rows] == [second, first]
+  assert (f'status    superseded (replaced by EncryptedModel {rewrapped})'
+          in proc.stdout)
+  assert f'rotated   rewrap -> EncryptedModel {rewrapped}' in proc.stdout
+  assert f'removed {key_a})' in proc.stdout
+  assert 'from Trainer execution' in proc.stdout
+  assert 'from CsvExampleGen execution' in proc.stdout
+  assert _MLMD_PASSWORD not in proc.stdout + proc.stderr
+
+  # A config file for `lineage` too; --version picks the rewrapped one.
+  proc = _tfxe('lineage', '--mlmd-config', rotated['config'], '--version',
+               os.path.basename(rotated['v1']), '--json', env=rotated['env'])
+  assert proc.returncode == 0, proc.stderr
+  [t] = json.loads(proc.stdout)
+  assert t['encrypted_model']['id'] == rewrapped
+  assert t['rotated_from'][0]['id'] == first
+
+  # A wrong or missing password: one line, exit 3, no password echoed.
+  for env in ({'TFXE_MLMD_PASSWORD': 'wrong-password'}, {}):
+    proc = _tfxe('lineage', *mysql, env=env)
+    assert proc.returncode == lineage.MetadataStoreError.exit_code == 3
+    assert proc.stdout == ''
+    assert proc.stderr.startswith(
+        f'tfx-encrypt: error: mysql://{_MLMD_USER}@127.0.0.1:')
+    assert 'wrong-password' not in proc.stderr
+
+
+@pytest.mark.slow
+def test_rewrap_of_an_unrecorded_package_changes_nothing(rotated, mariadb,
+                                                         tmp_path):
+  """The MLMD lookup comes first: an unknown package is not rewrapped."""
+  from tfx_encrypt import package as package_lib  # pylint: disable=g-import-not-at-top
+  keys = rotated['keys']
+  copy = str(tmp_path / 'copy')
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(rotated['v2_rotated'], copy)
+  before = package_lib.inspect_package(copy).recipients
+  proc = _tfxe('rewrap', copy, '-i', keys['b'][1], '--add-recipient',
+               keys['a'][0], '--sign-with', keys['s'][1], '--trust',
+               keys['s'][0], '--mlmd-mysql', mariadb.target, '--mlmd-user',
+               _MLMD_USER, env=rotated['env'])
+  assert proc.returncode == lineage.NoMatchError.exit_code, proc.stderr
+  assert 'no live tfx_encrypt.EncryptedModel' in proc.stderr
+  assert package_lib.inspect_package(copy).recipients == before

@@ -48,7 +48,7 @@ BUILTIN_BACKENDS = {
 FEATURE_EXTRAS = {
     'tfx': {'tfx', 'tensorflow', 'apache-beam', 'ml-metadata', 'dill'},
     'aws': {'boto3'},
-    'gcp': {'google-cloud-kms', 'google-crc32c'},
+    'gcp': {'google-cloud-kms', 'google-crc32c', 'google-cloud-storage'},
     'vault': {'hvac'},
     'azure': {'azure-keyvault-keys', 'azure-identity'},
     'pkcs11': {'python-pkcs11'},
@@ -96,7 +96,7 @@ def _core_modules():
 
   mods = [m for m in (
       'tfx_encrypt', 'tfx_encrypt.__about__', 'tfx_encrypt.errors',
-      'tfx_encrypt.package', 'tfx_encrypt.cli',
+      'tfx_encrypt.package', 'tfx_encrypt.cli', 'tfx_encrypt.storage',
       # keys: the registry, the interface and the local backend; the cloud
       # backends import their SDKs and are loaded only when their scheme is
       # used.
@@ -203,7 +203,8 @@ def test_extras():
   everything = set().union(*FEATURE_EXTRAS.values())
   assert by_extra['all'] == everything
   assert by_extra['dev'] >= everything | {
-      'pytest', 'pytest-timeout', 'nbmake', 'moto', 'grpcio'}
+      'pytest', 'pytest-timeout', 'nbmake', 'moto', 'grpcio',
+      'gcp-storage-emulator'}
 
   tfx_reqs = [r.replace(' ', '') for r in importlib.metadata.requires(DIST)
               if 'extra == "tfx"' in r or "extra == 'tfx'" in r]

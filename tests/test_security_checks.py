@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -391,6 +392,49 @@ def test_unreachable_backend_is_skipped_in_later_key_groups(
   with pytest.raises(errors.BackendUnavailableError):
     te.decrypt_model(pkg, tmp_path / 'o2', identities=[kms, keys.priv('x')],
                      allow_unsigned=True)
+
+
+@pytest.mark.integration
+def test_failed_backend_is_not_called_again(keys, model, tmp_path,
+                                            monkeypatch, fast_retry):
+  """Kills: `_UnwrapAttempts.first` going on with the other stanzas of an
+  identity whose backend just failed (`break` -> `continue` after a
+  KeyBackendError): a KMS that is down costs one call (with its retries)
+  per decryption, however many stanzas name its key (here a DEK holder
+  listed the KMS stanza twice and re-MACed)."""
+  del fast_retry
+  from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top
+  server = fx.start_moto()
+  env = fx.AwsEnv(server)
+  try:
+    env.apply(monkeypatch)
+    kms = env.create_key()
+    one = tmp_path / 'one'
+    te.encrypt_model(model, one, recipients=[kms, keys.pub('x')])
+    server.stop()
+    two = tmp_path / 'two'
+    shutil.copytree(one, two)
+    h = _read_header(two)
+    dek = local.LocalKey(keys.priv('x')).unwrap(
+        h.recipients[1], WrapContext(h.package_id, h.context))
+    h.recipients = [h.recipients[0], h.recipients[0], h.recipients[1]]
+    package_lib.seal_header(
+        h, header_lib.DerivedKeys(dek, h.package_id, h.suite).mac_key, None)
+    _write_header(two, h)
+
+    def kms_calls(pkg, out):
+      before = env.counts().get('Decrypt', 0)
+      te.decrypt_model(pkg, out, identities=[kms, keys.priv('x')],
+                       allow_unsigned=True)
+      assert _util.read_tree(out) == _util.read_tree(model)
+      return env.counts().get('Decrypt', 0) - before
+
+    calls = kms_calls(one, tmp_path / 'o1')
+    assert calls >= 1
+    assert kms_calls(two, tmp_path / 'o2') == calls
+  finally:
+    server.stop()
+    env.close()
 
 
 # --- serve-sync: a trust list means signed packages only ---------------------

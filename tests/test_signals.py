@@ -145,10 +145,12 @@ def _kill_trials(args, parent, output, check_output, seed,
     except ProcessLookupError:
       pass
     p.communicate(timeout=300)
-    if p.returncode == 0:
+    stale = _temps(parent)
+    if p.returncode == 0 or (not stale and os.path.lexists(output)):
+      # It finished (or was killed after its atomic rename): complete.
+      check_output(output)
       _fsutil.remove_tree(output)
       continue
-    stale = _temps(parent)
     assert stale, f'kill trial {t}: SIGKILL left no sibling to sweep?'
     if no_plaintext_when_killed:
       # decrypt writes unlinked files (O_TMPFILE) and names them only at

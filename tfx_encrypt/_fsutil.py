@@ -658,7 +658,13 @@ def write_all(fd: int, data, offset: Optional[int] = None) -> None:
 
 
 def read_into_exact(fd: int, buf, offset: Optional[int] = None) -> int:
-  """Fill memoryview `buf` from fd (at `offset` with preadv if given)."""
+  """Fill memoryview `buf` from fd (at `offset` with preadv if given).
+
+  `fd` may also be a `tfx_encrypt.storage.Reader` (a remote object, read
+  with ranged requests at `offset`).
+  """
+  if not isinstance(fd, int):
+    return fd.read_into(buf, offset or 0)
   mv = memoryview(buf)
   got = 0
   total = len(mv)
@@ -702,8 +708,9 @@ def hash_file(path: Union[str, int], alg: str, *, offset: int = 0,
     UsageError / UnsupportedFormatError: `alg` is unavailable or unknown.
   """
   h = digest_lib.new_hash(alg)
-  fd = path if isinstance(path, int) else os.open(
-      os.fspath(path), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+  opened = not (isinstance(path, int) or hasattr(path, 'read_into'))
+  fd = os.open(os.fspath(path), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC
+               ) if opened else path
   try:
     left = os.fstat(fd).st_size - offset if size is None else size
     buf = memoryview(bytearray(max(1, min(left, _HASH_CHUNK))))
@@ -716,9 +723,17 @@ def hash_file(path: Union[str, int], alg: str, *, offset: int = 0,
       if got < want:
         break
   finally:
-    if not isinstance(path, int):
+    if opened:
       os.close(fd)
   return h.hexdigest(), done
+
+
+def close_fd(fd) -> None:
+  """Close a file descriptor, or a `tfx_encrypt.storage.Reader`."""
+  if isinstance(fd, int):
+    os.close(fd)
+  else:
+    fd.close()
 
 
 def tree_size(path: str) -> int:

@@ -44,6 +44,7 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime
+import errno
 import fcntl
 import hashlib
 import ipaddress
@@ -339,7 +340,18 @@ class SyslogSink(Sink):
     return self._handler
 
   def check(self) -> None:
-    self._get()  # connects a Unix socket; resolves a UDP address
+    if isinstance(self.address, str):
+      # SysLogHandler ignores a socket it cannot connect to (as openlog(3)
+      # does) and fails only at the first event: connect once here.
+      for socktype in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, socktype) as probe:
+          try:
+            probe.connect(self.address)
+            break
+          except OSError as e:
+            if socktype == socket.SOCK_STREAM or e.errno != errno.EPROTOTYPE:
+              raise
+    self._get()  # resolves a UDP address
 
   def write(self, event: Dict[str, Any]) -> Dict[str, Any]:
     record = logging.LogRecord(LOGGER_NAME, _level(event), __file__, 0,
@@ -422,7 +434,7 @@ class Auditor:
     return self.sink.write(make_event(action, outcome, error, **fields))
 
 
-# --- one audited action ---------------------------------------------------------
+# --- one audited action -------------------------------------------------------
 
 
 def _classify(exc: Optional[BaseException]):
@@ -615,7 +627,7 @@ def execution(spec: Optional[str], action: str):
     run.finish()
 
 
-# --- verification --------------------------------------------------------------
+# --- verification -------------------------------------------------------------
 
 
 @dataclasses.dataclass

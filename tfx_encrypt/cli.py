@@ -349,7 +349,11 @@ def _audit_begin(ctx: click.Context, spec: Optional[str]) -> None:
   if not spec or not name or name == 'audit':
     return
   sink = audit_lib.open_sink(spec)
-  sink.check()
+  try:
+    sink.check()
+  except OSError as e:  # exit 9, saying which file or socket it was
+    raise OSError(e.errno, f'audit log {sink.name}: {e.strerror or e}',
+                  e.filename) from e
   audit_lib.start(audit_lib.Auditor(sink), name,
                   per_action=name == 'serve-sync', warn=_audit_warn)
 
@@ -714,6 +718,77 @@ def verify(package, trusted, allow_unsigned, policy):
   click.echo(f'OK: {info.file_count} payloads match their digests; {who}')
 
 
+def _mlmd_options(f):
+  """The ML Metadata connection options, defined once (lineage, rewrap,
+  rotate); the command gets `mlmd`: a dict for lineage.connect, or None.
+
+  The MySQL password is never an argument: TFXE_MLMD_PASSWORD or one line
+  on stdin (--mlmd-password-stdin).
+  """
+
+  @functools.wraps(f)
+  def command(*args, mlmd_sqlite, mlmd_mysql, mlmd_user, mlmd_password_stdin,
+              mlmd_config, mlmd_grpc, **kwargs):
+    mlmd = None
+    if mlmd_sqlite or mlmd_mysql or mlmd_config or mlmd_grpc or mlmd_user:
+      password = os.environ.get('TFXE_MLMD_PASSWORD') or None
+      if mlmd_password_stdin:
+        password = sys.stdin.readline().rstrip('\r\n') or None
+      mlmd = dict(sqlite=mlmd_sqlite, mysql=mlmd_mysql, user=mlmd_user,
+                  password=password, config_file=mlmd_config, grpc=mlmd_grpc)
+    elif mlmd_password_stdin:
+      raise errors.UsageError('--mlmd-password-stdin goes with --mlmd-mysql '
+                              'or --mlmd-config')
+    return f(*args, mlmd=mlmd, **kwargs)
+
+  for option in reversed((
+      click.option('--mlmd-sqlite', metavar='PATH',
+                   help='SQLite ML Metadata store of the pipeline (never '
+                   'created).'),
+      click.option('--mlmd-mysql', metavar='HOST:PORT/DB',
+                   help='MySQL / MariaDB ML Metadata store (Kubeflow), with '
+                   '--mlmd-user; password from TFXE_MLMD_PASSWORD or '
+                   '--mlmd-password-stdin.'),
+      click.option('--mlmd-user', metavar='NAME', help='MySQL user.'),
+      click.option('--mlmd-password-stdin', is_flag=True,
+                   help='Read the MySQL password from the first line of '
+                   'stdin.'),
+      click.option('--mlmd-config', metavar='FILE',
+                   help="ml_metadata ConnectionConfig (or "
+                   "MetadataStoreClientConfig) text proto."),
+      click.option('--mlmd-grpc', metavar='HOST:PORT',
+                   help='A metadata gRPC service (metadata_store_server).'))):
+    command = option(command)
+  return command
+
+
+def _rotation_lineage(mlmd, package):
+  """With --mlmd-*: (lineage module, writable store, old PackageInfo, the
+  recorded EncryptedModel), checked before the package is touched."""
+  if mlmd is None:
+    return None
+  lineage_lib = _import_lineage()
+  store = lineage_lib.connect(read_only=False, **mlmd)
+  old_info = pkg.inspect_package(package)
+  old = lineage_lib.find_recorded(store, package, old_info.package_id)
+  return lineage_lib, store, old_info, old
+
+
+def _record_rotation(recorder, operation, info, new_path):
+  if recorder is None:
+    return
+  lineage_lib, store, old_info, old = recorder
+  done = lineage_lib.record_rotation(store, old, operation=operation,
+                                     old_info=old_info, new_info=info,
+                                     new_path=new_path)
+  what = (f'supersedes EncryptedModel {done["superseded_id"]}'
+          if done['superseded_id'] is not None
+          else f'from EncryptedModel {old.id}')
+  click.echo(f'recorded in ML Metadata: {lineage_lib.KEY_ROTATION_TYPE} '
+             f'execution {done["execution_id"]}, EncryptedModel '
+             f'{done["artifact_id"]} ({what})')
+
+
 @main.command()
 @click.argument('package')
 @_identity_option
@@ -733,14 +808,16 @@ def verify(package, trusted, allow_unsigned, policy):
 @click.option('--resign-unsigned', is_flag=True,
               help='With --allow-unsigned and --sign-with: sign an UNSIGNED '
               'package, vouching for it yourself.')
+@_mlmd_options
 def rewrap(package, identities, adds, removes, add_to_group, sign_with,
-           trusted, allow_unsigned, resign_unsigned):
+           trusted, allow_unsigned, resign_unsigned, mlmd):
   """Change PACKAGE's recipients without re-encrypting the payload."""
   _audit_input(package, as_source=True)
   _require_trust(trusted, allow_unsigned)
   if not adds and not removes:
     raise errors.UsageError('nothing to do: pass --add-recipient and/or '
                             '--remove-recipient')
+  recorder = _rotation_lineage(mlmd, package)
   with _api_warnings():
     info = pkg.rewrap_package(package, identities=list(identities),
                               add_recipients=list(adds),
@@ -751,6 +828,7 @@ def rewrap(package, identities, adds, removes, add_to_group, sign_with,
                               resign_unsigned=resign_unsigned)
   audit_lib.record(info)
   click.echo(f'rewrapped {_summary(info)}')
+  _record_rotation(recorder, 'rewrap', info, package)
 
 
 @main.command()
@@ -773,9 +851,10 @@ def rewrap(package, identities, adds, removes, add_to_group, sign_with,
               help='Output form (default: same as PACKAGE).')
 @_force_option('OUT')
 @_policy_options
+@_mlmd_options
 def rotate(package, out, identities, recipients, key_groups, threshold,
            trusted, allow_unsigned, sign_with, resign_unsigned, cipher, bundle,
-           force, policy):
+           force, policy, mlmd):
   """Re-encrypt PACKAGE under a fresh data key into OUT (no plaintext on disk)."""
   _audit_input(package, as_source=True)
   _require_trust(trusted, allow_unsigned)
@@ -785,6 +864,7 @@ def rotate(package, out, identities, recipients, key_groups, threshold,
         'say who can decrypt the new package: --recipient KEY_URI, or '
         '--key-group URI[,URI] (at least two) with --threshold K, not both')
   total = pkg.inspect_package(package).ciphertext_bytes
+  recorder = _rotation_lineage(mlmd, package)
   with _progress('rotating', total) as p, _api_warnings():
     info = pkg.rotate_package(package, out, identities=list(identities),
                               recipients=list(recipients),
@@ -796,6 +876,7 @@ def rotate(package, out, identities, recipients, key_groups, threshold,
                               progress=p, policy=policy)
   audit_lib.record(info)
   click.echo(f'rotated into {_summary(info)}')
+  _record_rotation(recorder, 'rotate', info, out)
 
 
 
@@ -819,7 +900,7 @@ def _lineage_row(t: dict) -> Sequence[str]:
   run = ex.get('pipeline_run_id') or em.get('pipeline_run_id') or '?'
   model = ', '.join(m['uri'] for m in t['models']) or (
       (props.get('encryption_context') or {}).get('tfx.model_uri', '?'))
-  pushed = t['pushed_model'] or props
+  pushed = (t['pushed_model'] if not t.get('rotated_from') else None) or props
   if pushed.get('pushed'):
     where = (f'{pushed.get("pushed_destination")} '
              f'(version {pushed.get("pushed_version")})')
@@ -829,13 +910,60 @@ def _lineage_row(t: dict) -> Sequence[str]:
           _show(model), _show(where)]
 
 
+def _exec_label(ex: Optional[dict]) -> str:
+  if not ex:
+    return '?'
+  kind = (ex.get('type') or '?').rsplit('.', 1)[-1]
+  return f'{_show(kind)} execution {ex["id"]}'
+
+
+def _lineage_details(t: dict) -> Sequence[str]:
+  """The indented lines under a row: keys, status, rotations, upstream."""
+  em = t['encrypted_model']
+  props = em['properties']
+  out = [f'recipient {_show(rid)}'
+         for rid in props.get('recipient_key_ids') or []]
+  out.append(f'signer    {_show(props.get("signer_id") or "unsigned")}')
+  if em.get('status') != 'live':
+    by = em.get('superseded_by')
+    out.append(f'status    {_show(em.get("status"))}' +
+               (f' (replaced by EncryptedModel {by})' if by else ''))
+  for r in t.get('rotations') or []:
+    p = r.get('properties') or {}
+    out.append(f'rotated   {_show(p.get("operation"))} -> EncryptedModel '
+               f'{r.get("new_artifact_id")} ({_exec_label(r)}; added '
+               f'{_show(", ".join(p.get("added_key_ids") or []) or "none")}; '
+               'removed '
+               f'{_show(", ".join(p.get("removed_key_ids") or []) or "none")})')
+  for r in t.get('rotated_from') or []:
+    out.append(f'rotated from EncryptedModel {r["id"]} '
+               f'({_exec_label(r.get("rotation"))})')
+  for m in t.get('models') or []:
+    producer = m.get('produced_by')
+    if producer:
+      inputs = ', '.join(f'{_show(i["type"])} {i["id"]}'
+                         for i in producer.get('inputs') or [])
+      out.append(f'model     {_show(m["type"])} {m["id"]} from '
+                 f'{_exec_label(producer)}' +
+                 (f' <- {inputs}' if inputs else ''))
+  for e in t.get('examples') or []:
+    out.append(f'examples  {_show(e["uri"])} (Examples {e["id"]}, from '
+               f'{_exec_label(e.get("produced_by"))})')
+  pushes = t.get('pushes') or []
+  for push in pushes[1:] if not t.get('rotated_from') else pushes:
+    if push.get('pushed'):
+      out.append(f'pushed    {_show(push.get("pushed_destination"))} '
+                 f'(version {_show(push.get("pushed_version"))})')
+  return out
+
+
 @main.command()
-@click.option('--mlmd-sqlite', 'mlmd_sqlite', required=True, metavar='PATH',
-              help='SQLite ML Metadata store of the pipeline (opened '
-              'read-only; never created).')
+@_mlmd_options
 @click.option('--key-id', metavar='ID',
               help='Only packages with this recipient or signer key id (or '
-              'recipient key URI).')
+              'recipient key URI): the live ones still wrapped for it (the '
+              'rotation worklist), then those a rotation replaced, marked '
+              'as such.')
 @click.option('--fingerprint', metavar='FP',
               help='Only this model fingerprint (sha256:<hex> or the hex).')
 @click.option('--package', 'package', metavar='PKG',
@@ -843,32 +971,53 @@ def _lineage_row(t: dict) -> Sequence[str]:
               'id; no key needed).')
 @click.option('--pipeline', 'pipeline_name', metavar='NAME',
               help='Only artifacts produced by this TFX pipeline.')
+@click.option('--version', 'version', metavar='V',
+              help='Only the package pushed as version V (the '
+              '<push_destination>/V directory).')
 @click.option('--pushed-only', is_flag=True,
               help='Only packages that were pushed.')
+@click.option('--all', 'show_all', is_flag=True,
+              help='Also artifacts a key rotation replaced and those of '
+              'unblessed runs (encrypted=0, no package).')
 @click.option('--json', 'as_json', is_flag=True,
               help='The full trace of each match, as JSON.')
-def lineage(mlmd_sqlite, key_id, fingerprint, package, pipeline_name,
-            pushed_only, as_json):
+def lineage(mlmd, key_id, fingerprint, package, pipeline_name, version,
+            pushed_only, show_all, as_json):
   """Which model, which run, which keys, pushed where (needs ML Metadata).
 
-  Lists the EncryptedModel artifacts recorded by EncryptPusher, newest
-  first; exits 1 when none matches.
+  Lists the EncryptedModel artifacts recorded by EncryptPusher (and by
+  rewrap / rotate), newest first; exits 1 when none matches. Name the store
+  with one of --mlmd-sqlite, --mlmd-mysql (+ --mlmd-user), --mlmd-config or
+  --mlmd-grpc.
   """
   lineage_lib = _import_lineage()
+  if mlmd is None:
+    mlmd = {}
   package_id = pkg.inspect_package(package).package_id if package else None
-  store = lineage_lib.open_sqlite(mlmd_sqlite)
-  matches = lineage_lib.encrypted_models(
-      store, key_id=key_id, fingerprint=fingerprint, package_id=package_id,
-      pipeline_name=pipeline_name, pushed_only=pushed_only)
+  store = lineage_lib.connect(**mlmd)
+  filters = dict(key_id=key_id, fingerprint=fingerprint,
+                 package_id=package_id, pipeline_name=pipeline_name,
+                 pushed_only=pushed_only, version=version)
+  matches = lineage_lib.encrypted_models(store, include_superseded=show_all,
+                                         include_unpackaged=show_all,
+                                         **filters)
+  if key_id is not None and not show_all:
+    # The worklist first, then what a rotation already took off it.
+    matches += [m for m in lineage_lib.encrypted_models(
+        store, include_superseded=True, **filters)
+                if m['status'] == 'superseded']
   if not matches:
-    filters = [f'{name} {value}' for name, value in (
+    described = [f'{name} {value}' for name, value in (
         ('key id', key_id), ('fingerprint', fingerprint),
-        ('package id', package_id), ('pipeline', pipeline_name)) if value]
+        ('package id', package_id), ('pipeline', pipeline_name),
+        ('version', version)) if value]
     if pushed_only:
-      filters.append('pushed')
+      described.append('pushed')
+    where = (mlmd.get('sqlite') or mlmd.get('mysql') or mlmd.get('grpc') or
+             mlmd.get('config_file'))
     raise lineage_lib.NoMatchError(
-        f'no EncryptedModel matches in {mlmd_sqlite}'
-        + (f' ({", ".join(filters)})' if filters else ''))
+        f'no EncryptedModel matches in {where}'
+        + (f' ({", ".join(described)})' if described else ''))
   traces = [lineage_lib.trace(store, m['id']) for m in matches]
   if as_json:
     click.echo(_json(traces, indent=2))
@@ -880,12 +1029,9 @@ def lineage(mlmd_sqlite, key_id, fingerprint, package, pipeline_name,
     click.echo('  '.join(c.ljust(w) for c, w in zip(row, widths)) +
                '  ' + row[3])
     if i:
-      props = traces[i - 1]['encrypted_model']['properties']
       pad = ' ' * (widths[0] + 2)
-      for rid in props.get('recipient_key_ids') or []:
-        click.echo(f'{pad}recipient {_show(rid)}')
-      signer = props.get('signer_id') or 'unsigned'
-      click.echo(f'{pad}signer    {_show(signer)}')
+      for line in _lineage_details(traces[i - 1]):
+        click.echo(pad + line)
 
 
 @main.command()

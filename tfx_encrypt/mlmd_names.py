@@ -24,6 +24,20 @@ CIPHERTEXT_BYTES_PROPERTY = 'ciphertext_bytes'
 BUNDLE_PROPERTY = 'bundle'
 ENCRYPTION_CONTEXT_PROPERTY = 'encryption_context'
 ENCRYPTED_MODEL_URI_PROPERTY = 'encrypted_model_uri'
+# 1 when the artifact directory holds a package, 0 when the execution wrote
+# none (model not blessed): TFX publishes every declared output, so an
+# unblessed run still records an EncryptedModel; lineage skips encrypted=0.
+ENCRYPTED_PROPERTY = 'encrypted'
+# Set by a key rotation (`tfx-encrypt rewrap` / `rotate` with an MLMD
+# connection) on the EncryptedModel it replaced: superseded=1, and the id of
+# the new artifact.
+SUPERSEDED_PROPERTY = 'superseded'
+SUPERSEDED_BY_PROPERTY = 'superseded_by'
+# Execution type recorded for a rewrap / rotate, and its properties.
+KEY_ROTATION_TYPE = 'tfx_encrypt.KeyRotation'
+ROTATION_OPERATION_PROPERTY = 'operation'
+ROTATION_ADDED_PROPERTY = 'added_key_ids'
+ROTATION_REMOVED_PROPERTY = 'removed_key_ids'
 # The TFX Pusher's names (tfx/components/pusher/executor.py).
 PUSHED_PROPERTY = 'pushed'
 PUSHED_DESTINATION_PROPERTY = 'pushed_destination'
@@ -33,6 +47,9 @@ PUSHED_VERSION_PROPERTY = 'pushed_version'
 # not use these prefixes, so provenance in the context cannot be spoofed.
 CONTEXT_PIPELINE_NAME = 'tfx.pipeline_name'
 CONTEXT_PIPELINE_RUN_ID = 'tfx.pipeline_run_id'
+# Kubeflow Pipelines v2 / Vertex AI only: the job's uuid ({{$.pipeline_job_uuid}});
+# tfx.pipeline_run_id is then the job name ({{$.pipeline_job_name}}).
+CONTEXT_PIPELINE_RUN_UUID = 'tfx.pipeline_run_uuid'
 CONTEXT_COMPONENT_ID = 'tfx.component_id'
 CONTEXT_EXECUTION_ID = 'tfx.execution_id'
 CONTEXT_MODEL_URI = 'tfx.model_uri'

@@ -221,9 +221,11 @@ def test_signer_uri_form_is_checked_at_build_time(model, signer, error,
     assert _make(model, signer=good).exec_properties['signer'] == good
     assert BeamEncryptPusher(
         model=model, recipients=['/keys/a.pub.pem'], signer=good,
+        beam_worker_identity='/keys/a.key.pem',
         push_destination='/d').exec_properties['signer'] == good
   with pytest.raises(error, match=match):
     BeamEncryptPusher(model=model, recipients=['/keys/a.pub.pem'],
+                      beam_worker_identity='/keys/a.key.pem',
                       signer=signer, push_destination='/d')
 
 
@@ -296,3 +298,156 @@ def test_component_files_exist():
   for name in ('component.py', 'executor.py', 'beam_executor.py', 'spec.py',
                'params.py', 'key_material.py', 'push.py'):
     assert os.path.exists(os.path.join(here, name))
+
+
+# -- Build-time validation (issue 14) ----------------------------------------
+
+_GCP_KEY = 'gcp-kms://projects/p/locations/global/keyRings/r/cryptoKeys/k'
+_AWS_KEY = ('aws-kms://arn:aws:kms:us-east-1:123456789012:key/'
+            '1234abcd-12ab-34cd-56ef-1234567890ab')
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  import socket  # pylint: disable=g-import-not-at-top
+
+  def connect(*args, **kwargs):
+    raise AssertionError('the component made a network call')
+
+  monkeypatch.setattr(socket.socket, 'connect', connect)
+
+
+@pytest.mark.parametrize('recipient, error, match', [
+    (_GCP_KEY + '/cryptoKeyVersions/1', errors.KeyRoleError,
+     'drop /cryptoKeyVersions/N'),
+    ('gcp-kms://projects/p/keyRings/r/cryptoKeys/k', errors.InvalidKeyUriError,
+     ''),
+    ('aws-kms://arn:aws:kms:us-east-1:123456789012:grant/abc',
+     errors.InvalidKeyUriError, 'key ARN'),
+    ('hcvault://vault.example.com:8200/transit/release',
+     errors.InvalidKeyUriError, 'MOUNT/keys/NAME'),
+    ('azure-kv://myvault/keys/release', errors.InvalidKeyUriError,
+     'VAULT.vault.azure.net'),
+])
+@pytest.mark.parametrize('beam', [False, True])
+def test_recipient_uri_form_is_checked_at_build_time(model, recipient, error,
+                                                     match, beam, no_network):
+  del no_network
+  kwargs = dict(model=model, recipients=['/keys/a.pub.pem', recipient],
+                push_destination='/d')
+  if beam:
+    kwargs['beam_worker_identity'] = '/keys/a.key.pem'
+  with pytest.raises(error, match=match) as ei:
+    (BeamEncryptPusher if beam else EncryptPusher)(**kwargs)
+  if error is errors.KeyRoleError:
+    # Names the parameter and the entry, as the user wrote it.
+    assert str(ei.value).startswith('recipients[1] ')
+
+
+def test_beam_without_worker_identity_needs_a_recipient_workers_can_use(
+    model, no_network):
+  """Workers unwrap the data key themselves: with only public key files as
+  recipients and no beam_worker_identity, the job could never run."""
+  del no_network
+  for recipients in (['/keys/a.pub.pem'],
+                     ['/keys/a.pub.pem', 'file:///keys/b.pub.pem'],
+                     ['pkcs11:token=t;object=o;x-public-key=/k.pub.pem']):
+    with pytest.raises(errors.UsageError) as ei:
+      BeamEncryptPusher(model=model, recipients=recipients,
+                        push_destination='/d')
+    message = str(ei.value)
+    assert 'beam_worker_identity=' in message
+    assert 'KMS recipient' in message
+  # A KMS recipient is also what workers unwrap with; so is a token key.
+  for recipients in (['/keys/a.pub.pem', _GCP_KEY], [_AWS_KEY],
+                     ['pkcs11:token=t;object=o?module-path=/lib/p11.so']):
+    c = BeamEncryptPusher(model=model, recipients=recipients,
+                          push_destination='/d')
+    assert c.exec_properties['beam_worker_identity'] is None
+  # A private key file every worker reads (checked by the workers).
+  BeamEncryptPusher(model=model, recipients=['/keys/a.pub.pem'],
+                    beam_worker_identity='/keys/a.key.pem',
+                    push_destination='/d')
+  # The plain component has no workers: no such requirement.
+  _make(model, recipients=['/keys/a.pub.pem'])
+
+
+@pytest.mark.parametrize('identity, recipients, error, match', [
+    ('/keys/a.pub.pem', ['/keys/a.pub.pem'], errors.UsageError,
+     'public key file'),
+    (_GCP_KEY, ['/keys/a.pub.pem'], errors.UsageError,
+     'not among the recipients'),
+    (_GCP_KEY + '/cryptoKeyVersions/2', [_GCP_KEY], errors.KeyRoleError,
+     'CryptoKeyVersion'),
+])
+def test_beam_worker_identity_is_checked_at_build_time(
+    model, identity, recipients, error, match, no_network):
+  del no_network
+  with pytest.raises(error, match=match) as ei:
+    BeamEncryptPusher(model=model, recipients=recipients,
+                      beam_worker_identity=identity, push_destination='/d')
+  assert 'beam_worker_identity' in str(ei.value)
+
+
+def test_beam_worker_identity_kms_recipient_is_accepted(model):
+  c = BeamEncryptPusher(model=model, recipients=['/keys/a.pub.pem', _GCP_KEY],
+                        beam_worker_identity=_GCP_KEY, push_destination='/d')
+  assert c.exec_properties['beam_worker_identity'] == _GCP_KEY
+
+
+@pytest.mark.parametrize('dest', [
+    '/srv/models/encrypted',
+    'models/encrypted',
+    'file:///srv/models/encrypted',
+    'gs://my-bucket/encrypted-models/fraud',
+    'gs://my-bucket',
+    'gs://my_bucket.example.com/a/b/',
+    's3://my.bucket-1/a/b',
+])
+def test_push_destination_forms_accepted(model, dest):
+  assert _make(model, push_destination=dest).exec_properties[
+      'push_destination'] == dest
+  proto = pusher_pb2.PushDestination(
+      filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=dest))
+  assert _make(model, push_destination=proto).exec_properties[
+      'push_destination'] == dest
+
+
+@pytest.mark.parametrize('dest, match', [
+    ('http://models.example.com/encrypted', 'filesystem or a bucket'),
+    ('https://storage.googleapis.com/my-bucket/x', 'filesystem or a bucket'),
+    ('gcs://my-bucket/x', 'gs://, not gcs://'),
+    ('ftp://host/x', 'filesystem or a bucket'),
+    ('gs:/my-bucket/x', 'missing "//"'),
+    ('s3:my-bucket/x', 'missing "//"'),
+    ('gs://', 'valid bucket'),
+    ('gs:///x', 'valid bucket'),
+    ('gs://My-Bucket/x', 'valid bucket'),
+    ('s3://b/x', 'valid bucket'),
+    ('gs://my-bucket/a/../b', '".."'),
+    ('gs://my-bucket/x?generation=1', 'query or fragment'),
+    ('file://host/srv/x', 'three slashes'),
+    ('file://srv/x', 'three slashes'),
+    ('~/models', 'not expanded'),
+    (' /srv/models', 'spaces'),
+    ('/srv/models\n', 'control characters'),
+])
+def test_push_destination_obviously_wrong_is_refused(model, dest, match):
+  with pytest.raises(errors.UsageError, match=match):
+    _make(model, push_destination=dest)
+  proto = pusher_pb2.PushDestination(
+      filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=dest))
+  with pytest.raises(errors.UsageError, match=match):
+    _make(model, push_destination=proto)
+  # And again by the executor (a hand-edited compiled pipeline).
+  with pytest.raises(errors.UsageError, match=match):
+    params.Params({'recipients': json.dumps(['/k.pem']),
+                   'push_destination': dest})
+
+
+def test_kfp_provenance_properties_are_placeholders(model):
+  """Resolved by Kubeflow Pipelines v2 / Vertex AI (kfp_v2.py)."""
+  props = _make(model).exec_properties
+  assert props['kfp_pipeline_job_name'] == '{{$.pipeline_job_name}}'
+  assert props['kfp_pipeline_task_name'] == '{{$.pipeline_task_name}}'
+  assert props.get('pipeline_name') is None  # set by kubeflow_v2.image_map

@@ -96,7 +96,9 @@ def image_map(
 
   Returns:
     A new dict; `default_image_path` is in it only if you gave one
-    (KubeflowV2DagRunnerConfig then fills in TFX's own image).
+    (KubeflowV2DagRunnerConfig then fills in TFX's own image). Given a
+    pipeline, also records its name in those components
+    (`record_pipeline_name`), for their provenance on KFP v2 / Vertex.
   """
   if default_image is None:
     result = {}
@@ -118,4 +120,33 @@ def image_map(
     if images is not None and 'IMAGE' not in vars(component):
       own = images  # with_image() did not set one for this component
     result[component.id] = check_image(own, f'image of {component.id}')
+  record_pipeline_name(pipeline_or_components)
   return result
+
+
+#: The execution property the pipeline name is recorded in
+#: (encrypt_pusher.spec.PIPELINE_NAME_KEY).
+PIPELINE_NAME_PROPERTY = 'pipeline_name'
+
+
+def record_pipeline_name(pipeline: Any) -> None:
+  """Records `pipeline`'s name in its EncryptPusher / BeamEncryptPusher.
+
+  Under TFX's KFP v2 container entrypoint an executor is not told the
+  pipeline name (there is no KFP placeholder for it either; it is only the
+  compiled spec's `pipelineInfo.name`), so it is written, at compile time,
+  into the components' `pipeline_name` execution property, from which
+  the package's `tfx.pipeline_name` context entry comes
+  (encrypt_pusher/kfp_v2.py). `image_map(pipeline)` calls this; call it
+  yourself before compiling if you choose images another way. Does nothing
+  given a list of components (no name) instead of a pipeline.
+  """
+  info = getattr(pipeline, 'pipeline_info', None)
+  name = getattr(info, 'pipeline_name', None)
+  if not name:
+    return
+  for component in _components(pipeline):
+    spec = getattr(component, 'spec', None)
+    if PIPELINE_NAME_PROPERTY in getattr(type(spec), 'PARAMETERS', {}) and (
+        getattr(component, 'IMAGE', None)):
+      component.exec_properties[PIPELINE_NAME_PROPERTY] = name

@@ -9,7 +9,20 @@ Answers "which model, which run, which keys, pushed where" for the
 * `trace(store, artifact_id)` follows the MLMD events of one of them: the
   producing execution and its pipeline / run contexts, the input `Model` and
   blessings, and the sibling `PushedModel`;
-* `open_sqlite(path)` opens an existing SQLite store read-only.
+* `open_sqlite(path)` opens an existing SQLite store read-only;
+  `open_mysql(host, port, database, user, password)` a MySQL / MariaDB one
+  (Kubeflow's), `open_grpc(host, port)` a metadata gRPC service,
+  `open_store(config)` any ConnectionConfig / MetadataStoreClientConfig,
+  `load_connection_config(path)` reads one from a text proto, and
+  `connect(...)` picks one from the CLI's `--mlmd-*` options;
+* `find_recorded(store, path, package_id)` and `record_rotation(store, old,
+  ...)` record a `rewrap` / `rotate` as a `tfx_encrypt.KeyRotation`
+  execution (old EncryptedModel in, new one out; the old one marked
+  `superseded` when the new package replaces it where it is read).
+
+Unblessed runs record an EncryptedModel with `encrypted=0` (TFX publishes
+every declared output) and rotated ones `superseded=1`: `encrypted_models`
+leaves both out unless asked (`include_unpackaged`, `include_superseded`).
 
 A short public face over `_store` (opening a store, decoding artifacts and
 properties, the errors) and `_query` (the two queries). Only `ml_metadata`
@@ -21,18 +34,32 @@ wholesale.
 """
 
 from tfx_encrypt.lineage._query import encrypted_models
+from tfx_encrypt.lineage._query import has_package
 from tfx_encrypt.lineage._query import trace
+from tfx_encrypt.lineage._rotation import find_recorded
+from tfx_encrypt.lineage._rotation import record_rotation
 from tfx_encrypt.lineage._store import LineageError
 from tfx_encrypt.lineage._store import MetadataStoreError
 from tfx_encrypt.lineage._store import MetadataStoreNotFoundError
 from tfx_encrypt.lineage._store import NoMatchError
+from tfx_encrypt.lineage._store import connect
 from tfx_encrypt.lineage._store import decode_properties
 from tfx_encrypt.lineage._store import decode_value
+from tfx_encrypt.lineage._store import describe_config
+from tfx_encrypt.lineage._store import load_connection_config
+from tfx_encrypt.lineage._store import mysql_config
+from tfx_encrypt.lineage._store import open_grpc
+from tfx_encrypt.lineage._store import open_mysql
 from tfx_encrypt.lineage._store import open_sqlite
+from tfx_encrypt.lineage._store import open_store
 from tfx_encrypt.mlmd_names import ENCRYPTED_MODEL_TYPE
+from tfx_encrypt.mlmd_names import KEY_ROTATION_TYPE
 
 __all__ = [
-    'ENCRYPTED_MODEL_TYPE', 'LineageError', 'MetadataStoreError',
-    'MetadataStoreNotFoundError', 'NoMatchError', 'decode_value',
-    'decode_properties', 'encrypted_models', 'open_sqlite', 'trace',
+    'ENCRYPTED_MODEL_TYPE', 'KEY_ROTATION_TYPE', 'LineageError',
+    'MetadataStoreError', 'MetadataStoreNotFoundError', 'NoMatchError',
+    'connect', 'decode_value', 'decode_properties', 'describe_config',
+    'encrypted_models', 'find_recorded', 'has_package',
+    'load_connection_config', 'mysql_config', 'open_grpc', 'open_mysql',
+    'open_sqlite', 'open_store', 'record_rotation', 'trace',
 ]

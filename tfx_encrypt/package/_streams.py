@@ -219,7 +219,7 @@ def _open_stream(src: _Source, h: Header, keys: header_lib.DerivedKeys,
         h.suite, keys.stream_key,
         header_lib.payload_aad(h.package_id, index, h.ctx_digest), sh)
   except BaseException:
-    os.close(fd)
+    _fsutil.close_fd(fd)  # an fd, or a remote storage.Reader
     raise
   ct_hash = digest_lib.new_hash(h.hash_alg)
   ct_hash.update(sh)
@@ -274,7 +274,7 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
           'the signed file '
           'table; the package was modified by a key holder')
   finally:
-    os.close(fd)
+    _fsutil.close_fd(fd)  # an fd, or a remote storage.Reader
 
 
 _STOP = object()

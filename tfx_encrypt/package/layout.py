@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 from tfx_encrypt import _fsutil
 from tfx_encrypt import _text
 from tfx_encrypt import errors
+from tfx_encrypt import storage
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import paths as paths_lib
@@ -223,6 +224,11 @@ class _Source:
   """An opened package, directory or bundle form."""
 
   def __init__(self, path: str):
+    if storage.is_remote(path):  # open_source reads those (_RemoteSource)
+      raise errors.UsageError(
+          f'{_text.printable(path)}: this command reads local packages only '
+          '(inspect, verify and decrypt also read s3:// and gs://); copy the '
+          'package to a local path first')
     self.path = path
     try:
       st = os.stat(path)
@@ -321,6 +327,99 @@ class _Source:
     if _fsutil.read_into_exact(fd, buf, offset) != len(buf):
       raise errors.TamperedPackageError('payload stream is truncated')
     return bytes(buf)
+
+
+class _RemoteSource(_Source):
+  """An opened package at a `s3://` or `gs://` URI (docs/OBJECT_STORES.md).
+
+  The same forms and checks as on disk (FORMAT.md §2): the directory form
+  is exactly the objects `URI/tfxe.header` and `URI/payload/NNNNNNNN` of the
+  header's sizes, the bundle is the one object `URI` of exactly the
+  header's length. The header is a push's commit point: payload objects
+  with no header are an incomplete package, reported as such and never
+  read. Payloads are read with ranged requests, one chunk in memory per
+  open payload, each pinned to the object version it opened (a version
+  replaced mid-read is an error, never a mix).
+  """
+
+  def __init__(self, uri: str):  # pylint: disable=super-init-not-called
+    self.path = uri.rstrip('/')
+    hpath = storage.join(self.path, HEADER_NAME)
+    try:
+      reader = storage.open_reader(hpath)
+      self.bundle = False
+    except FileNotFoundError:
+      try:
+        reader = storage.open_reader(self.path)
+        self.bundle = True
+      except FileNotFoundError:
+        left = storage.list_names(self.path)
+        if left:
+          raise errors.UnsupportedFormatError(
+              f'{_text.printable(self.path)} is an incomplete package: '
+              f'{len(left)} objects under it but no {HEADER_NAME} (a push '
+              'still running, or one that failed); it is not read') from None
+        raise errors.UsageError(
+            f'package {_text.printable(self.path)} does not exist') from None
+    with reader:
+      self.header, self.header_len = Header.read(storage.ReaderFile(reader))
+      self._hfile_size = reader.size
+    sizes = [s for s, _ in self.header.payloads]
+    if self.bundle:
+      if self._hfile_size != self.header_len + sum(sizes):
+        raise errors.TamperedPackageError(
+            f'bundle {_text.printable(self.path)} has the wrong length for '
+            'its header (truncated or extended); fetch a fresh copy')
+      self.offsets = []
+      off = self.header_len
+      for s in sizes:
+        self.offsets.append(off)
+        off += s
+      return
+    if self._hfile_size != self.header_len:
+      raise errors.TamperedPackageError(
+          f'{_text.printable(hpath)} has trailing data after the header')
+    want = {HEADER_NAME: self.header_len}
+    want.update({f'{PAYLOAD_DIR}/{payload_name(i)}': s
+                 for i, s in enumerate(sizes)})
+    have = storage.list_sizes(self.path)
+    if set(have) != set(want):
+      raise errors.TamperedPackageError(
+          f'package {_text.printable(self.path)} does not match its header: '
+          f'{len(set(have) - set(want))} unexpected objects, '
+          f'{len(set(want) - set(have))} missing')
+    for name, s in want.items():
+      if have[name] != s:
+        raise errors.TamperedPackageError(
+            f'{_text.printable(name)} of {_text.printable(self.path)} has '
+            'the wrong size (truncated or extended); fetch a fresh copy')
+
+  def open_payload(self, i: int):
+    """Return (a storage.Reader, offset of the stream within it)."""
+    if self.bundle:
+      uri, want, offset = self.path, self._hfile_size, self.offsets[i]
+    else:
+      uri = storage.join(self.path, PAYLOAD_DIR, payload_name(i))
+      want, offset = self.header.payloads[i][0], 0
+    try:
+      reader = storage.open_reader(uri)
+    except FileNotFoundError:
+      raise errors.TamperedPackageError(
+          f'{_text.printable(self.path)} changed while it was being read '
+          f'(payload {i} is gone); fetch a fresh copy') from None
+    if reader.size != want:
+      reader.close()
+      raise errors.TamperedPackageError(
+          f'{_text.printable(self.path)} changed while it was being read '
+          f'(payload {i} has the wrong size); fetch a fresh copy')
+    return reader, offset
+
+
+def open_source(path: str) -> _Source:
+  """Open a package for reading: a local path, or a s3:// / gs:// URI."""
+  if storage.is_remote(path):
+    return _RemoteSource(path)
+  return _Source(path)
 
 
 def start_package(package: str, force: bool = False) -> str:

@@ -28,7 +28,7 @@ from tfx_encrypt.package.envelope import (
     share_context)
 from tfx_encrypt.package.layout import (
     PAYLOAD_DIR, _Source, _create, _write_header_only, finish_package,
-    payload_name, scan_model, start_package)
+    open_source, payload_name, scan_model, start_package)
 from tfx_encrypt.package._streams import (
     Progress, _check_ciphertext, _decrypt_file_table, _decrypt_payload,
     _file_reader, _open_source, _open_stream, _run_parallel, _seal_stream,
@@ -100,7 +100,7 @@ def _open_authenticated(package: str, identities, trusted, allow_unsigned,
   # read, and `-` (stdin) is read before anything else can fail.
   trusted = _backends(trusted, 'trust')
   identities = _backends(identities, 'identity')
-  src = _Source(os.fspath(package))
+  src = open_source(os.fspath(package))  # a path, or s3:// / gs://
   h = src.header
   verified = _verify_signature(h, trusted, allow_unsigned)
   if policy is not None:  # §10 step 3: after the signature, before any key
@@ -115,7 +115,7 @@ def _open_authenticated(package: str, identities, trusted, allow_unsigned,
 
 def inspect_package(package) -> PackageInfo:
   """What the header says, without any key. The signer is *not* verified."""
-  src = _Source(os.fspath(package))
+  src = open_source(os.fspath(package))  # a path, or s3:// / gs://
   return _info(src.header, src.path, src.bundle, src.header_len)
 
 
@@ -129,7 +129,7 @@ def verify_package(package, *, trusted: Sequence[KeyLike] = (),
   checked right after the signature, before any payload is read).
   """
   trusted = _backends(trusted, 'trust')
-  src = _Source(os.fspath(package))
+  src = open_source(os.fspath(package))  # a path, or s3:// / gs://
   h = src.header
   verified = _verify_signature(h, trusted, allow_unsigned)
   if policy is not None:
@@ -147,7 +147,7 @@ def verify_package(package, *, trusted: Sequence[KeyLike] = (),
             f'payload {i} does not match its digest in the header; the '
             'package was modified')
     finally:
-      os.close(fd)
+      _fsutil.close_fd(fd)
   _run_parallel(check, range(len(h.payloads)), workers or default_workers())
   return _info(h, src.path, src.bundle, src.header_len, verified)
 
@@ -525,7 +525,7 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
         finally:
           os.close(outfd)
       finally:
-        os.close(fd)
+        _fsutil.close_fd(fd)
       _check_ciphertext(h, i, ct_hash)
       if results[i][0] != e.digest:
         raise errors.TamperedPackageError(

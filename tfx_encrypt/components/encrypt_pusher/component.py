@@ -29,6 +29,7 @@ encryption of large models out to Beam workers (`beam_pipeline_args`, e.g.
 DirectRunner multi-processing, Dataflow, Flink, Spark).
 """
 
+import json
 from typing import Any, Dict, Optional, Sequence, Union
 
 from tfx import types
@@ -120,7 +121,7 @@ class EncryptPusher(base_component.BaseComponent):
         hash_alg=hash_alg, encryption_context=encryption_context,
         push_destination=push_destination, custom_config=custom_config,
         bundle=bundle, audit_log=audit_log)
-    parameters.update(self._more_parameters())
+    parameters.update(self._more_parameters(parameters))
     super().__init__(spec=spec.EncryptPusherSpec(
         model=model,
         model_blessing=model_blessing,
@@ -129,8 +130,10 @@ class EncryptPusher(base_component.BaseComponent):
         pushed_model=types.Channel(type=standard_artifacts.PushedModel),
         **parameters))
 
-  def _more_parameters(self) -> Dict[str, Any]:
-    """Execution parameters a subclass adds to the spec (the Beam ones)."""
+  def _more_parameters(self, parameters: Dict[str, Any]) -> Dict[str, Any]:
+    """Execution parameters a subclass adds to the spec (the Beam ones),
+    checked against the `parameters` EncryptPusher has built."""
+    del parameters
     return {}
 
 
@@ -184,5 +187,10 @@ class BeamEncryptPusher(EncryptPusher, base_beam_component.BaseBeamComponent):
         beam_worker_identity, beam_min_bytes, beam_segment_bytes)
     super().__init__(model, model_blessing, infra_blessing, **kwargs)
 
-  def _more_parameters(self) -> Dict[str, Any]:
+  def _more_parameters(self, parameters: Dict[str, Any]) -> Dict[str, Any]:
+    # Workers unwrap the data key themselves: refuse now a job they could
+    # not run (no worker identity, and no recipient they can unwrap with).
+    params_lib.check_beam_worker_identity(
+        self._beam_parameters[spec.BEAM_WORKER_IDENTITY_KEY],
+        json.loads(parameters[spec.RECIPIENTS_KEY]))
     return self._beam_parameters

@@ -40,6 +40,8 @@ from tfx.types import artifact_utils
 
 from tfx_encrypt import _text
 from tfx_encrypt import audit
+from tfx_encrypt import mlmd_names
+from tfx_encrypt.components.encrypt_pusher import kfp_v2
 from tfx_encrypt.components.encrypt_pusher import params as params_lib
 from tfx_encrypt.components.encrypt_pusher import push
 from tfx_encrypt.components.encrypt_pusher import spec
@@ -101,6 +103,10 @@ class Executor(pusher_executor.Executor):
       audit.note(blessed=False, pushed=False)
       self._MarkNotPushed(model_push)
       self._MarkNotPushed(encrypted_model)
+      # TFX publishes every declared output: say that this one holds no
+      # package (docs/COMPONENT.md "Unblessed models"); lineage skips it.
+      encrypted_model.set_int_custom_property(
+          mlmd_names.ENCRYPTED_PROPERTY, 0)
       return
 
     model_path = self.GetModelPath(input_dict)
@@ -158,16 +164,29 @@ class Executor(pusher_executor.Executor):
     context = dict(params.encryption_context)
     auto = {}
     ctx = self._context
+    # On Kubeflow Pipelines v2 / Vertex AI, TFX's container entrypoint gives
+    # no pipeline info, run id or node: they come from the KFP placeholders
+    # the orchestrator resolved and the compile-time pipeline name (kfp_v2).
+    kfp = params.kfp
     pipeline_info = getattr(ctx, 'pipeline_info', None) if ctx else None
     if pipeline_info is not None and pipeline_info.id:
       auto[spec.CONTEXT_PIPELINE_NAME] = pipeline_info.id
+    elif params.pipeline_name:
+      auto[spec.CONTEXT_PIPELINE_NAME] = params.pipeline_name
     run_id = getattr(ctx, 'pipeline_run_id', None) if ctx else None
+    run_id = run_id or kfp.get(spec.KFP_PIPELINE_JOB_NAME_KEY)
     if run_id:
       auto[spec.CONTEXT_PIPELINE_RUN_ID] = str(run_id)
+    if kfp.get(spec.KFP_PIPELINE_JOB_UUID_KEY):
+      auto[mlmd_names.CONTEXT_PIPELINE_RUN_UUID] = kfp[
+          spec.KFP_PIPELINE_JOB_UUID_KEY]
     node = getattr(ctx, 'pipeline_node', None) if ctx else None
     if node is not None and node.node_info.id:
       auto[spec.CONTEXT_COMPONENT_ID] = node.node_info.id
+    elif kfp.get(spec.KFP_PIPELINE_TASK_NAME_KEY):
+      auto[spec.CONTEXT_COMPONENT_ID] = kfp[spec.KFP_PIPELINE_TASK_NAME_KEY]
     unique_id = getattr(ctx, '_unique_id', None) if ctx else None
+    unique_id = kfp.get(spec.KFP_PIPELINE_TASK_UUID_KEY) or unique_id
     if unique_id:
       auto[spec.CONTEXT_EXECUTION_ID] = str(unique_id)
     models = input_dict.get(spec.MODEL_KEY) or input_dict.get(
@@ -175,7 +194,14 @@ class Executor(pusher_executor.Executor):
     if models:
       model = artifact_utils.get_single_instance(models)
       auto[spec.CONTEXT_MODEL_URI] = model.uri
-      if model.id:
+      # Under TFX's KFP v2 entrypoint an artifact id is a hash of the
+      # artifact's runtime name: record that name (on Vertex, its ML
+      # Metadata resource name) instead, never the hash.
+      runtime_names = kfp_v2.runtime_artifact_names()
+      if runtime_names is not None:
+        if model.id and runtime_names.get(model.id):
+          auto[spec.CONTEXT_MODEL_ARTIFACT_ID] = runtime_names[model.id]
+      elif model.id:
         auto[spec.CONTEXT_MODEL_ARTIFACT_ID] = str(model.id)
       name = model.name or ''
       for key in ('model_name', 'name'):
@@ -215,6 +241,7 @@ class Executor(pusher_executor.Executor):
       if value is not None:
         artifact.set_string_custom_property(key, str(value))
 
+    set_int(mlmd_names.ENCRYPTED_PROPERTY, 1)
     set_int(spec.FORMAT_VERSION_PROPERTY, _info_get(info, 'format_version'))
     set_str(spec.CIPHER_PROPERTY, _info_get(info, 'cipher'))
     set_str(spec.HASH_ALG_PROPERTY, _info_get(info, 'hash_alg'))

@@ -8,6 +8,7 @@ name keys must be key URIs (`key_material`).
 """
 
 import json
+import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from tfx.proto import pusher_pb2
@@ -18,6 +19,7 @@ from tfx_encrypt import audit
 from tfx_encrypt import errors
 from tfx_encrypt import policy as policy_lib
 from tfx_encrypt.components.encrypt_pusher import key_material
+from tfx_encrypt.components.encrypt_pusher import kfp_v2
 from tfx_encrypt.components.encrypt_pusher import spec
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import streaming
@@ -131,6 +133,7 @@ class Params:
             f'{spec.PUSH_DESTINATION_KEY} must be a string')
       # Also refuses credentials in a URI's user part or query.
       key_material.check_text(dest, spec.PUSH_DESTINATION_KEY)
+      check_destination_form(dest)
     self.push_destination: Optional[str] = dest
     self.custom_config: Dict[str, Any] = _load_json(
         get(spec.CUSTOM_CONFIG_KEY), spec.CUSTOM_CONFIG_KEY, {}) or {}
@@ -151,6 +154,15 @@ class Params:
       raise errors.UsageError(
           f'{spec.BEAM_MIN_BYTES_KEY} must be >= 0 and '
           f'{spec.BEAM_SEGMENT_BYTES_KEY} > 0')
+    # Run identity on Kubeflow Pipelines v2 / Vertex AI (kfp_v2.py): the
+    # placeholders the orchestrator resolved, and the compile-time name.
+    self.kfp: Dict[str, str] = kfp_v2.runtime_values(exec_properties)
+    self.pipeline_name: Optional[str] = kfp_v2.resolved(
+        get(spec.PIPELINE_NAME_KEY))
+    for name, value in list(self.kfp.items()) + [
+        (spec.PIPELINE_NAME_KEY, self.pipeline_name)]:
+      if value is not None:
+        key_material.check_text(value, name)
 
   def package_options(self) -> Dict[str, Any]:
     """Keyword arguments of `package.encrypt_model` (and its Beam twin).
@@ -201,7 +213,79 @@ def push_destination_dir(
         'push_destination must be a base directory (local path or a '
         'tf.io.gfile URI such as gs://bucket/dir) or a PushDestination')
   key_material.check_text(push_destination, spec.PUSH_DESTINATION_KEY)
+  check_destination_form(push_destination)
   return push_destination
+
+
+# Destination forms: a local path, file:///PATH, gs://BUCKET[/PATH],
+# s3://BUCKET[/PATH]. Bucket names as GCS and S3 allow them (lower case,
+# digits, '.', '-', '_' for GCS; 3-222 characters with dots).
+_DEST_SCHEME_RE = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*):(//)?')
+_BUCKET_RE = re.compile(r'^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$')
+_DEST_SCHEMES = ('file', 'gs', 's3')
+_KNOWN_URL_SCHEMES = ('file', 'gs', 's3', 'gcs', 'http', 'https', 'ftp',
+                      'sftp', 'ssh', 'hdfs', 'viewfs', 'az', 'abfs', 'abfss',
+                      'wasb', 'wasbs', 'ram', 'mem', 'memory', 'data')
+
+
+def check_destination_form(dest: str) -> None:
+  """Refuses a push destination that cannot be what the user meant.
+
+  Accepted: a local path (absolute, or relative to the executor's working
+  directory), `file:///ABSOLUTE/PATH`, `gs://BUCKET[/PATH]`,
+  `s3://BUCKET[/PATH]`. Checked for its form only: no I/O.
+
+  Raises:
+    UsageError: another scheme (http, https, ...), a URI with a query or
+      fragment, a missing or malformed bucket, `file://HOST/...`, a path
+      starting with `~` (never expanded), or control characters.
+  """
+  what = spec.PUSH_DESTINATION_KEY
+  shown = _text.quoted(dest, 120)
+  if dest != dest.strip() or any(ord(c) < 32 or ord(c) == 127 for c in dest):
+    raise errors.UsageError(
+        f'{what} {shown} has surrounding spaces or control characters')
+  m = _DEST_SCHEME_RE.match(dest)
+  scheme = m.group(1).lower() if m else None
+  if m and len(m.group(1)) == 1:
+    scheme = None  # a drive letter, not a scheme
+  if scheme is not None and not m.group(2) and (
+      scheme not in _KNOWN_URL_SCHEMES):
+    scheme = None  # "models:v1" is a relative path, not a URI
+  if scheme is None:
+    if dest.startswith('~'):
+      raise errors.UsageError(
+          f'{what} {shown} starts with "~", which is not expanded: give an '
+          'absolute path')
+    return
+  if scheme not in _DEST_SCHEMES:
+    raise errors.UsageError(
+        f'{what} {shown}: EncryptPusher pushes to a filesystem or a bucket: '
+        'a local path, file:///PATH, gs://BUCKET/PATH or s3://BUCKET/PATH' +
+        (' (gs://, not gcs://)' if scheme == 'gcs' else ''))
+  if not m.group(2):
+    raise errors.UsageError(
+        f'{what} {shown} is missing "//" after "{m.group(1)}:" '
+        f'(e.g. {scheme}://...)')
+  if '?' in dest or '#' in dest:
+    raise errors.UsageError(
+        f'{what} {shown} has a query or fragment; give the directory only')
+  rest = dest[m.end():]
+  if scheme == 'file':
+    if not rest.startswith('/'):
+      raise errors.UsageError(
+          f'{what} {shown} names a host or a relative path; a file URI is '
+          'file:///ABSOLUTE/PATH (three slashes)')
+    return
+  bucket, _, path = rest.partition('/')
+  if not _BUCKET_RE.match(bucket) or '..' in bucket:
+    raise errors.UsageError(
+        f'{what} {shown} does not name a valid bucket: {scheme}://BUCKET/PATH '
+        'with a bucket name of lower-case letters, digits, ".", "-" or "_"')
+  if '..' in path.split('/'):
+    raise errors.UsageError(
+        f'{what} {shown} has a ".." path segment; object stores have no '
+        'parent directories')
 
 
 def exec_properties(*, recipients, signer, cipher, hash_alg,
@@ -223,10 +307,14 @@ def exec_properties(*, recipients, signer, cipher, hash_alg,
   uris = normalize_recipients(
       [key_uri(r, f'{spec.RECIPIENTS_KEY}[{i}]')
        for i, r in enumerate(recipients)])
+  from tfx_encrypt import keys as keys_lib  # pylint: disable=g-import-not-at-top
+  for i, uri in enumerate(uris):
+    # e.g. a Cloud KMS recipient names a CryptoKey, not a key version.
+    keys_lib.check_uri_form(uri, 'recipient',
+                            option=f'{spec.RECIPIENTS_KEY}[{i}]')
   signer_uri = key_uri(signer, spec.SIGNER_KEY) if signer is not None else None
   if signer_uri is not None:
     # e.g. a Cloud KMS signer must name a CryptoKeyVersion.
-    from tfx_encrypt import keys as keys_lib  # pylint: disable=g-import-not-at-top
     keys_lib.check_uri_form(signer_uri, 'signer', option=spec.SIGNER_KEY)
   for name, value, known in (
       (spec.CIPHER_KEY, cipher, tuple(streaming.CIPHERS)),
@@ -254,6 +342,8 @@ def exec_properties(*, recipients, signer, cipher, hash_alg,
       spec.PUSH_DESTINATION_KEY: push_destination_dir(push_destination),
       spec.CUSTOM_CONFIG_KEY: json_utils.dumps(custom_config),
       spec.BUNDLE_KEY: int(bool(bundle)),
+      # Resolved by Kubeflow Pipelines v2 / Vertex AI only (kfp_v2.py).
+      **kfp_v2.PLACEHOLDERS,
   }
 
 
@@ -277,3 +367,60 @@ def beam_exec_properties(worker_identity: Optional[KeyUri], min_bytes: int,
     raise errors.UsageError(
         'beam_min_bytes must be >= 0 and beam_segment_bytes > 0')
   return properties
+
+
+# Schemes whose recipient URI also unwraps (the KMS does it), so Beam workers
+# can use the recipient itself as their identity.
+_KMS_SCHEMES = ('aws-kms', 'gcp-kms', 'hcvault', 'azure-kv')
+
+
+def _workers_can_unwrap_with(recipient: str) -> bool:
+  """Whether Beam workers could unwrap with this recipient URI itself."""
+  from tfx_encrypt import keys as keys_lib  # pylint: disable=g-import-not-at-top
+  scheme = keys_lib.uri_scheme(recipient)
+  if scheme == 'file':
+    return False  # a recipient file is a public key: it cannot unwrap
+  if scheme == 'pkcs11':
+    # A key in a token (module-path=...) can; an exported public key cannot.
+    return ('module-path=' in recipient and 'x-public-key' not in recipient
+            and 'type=public' not in recipient)
+  return True  # KMS; a third-party scheme is not judged here
+
+
+def check_beam_worker_identity(identity: Optional[str],
+                               recipients: Sequence[str]) -> None:
+  """Refuses, when the pipeline is built, a Beam job whose workers could not
+  unwrap the data key (they unwrap it themselves; beam_executor.py).
+
+  Form only, no I/O: a private key file named as the identity is checked by
+  the workers at run time (it may exist only there).
+
+  Raises:
+    UsageError: no identity and no recipient the workers can unwrap with; a
+      recipient's public key file as the identity; a KMS identity that is
+      not a recipient.
+  """
+  from tfx_encrypt import keys as keys_lib  # pylint: disable=g-import-not-at-top
+  what = spec.BEAM_WORKER_IDENTITY_KEY
+  if identity is not None:
+    keys_lib.check_uri_form(identity, 'identity', option=what)
+    scheme = keys_lib.uri_scheme(identity)
+    shown = _text.quoted(identity, 200)
+    if scheme == 'file' and identity in recipients:
+      raise errors.UsageError(
+          f'{what} {shown} is a recipient, i.e. a public key file, which '
+          'cannot unwrap the data key: give the private key file of a '
+          'recipient (readable by every Beam worker), or a KMS recipient')
+    if scheme in _KMS_SCHEMES and identity not in recipients:
+      raise errors.UsageError(
+          f'{what} {shown} is a KMS key that is not among the recipients, so '
+          'the data key is not wrapped for it: add it to recipients or name '
+          'a KMS recipient')
+    return
+  if not any(_workers_can_unwrap_with(r) for r in recipients):
+    raise errors.UsageError(
+        'BeamEncryptPusher: Beam workers unwrap the data key themselves, and '
+        'no recipient lets them (a public key file cannot unwrap): pass '
+        f'{what}=<the private key file of a recipient, readable by every '
+        'worker>, or add a KMS recipient (aws-kms://, gcp-kms://, hcvault://, '
+        'azure-kv://) for the workers to unwrap with')

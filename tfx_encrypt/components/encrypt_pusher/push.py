@@ -12,10 +12,17 @@ tfx-encrypt's publication rules (docs/SECURITY.md):
   a collision, e.g. two runs pushing in the same second, the version is
   bumped (`<ts>+1`, ...), so version names stay integers that sort in push
   order, as TF Serving style consumers expect.
-* On object stores (`gs://`, `s3://`, ...) reached through `tf.io.gfile`
-  there is no atomic directory rename or create-if-absent: the first free
-  version is chosen by an existence check and the package is copied into it,
-  payload first and header last (best effort; see `_push_remote`).
+* On `gs://` and `s3://` (`tfx_encrypt.storage`, docs/OBJECT_STORES.md)
+  every object of the push is written create-only (GCS `ifGenerationMatch=0`,
+  S3 `If-None-Match: *`): the payload objects first (payload 0 claims the
+  version: a concurrent push of the same version fails on it and moves on),
+  then the header, or the one bundle object, as the commit point. A version
+  someone else holds is left alone and the next one is tried; a failed push
+  deletes the objects it wrote. See `_push_object_store`.
+* On other object stores reached through `tf.io.gfile` there is no
+  create-if-absent: the first free version is chosen by an existence check
+  and the package is copied into it, payload first and header last (best
+  effort; see `_push_remote`).
 * On failure, temporary paths are removed; nothing is left at the
   destination.
 """
@@ -36,6 +43,7 @@ from tfx.utils import io_utils
 from tfx_encrypt import _fsutil
 from tfx_encrypt import _text
 from tfx_encrypt import errors
+from tfx_encrypt import storage
 from tfx_encrypt.components.encrypt_pusher import spec
 
 # How many consecutive versions to try after a collision.
@@ -176,7 +184,12 @@ def _push_remote(package_path: str, base: str, start: int
   the header never sees a partial package. Two writers checking the same
   version at the same instant are not excluded; use a local or mounted
   destination when concurrent pushes must be strictly serialised.
+
+  `gs://` and `s3://` do not come here: `_push_object_store` publishes
+  there with create-only writes.
   """
+  if storage.is_remote(base):
+    return _push_object_store(package_path, base, start)
   fileio.makedirs(base)
   for v in range(start, start + _MAX_VERSION_ATTEMPTS):
     target = os.path.join(base, str(v))
@@ -205,6 +218,79 @@ def _push_remote(package_path: str, base: str, start: int
   raise errors.OutputExistsError(
       f'could not find a free version under {base} after '
       f'{_MAX_VERSION_ATTEMPTS} attempts starting at {start}')
+
+
+def _package_objects(package_path: str
+                     ) -> Tuple[list, Tuple[str, str]]:
+  """The objects of a local package, in push order: ([(local file, object
+  name), ...] of the payloads, (local file, name) of the commit object)."""
+  header = os.path.join(package_path, 'tfxe.header')
+  if os.path.isfile(header):
+    pdir = os.path.join(package_path, 'payload')
+    names = sorted(os.listdir(pdir))
+    if sorted(os.listdir(package_path)) != ['payload', 'tfxe.header'] or (
+        not names):
+      raise errors.UsageError(
+          f'{_text.printable(package_path)} is not a package directory')
+    return ([(os.path.join(pdir, n), f'payload/{n}') for n in names],
+            (header, 'tfxe.header'))
+  if os.listdir(package_path) == [spec.BUNDLE_FILE_NAME]:
+    return [], (os.path.join(package_path, spec.BUNDLE_FILE_NAME),
+                spec.BUNDLE_FILE_NAME)
+  raise errors.UsageError(
+      f'{_text.printable(package_path)} holds neither a package nor a '
+      f'{spec.BUNDLE_FILE_NAME}')
+
+
+def _push_object_store(package_path: str, base: str, start: int
+                       ) -> Tuple[str, str]:
+  """Atomic, never-overwriting push to `gs://` / `s3://` (docs/OBJECT_STORES.md).
+
+  Every object is written create-only. The payload objects go first, in
+  index order, so payload 0 claims the version: a concurrent push of the
+  same version fails on it before writing anything and tries the next
+  version. The header (or the bundle object) goes last: the commit point;
+  until it exists readers treat the version as incomplete. A version that
+  already holds any object (a package, someone's incomplete push, anything
+  else) is skipped. On a collision, or any failure, the objects this push
+  wrote are deleted.
+  """
+  payloads, commit = _package_objects(package_path)
+  for v in range(start, start + _MAX_VERSION_ATTEMPTS):
+    target = storage.join(base, str(v))
+    if storage.list_names(target):
+      logging.info('Version %s already exists under %s; trying %s.', v,
+                   _text.printable(base), v + 1)
+      continue
+    written = []
+    try:
+      for local, name in payloads + [commit]:
+        uri = storage.join(target, name)
+        with open(local, 'rb') as f:
+          storage.put_create_only(uri, f)
+        written.append(uri)
+    except storage.ObjectExistsError:
+      _delete_objects(written)
+      logging.info('Version %s was taken by another push under %s; trying '
+                   '%s.', v, _text.printable(base), v + 1)
+      continue
+    except BaseException:
+      _delete_objects(written)
+      raise
+    return target, str(v)
+  raise errors.OutputExistsError(
+      f'could not find a free version under {base} after '
+      f'{_MAX_VERSION_ATTEMPTS} attempts starting at {start}')
+
+
+def _delete_objects(uris) -> None:
+  """Remove what a push wrote, last first (header before payloads)."""
+  for uri in reversed(uris):
+    try:
+      storage.delete(uri)
+    except Exception:  # pylint: disable=broad-except
+      logging.warning('Could not remove %s', _text.printable(uri),
+                      exc_info=True)
 
 
 @contextlib.contextmanager

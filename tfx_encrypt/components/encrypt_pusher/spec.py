@@ -43,6 +43,16 @@ BEAM_SEGMENT_BYTES_KEY = 'beam_segment_bytes'
 # Where the executor writes its audit event (a tfx_encrypt.audit sink: a
 # path, stderr, syslog[:ADDR] or logging; never a secret).
 AUDIT_LOG_KEY = 'audit_log'
+# Provenance on Kubeflow Pipelines v2 / Vertex AI (kfp_v2.py). The component
+# sets the kfp_* ones to KFP runtime placeholders, which the orchestrator
+# replaces with the running job's values; elsewhere they stay placeholders
+# and are ignored. `pipeline_name` is recorded at compile time
+# (kubeflow_v2.image_map), as KFP has no placeholder for it.
+KFP_PIPELINE_JOB_NAME_KEY = 'kfp_pipeline_job_name'
+KFP_PIPELINE_JOB_UUID_KEY = 'kfp_pipeline_job_uuid'
+KFP_PIPELINE_TASK_NAME_KEY = 'kfp_pipeline_task_name'
+KFP_PIPELINE_TASK_UUID_KEY = 'kfp_pipeline_task_uuid'
+PIPELINE_NAME_KEY = 'pipeline_name'
 
 # Custom property and encryption-context names (shared with the lineage
 # layer, which must not import TFX).
@@ -105,6 +115,11 @@ class EncryptPusherSpec(ComponentSpec):
       BEAM_MIN_BYTES_KEY: ExecutionParameter(type=int, optional=True),
       BEAM_SEGMENT_BYTES_KEY: ExecutionParameter(type=int, optional=True),
       AUDIT_LOG_KEY: ExecutionParameter(type=str, optional=True),
+      KFP_PIPELINE_JOB_NAME_KEY: ExecutionParameter(type=str, optional=True),
+      KFP_PIPELINE_JOB_UUID_KEY: ExecutionParameter(type=str, optional=True),
+      KFP_PIPELINE_TASK_NAME_KEY: ExecutionParameter(type=str, optional=True),
+      KFP_PIPELINE_TASK_UUID_KEY: ExecutionParameter(type=str, optional=True),
+      PIPELINE_NAME_KEY: ExecutionParameter(type=str, optional=True),
   }
   INPUTS = {
       MODEL_KEY:

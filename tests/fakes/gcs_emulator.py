@@ -1,0 +1,129 @@
+"""gcp-storage-emulator on loopback, optionally with generation preconditions.
+
+TEST-ONLY. The real emulator (PyPI `gcp-storage-emulator`, the real
+google-cloud-storage client talks to it through STORAGE_EMULATOR_HOST)
+IGNORES `ifGenerationMatch=0`: a second create-only upload of an object
+succeeds and overwrites it (tests/test_storage.py measures this). Real GCS
+answers 412 Precondition Failed. Run with `--enforce-preconditions`, this
+launcher patches the emulator in its own process so that an upload whose
+query says `ifGenerationMatch=0` (media, multipart, or the final PUT of a
+resumable upload, whose URL keeps the initiating query) of an object that
+exists gets 412, atomically (one lock around check-and-create). Nothing
+else changes. Used as
+
+  python -m tests.fakes.gcs_emulator PORT [--enforce-preconditions]
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Optional
+
+from tests.fakes.servers import free_port, wait_for_port
+
+
+class _Exists(Exception):
+  pass
+
+
+def _patch_preconditions():
+  from gcp_storage_emulator import server as srv  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator import storage as st  # pylint: disable=g-import-not-at-top
+
+  current = threading.local()
+  lock = threading.Lock()
+  create_file = st.Storage.create_file
+  handle = srv.Router.handle
+
+  def checked_create_file(self, bucket_name, file_name, *args, **kwargs):
+    req = getattr(current, 'request', None)
+    want = None
+    if req is not None:
+      q = req.query
+      if 'ifGenerationMatch' in q:
+        want = q['ifGenerationMatch'][0]
+    with lock:
+      if want == '0' and file_name in self.objects.get(bucket_name, {}):
+        raise _Exists(file_name)
+      return create_file(self, bucket_name, file_name, *args, **kwargs)
+
+  class TrackedRequest(srv.Request):
+    """Remembers the request this thread is handling."""
+
+    def __init__(self, *a, **kw):
+      super().__init__(*a, **kw)
+      current.request = self
+
+  def checked_handle(self, method):
+    rh = self._request_handler
+    try:
+      return handle(self, method)
+    except _Exists:
+      body = json.dumps({'error': {
+          'code': 412, 'message': 'At least one of the pre-conditions you '
+          'specified did not hold.', 'errors': [{
+              'reason': 'conditionNotMet', 'message': 'Precondition Failed'}]}
+                        }).encode()
+      rh.send_response(412)
+      rh.send_header('Content-Type', 'application/json')
+      rh.send_header('Content-Length', str(len(body)))
+      rh.end_headers()
+      rh.wfile.write(body)
+      return None
+    finally:
+      current.request = None
+
+  srv.Request = TrackedRequest  # pylint: disable=invalid-name
+  st.Storage.create_file = checked_create_file
+  srv.Router.handle = checked_handle
+
+
+class GcsEmulator:
+  """The emulator as a child process on a free loopback port."""
+
+  def __init__(self, enforce_preconditions: bool = True):
+    self.port = free_port()
+    self.host = f'127.0.0.1:{self.port}'
+    self.url = f'http://{self.host}'
+    self._log = tempfile.TemporaryFile()
+    args = [sys.executable, '-m', 'tests.fakes.gcs_emulator', str(self.port)]
+    if enforce_preconditions:
+      args.append('--enforce-preconditions')
+    import pathlib  # pylint: disable=g-import-not-at-top
+    self.proc = subprocess.Popen(
+        args, stdout=self._log, stderr=subprocess.STDOUT,
+        cwd=str(pathlib.Path(__file__).resolve().parents[2]))
+    try:
+      wait_for_port(self.port, proc=self.proc)
+    except Exception:
+      self.close()
+      raise
+
+  def log(self) -> str:
+    self._log.seek(0)
+    return self._log.read().decode('utf-8', 'replace')
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.terminate()
+      try:
+        self.proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+    self._log.close()
+
+
+def main(argv: Optional[list] = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  port = int(argv[0])
+  if '--enforce-preconditions' in argv:
+    _patch_preconditions()
+  from gcp_storage_emulator.server import create_server  # pylint: disable=g-import-not-at-top
+  create_server('127.0.0.1', port, in_memory=True).run()
+
+
+if __name__ == '__main__':
+  main()
