@@ -29,12 +29,16 @@ set -euo pipefail
 #     tests/keys/test_tpm2.py) and benchmarks/tpm_unwrap.py. The tests start
 #     their own daemons; Debian's tpm2-abrmd system service is not used.
 #   age: the `tar | age` rows of benchmarks/run.py (docs/BENCHMARKS.md).
+#   mariadb-server: mariadbd and mariadb-install-db, the MySQL ML Metadata
+#     store of the lineage tests (tests/test_lineage.py starts its own server
+#     on a loopback port with a private datadir; Debian's service is unused).
 # The demo (pipelines/local_pipeline.py) needs no system package beyond
 # what .venv holds.
 packages_for() {
   case "$1" in
     test) echo softhsm2 docker-registry apache2-utils swtpm tpm2-abrmd \
-            libtss2-tcti-tabrmd0 dbus-daemon libtpm2-pkcs11-1 opensc ;;
+            libtss2-tcti-tabrmd0 dbus-daemon libtpm2-pkcs11-1 opensc \
+            mariadb-server ;;
     demo) ;;
     bench) echo age ;;
     *) echo "ensure_system_packages.sh: unknown target '$1' (test, demo, bench)" >&2

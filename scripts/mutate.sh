@@ -22,8 +22,11 @@
 # or log message are skipped (MUTATE_MESSAGES=1 tests them too).
 #
 # At the end the score per module is printed, and every surviving mutant as
-# a diff. Afterwards: `cd build/mutate && ../../.venv-mut/bin/mutmut show ID`.
-# The command exits 0 whatever survived: read the report.
+# a diff. Afterwards: `cd build/mutate && ../../.venv-mut/bin/mutmut show ID`
+# (never while a run is going: `mutmut show` re-reads the mutated file and
+# rewrites mutmut's line cache under the run). MUTATE_RESUME=1 goes on with
+# the run in MUTATE_DIR, with the checkout's current tests. The command
+# exits 0 whatever survived: read the report.
 #
 # Internal: `scripts/mutate.sh --pytest ARGS...` runs pytest for mutmut and
 # exits 1 on any failure (mutmut counts only exit code 1 as "killed"; a
@@ -76,14 +79,25 @@ paths_csv=$(printf '%s\n' "${paths[@]}" | sort -u | paste -sd, -)
 [[ -x "$MUTMUT" ]] || {
   echo "mutate: $MUTMUT is missing; run scripts/setup_mut_env.sh" >&2; exit 2; }
 
-# A fresh scratch copy: the sources and tests, no venvs, no VCS data.
 case "$MUTATE_DIR" in /|"$ROOT"|"$HOME") echo "mutate: refusing MUTATE_DIR=$MUTATE_DIR" >&2; exit 2 ;; esac
-rm -rf "$MUTATE_DIR"
-mkdir -p "$MUTATE_DIR"
-(cd "$ROOT" && tar --exclude=./.git --exclude='./.venv*' --exclude=./build \
-  --exclude=./dist --exclude=./demo-out --exclude=./bench-out \
-  --exclude='*/__pycache__' --exclude=./.pytest_cache --exclude=./.hypothesis \
-  -cf - .) | tar -C "$MUTATE_DIR" -xf -
+copy_tree() {  # copy_tree WHAT: the checkout's WHAT (., tests) into MUTATE_DIR
+  (cd "$ROOT" && tar --exclude=./.git --exclude='./.venv*' --exclude=./build \
+    --exclude=./dist --exclude=./demo-out --exclude=./bench-out \
+    --exclude='*/__pycache__' --exclude=./.pytest_cache --exclude=./.hypothesis \
+    -cf - "$1") | tar -C "$MUTATE_DIR" -xf -
+}
+if [[ "${MUTATE_RESUME:-0}" == 1 && -f "$MUTATE_DIR/.mutmut-cache" ]]; then
+  # Go on with an interrupted run (or re-check survivors after adding
+  # tests): the sources stay the ones it started from, the tests are the
+  # checkout's; mutants already killed stay killed, the rest run again.
+  rm -rf "$MUTATE_DIR/tests"
+  copy_tree ./tests
+else
+  # A fresh scratch copy: the sources and tests, no venvs, no VCS data.
+  rm -rf "$MUTATE_DIR"
+  mkdir -p "$MUTATE_DIR"
+  copy_tree .
+fi
 cp "$ROOT/scripts/mutmut_config.py" "$MUTATE_DIR/mutmut_config.py"
 cd "$MUTATE_DIR"
 

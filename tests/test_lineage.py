@@ -472,12 +472,20 @@ def test_unblessed_run_is_marked_and_skipped(runs, store):
 
 @pytest.mark.slow
 def test_version_filter(runs, store):
+  # A version names a directory under one push destination: two pipelines
+  # pushing to two destinations in the same second share it, so the
+  # pipeline goes with it.
+  demo = runs['first']['pipeline_name']
   for summary in (runs['first'], runs['second']):
     version = summary['pushed_version']
-    assert _ids(lineage.encrypted_models(store, version=version)) == [
-        summary['encrypted_model_artifact_id']]
+    assert _ids(lineage.encrypted_models(store, version=version,
+                                         pipeline_name=demo)) == [
+                                             summary[
+                                                 'encrypted_model_artifact_id']]
+    assert summary['encrypted_model_artifact_id'] in _ids(
+        lineage.encrypted_models(store, version=version))
     proc = _cli('--mlmd-sqlite', runs['store_path'], '--version', version,
-                '--json')
+                '--pipeline', demo, '--json')
     assert proc.returncode == 0, proc.stderr
     [t] = json.loads(proc.stdout)
     assert t['encrypted_model']['id'] == summary['encrypted_model_artifact_id']
@@ -814,7 +822,12 @@ def test_mariadb_rotation_is_recorded(rotated, mysql_store):
 @pytest.mark.slow
 def test_mariadb_trace_reaches_trainer_examples_and_example_gen(
     rotated, mysql_store):
+  """From a pushed version back to the ExampleGen's input data."""
   for record in (rotated['first'], rotated['second']):
+    version = os.path.basename(record['properties']['pushed_destination'])
+    # (run 1's version also holds the rewrap's record: superseded here)
+    assert record['id'] in _ids(lineage.encrypted_models(
+        mysql_store, version=version, include_superseded=True))
     t = lineage.trace(mysql_store, record['id'])
     [model] = t['models']
     trainer = model['produced_by']
@@ -832,6 +845,8 @@ def test_mariadb_trace_reaches_trainer_examples_and_example_gen(
     [flat] = t['examples']
     assert flat['id'] == examples['id'] and flat['uri'] == examples['uri']
     assert flat['produced_by']['id'] == gen['id']
+    assert gen['input_base'] == flat['produced_by']['input_base'] == (
+        os.path.join(rotated['workdir'], 'csv'))
     assert json.loads(flat['split_names']) == ['train', 'eval']
 
 
@@ -864,6 +879,7 @@ def test_mariadb_cli_worklist_json_and_table(rotated, mariadb):
   assert f'removed {key_a})' in proc.stdout
   assert 'from Trainer execution' in proc.stdout
   assert 'from CsvExampleGen execution' in proc.stdout
+  assert f'<- {os.path.join(rotated["workdir"], "csv")})' in proc.stdout
   assert _MLMD_PASSWORD not in proc.stdout + proc.stderr
 
   # A config file for `lineage` too; --version picks the rewrapped one.
@@ -881,12 +897,14 @@ def test_mariadb_cli_worklist_json_and_table(rotated, mariadb):
     assert proc.stdout == ''
     assert proc.stderr.startswith(
         f'tfx-encrypt: error: mysql://{_MLMD_USER}@127.0.0.1:')
+    assert proc.stderr.count('\n') == 1, proc.stderr
+    assert 'check the host, port, database, user and password' in proc.stderr
     assert 'wrong-password' not in proc.stderr
 
 
 @pytest.mark.slow
-def test_rewrap_of_an_unrecorded_package_changes_nothing(rotated, mariadb,
-                                                         tmp_path):
+def test_mariadb_rewrap_of_an_unrecorded_package_changes_nothing(
+    rotated, mariadb, tmp_path):
   """The MLMD lookup comes first: an unknown package is not rewrapped."""
   from tfx_encrypt import package as package_lib  # pylint: disable=g-import-not-at-top
   keys = rotated['keys']
@@ -901,3 +919,78 @@ def test_rewrap_of_an_unrecorded_package_changes_nothing(rotated, mariadb,
   assert proc.returncode == lineage.NoMatchError.exit_code, proc.stderr
   assert 'no live tfx_encrypt.EncryptedModel' in proc.stderr
   assert package_lib.inspect_package(copy).recipients == before
+
+
+# --------------------------------------------------------------------------
+# A metadata gRPC service. No `metadata_store_server` binary ships with the
+# ml-metadata wheel or Debian, so the service here is a TEST-ONLY Python
+# stand-in: every MetadataStoreService RPC handed to a real SQLite-backed
+# MetadataStore. The client side (ml_metadata's gRPC stub, through
+# lineage.open_grpc and --mlmd-grpc) is the real one.
+# --------------------------------------------------------------------------
+
+
+class _GrpcMetadataService:
+
+  def __init__(self, sqlite_path):
+    # pylint: disable=g-import-not-at-top
+    from concurrent import futures
+    import grpc
+    from ml_metadata.proto import metadata_store_service_pb2 as service_pb2
+    from tests.fakes import servers
+    # pylint: enable=g-import-not-at-top
+    backend = lineage.open_sqlite(sqlite_path)
+    service = service_pb2.DESCRIPTOR.services_by_name['MetadataStoreService']
+    handlers = {}
+    for method in service.methods:
+      request_cls = getattr(service_pb2, method.input_type.name)
+      response_cls = getattr(service_pb2, method.output_type.name)
+
+      def handle(request, context, name=method.name, response_cls=response_cls):
+        response = response_cls()
+        try:
+          backend._call_method(name, request, response)  # pylint: disable=protected-access
+        except Exception as e:  # pylint: disable=broad-except
+          code = getattr(e, 'error_code', 2)
+          status = {s.value[0]: s for s in grpc.StatusCode}.get(
+              code, grpc.StatusCode.UNKNOWN)
+          context.abort(status, str(e))
+        return response
+
+      handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+          handle, request_deserializer=request_cls.FromString,
+          response_serializer=response_cls.SerializeToString)
+    self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    self.server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    self.port = servers.free_port()
+    self.server.add_insecure_port(f'127.0.0.1:{self.port}')
+    self.server.start()
+
+  def stop(self):
+    self.server.stop(grace=None)
+
+
+@pytest.mark.slow
+def test_grpc_service(runs):
+  service = _GrpcMetadataService(runs['store_path'])
+  try:
+    store = lineage.open_grpc('127.0.0.1', service.port)
+    local = lineage.open_sqlite(runs['store_path'])
+    over_grpc = lineage.encrypted_models(store)
+    assert over_grpc == lineage.encrypted_models(local)
+    assert [lineage.trace(store, r['id']) for r in over_grpc] == [
+        lineage.trace(local, r['id']) for r in over_grpc]
+    proc = _cli('--mlmd-grpc', f'127.0.0.1:{service.port}', '--json')
+    assert proc.returncode == 0, proc.stderr
+    assert [t['encrypted_model']['id'] for t in json.loads(proc.stdout)] == (
+        _ids(over_grpc))
+  finally:
+    service.stop()
+  # Nothing listens there any more: one line, exit 3.
+  proc = _cli('--mlmd-grpc', f'127.0.0.1:{service.port}')
+  assert proc.returncode == 3, proc.stderr
+  assert proc.stderr.startswith(
+      f'tfx-encrypt: error: grpc://127.0.0.1:{service.port} is not a '
+      'readable ML Metadata store')
+  assert proc.stderr.count('\n') == 1

@@ -170,3 +170,55 @@ def test_rotate_reads_a_remote_package(tmp_path, keys, s3_store):
   te.decrypt_model(tmp_path / 'new', tmp_path / 'o',
                    identities=[keys.priv('x2')], trusted=[keys.pub('ed')])
   assert _util.read_tree(tmp_path / 'o') == _util.read_tree(src)
+
+
+_MEMORY_SCRIPT = r'''
+import json, sys
+import tfx_encrypt as te
+
+small, big, priv, work = sys.argv[1:5]
+
+def status(key):
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith(key + ':'):
+        return int(line.split()[1])
+
+# Warm up (imports, SDK client, thread pool, buffers) on a small package.
+te.decrypt_model(small, work + '/w', identities=[priv], allow_unsigned=True)
+base = status('VmRSS')
+te.decrypt_model(big, work + '/o', identities=[priv], allow_unsigned=True)
+print(json.dumps({'base_kib': base, 'peak_kib': status('VmHWM')}))
+'''
+
+
+@pytest.mark.slow
+def test_remote_decrypt_memory_does_not_grow_with_the_model(tmp_path, keys,
+                                                            s3_store):
+  """Peak RSS of decrypting from s3:// stays far below the model's size:
+  ranged reads, one 4 MiB chunk per open payload (docs/OBJECT_STORES.md)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  base = s3_store.new_base()
+  m = tmp_path / 'm'
+  (m / 'variables').mkdir(parents=True)
+  (m / 'saved_model.pb').write_bytes(b'\x08\x01')
+  for i in range(2):  # 2 x 96 MiB, sparse: the test measures the reader
+    with open(m / 'variables' / f'data-{i}', 'wb') as f:
+      f.truncate(96 * MiB)
+  te.encrypt_model(m, tmp_path / 'big', recipients=[keys.pub('x')])
+  small = _util.make_tree(tmp_path / 's', {'saved_model.pb': 3 * MiB})
+  te.encrypt_model(small, tmp_path / 'small', recipients=[keys.pub('x')])
+  upload(str(tmp_path / 'big'), storage.join(base, 'big'))
+  upload(str(tmp_path / 'small'), storage.join(base, 'small'))
+  out = subprocess.run(
+      [sys.executable, '-c', _MEMORY_SCRIPT, storage.join(base, 'small'),
+       storage.join(base, 'big'), keys.priv('x'), str(tmp_path)],
+      capture_output=True, text=True, timeout=600, check=False,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  grown_mib = (r['peak_kib'] - r['base_kib']) / 1024
+  print(f'remote decrypt: peak RSS {grown_mib:.1f} MiB over baseline')
+  assert grown_mib < 64, r  # the model is 192 MiB

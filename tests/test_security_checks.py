@@ -275,6 +275,30 @@ def test_dotdot_rule_refuses_dotdot_when_no_other_rule_does():
   assert paths.check_tree(['a/b'], ['a']) == ['a']
 
 
+# --- stanza limits (FORMAT.md §11) ------------------------------------------------
+
+@pytest.mark.parametrize('field, at_limit, over', [
+    ('type', {'type': 't' * 64}, {'type': 't' * 65}),
+    ('key_id', {'key_id': 'k' * 1024}, {'key_id': 'k' * 1025}),
+    ('body fields', {'body': {f'f{i}': '' for i in range(16)}},
+     {'body': {f'f{i}': '' for i in range(17)}}),
+    ('body field name', {'body': {'n' * 64: ''}}, {'body': {'n' * 65: ''}}),
+    ('body field value', {'body': {'ct': 'v' * 16384}},
+     {'body': {'ct': 'v' * 16385}}),
+])
+def test_stanza_limits_are_exact(field, at_limit, over):
+  """Kills: a stanza limit of the header parser moved by one (type 64,
+  key id 1024 characters, 16 body fields, field name 64 and value 16 384
+  characters): the documented bound is accepted, one more is refused."""
+  del field
+  base = {'type': 'x25519-hpke', 'key_id': 'sha256:' + '0' * 64,
+          'body': {'ct': 'AAAA'}}
+  assert Stanza.from_json(dict(base, **at_limit)).to_json() == dict(
+      base, **at_limit)
+  with pytest.raises(errors.TamperedPackageError, match='stanza'):
+    Stanza.from_json(dict(base, **over))
+
+
 # --- key groups: a share is tagged with its group ---------------------------------
 
 def test_key_group_share_tag_must_match_group(keys, model, tmp_path):
@@ -365,76 +389,88 @@ def test_no_matching_key_names_identities_and_recipients(keys, model,
           f"{local.LocalKey(keys.pub('rsa')).key_id}") in message
 
 
+class _DownKms:
+  """Packages with a stanza for a real AWS KMS key (moto's KMS server,
+  behind a counting proxy), made while it ran; the server is then stopped,
+  so every call to it fails (BackendUnavailableError)."""
+
+  def __init__(self, tmp, keys, model, monkeypatch):
+    from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top
+    server = fx.start_moto()
+    self.env = fx.AwsEnv(server)
+    try:
+      self.env.apply(monkeypatch)
+      self.kms = self.env.create_key()
+      self.grouped = tmp / 'grouped'
+      te.encrypt_model(model, self.grouped, threshold=2, key_groups=[
+          [self.kms], [keys.pub('x')], [keys.pub('x2')]])
+      self.plain = tmp / 'plain'
+      te.encrypt_model(model, self.plain, recipients=[self.kms,
+                                                      keys.pub('x')])
+    finally:
+      server.stop()
+
+  def kms_calls(self):
+    return self.env.counts().get('Decrypt', 0)
+
+
+@pytest.fixture(scope='module')
+def down_kms(tmp_path_factory, keys, model):
+  with pytest.MonkeyPatch.context() as mp:
+    kms = _DownKms(tmp_path_factory.mktemp('kms'), keys, model, mp)
+    try:
+      yield kms
+    finally:
+      kms.env.close()
+
+
 @pytest.mark.integration
 def test_unreachable_backend_is_skipped_in_later_key_groups(
-    keys, model, tmp_path, monkeypatch, fast_retry):
+    keys, model, tmp_path, down_kms, fast_retry):
   """Kills: `_UnwrapAttempts.first` stopping at an identity whose backend
   already failed (`continue` -> `break`): the identities after it must
   still open the later key groups, so a recovery key opens the package
-  while the production KMS is down (moto's KMS server, stopped)."""
+  while the production KMS is down."""
   del fast_retry  # short backoffs for the failing KMS calls
-  from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top
-  server = fx.start_moto()
-  try:
-    env = fx.AwsEnv(server)
-    env.apply(monkeypatch)
-    kms = env.create_key()
-    pkg = tmp_path / 'p'
-    te.encrypt_model(model, pkg, threshold=2, key_groups=[
-        [kms], [keys.pub('x')], [keys.pub('x2')]])
-  finally:
-    server.stop()
-  identities = [kms, keys.priv('x'), keys.priv('x2')]
-  te.decrypt_model(pkg, tmp_path / 'o', identities=identities,
-                   allow_unsigned=True)
+  te.decrypt_model(down_kms.grouped, tmp_path / 'o', allow_unsigned=True,
+                   identities=[down_kms.kms, keys.priv('x'),
+                               keys.priv('x2')])
   assert _util.read_tree(tmp_path / 'o') == _util.read_tree(model)
-  # Control: without the recovery keys the KMS error is what is reported.
+  # Control: without the second recovery key the KMS error is reported.
   with pytest.raises(errors.BackendUnavailableError):
-    te.decrypt_model(pkg, tmp_path / 'o2', identities=[kms, keys.priv('x')],
-                     allow_unsigned=True)
+    te.decrypt_model(down_kms.grouped, tmp_path / 'o2', allow_unsigned=True,
+                     identities=[down_kms.kms, keys.priv('x')])
 
 
 @pytest.mark.integration
-def test_failed_backend_is_not_called_again(keys, model, tmp_path,
-                                            monkeypatch, fast_retry):
+def test_failed_backend_is_not_called_again(keys, model, tmp_path, down_kms,
+                                            fast_retry):
   """Kills: `_UnwrapAttempts.first` going on with the other stanzas of an
   identity whose backend just failed (`break` -> `continue` after a
   KeyBackendError): a KMS that is down costs one call (with its retries)
   per decryption, however many stanzas name its key (here a DEK holder
   listed the KMS stanza twice and re-MACed)."""
   del fast_retry
-  from tests.fakes import backends as fx  # pylint: disable=g-import-not-at-top
-  server = fx.start_moto()
-  env = fx.AwsEnv(server)
-  try:
-    env.apply(monkeypatch)
-    kms = env.create_key()
-    one = tmp_path / 'one'
-    te.encrypt_model(model, one, recipients=[kms, keys.pub('x')])
-    server.stop()
-    two = tmp_path / 'two'
-    shutil.copytree(one, two)
-    h = _read_header(two)
-    dek = local.LocalKey(keys.priv('x')).unwrap(
-        h.recipients[1], WrapContext(h.package_id, h.context))
-    h.recipients = [h.recipients[0], h.recipients[0], h.recipients[1]]
-    package_lib.seal_header(
-        h, header_lib.DerivedKeys(dek, h.package_id, h.suite).mac_key, None)
-    _write_header(two, h)
+  two = tmp_path / 'two'
+  shutil.copytree(down_kms.plain, two)
+  h = _read_header(two)
+  dek = local.LocalKey(keys.priv('x')).unwrap(
+      h.recipients[1], WrapContext(h.package_id, h.context))
+  h.recipients = [h.recipients[0], h.recipients[0], h.recipients[1]]
+  package_lib.seal_header(
+      h, header_lib.DerivedKeys(dek, h.package_id, h.suite).mac_key, None)
+  _write_header(two, h)
 
-    def kms_calls(pkg, out):
-      before = env.counts().get('Decrypt', 0)
-      te.decrypt_model(pkg, out, identities=[kms, keys.priv('x')],
-                       allow_unsigned=True)
-      assert _util.read_tree(out) == _util.read_tree(model)
-      return env.counts().get('Decrypt', 0) - before
+  def kms_calls(pkg, out):
+    before = down_kms.kms_calls()
+    te.decrypt_model(pkg, out, identities=[down_kms.kms, keys.priv('x')],
+                     allow_unsigned=True)
+    assert _util.read_tree(out) == _util.read_tree(model)
+    return down_kms.kms_calls() - before
 
-    calls = kms_calls(one, tmp_path / 'o1')
-    assert calls >= 1
-    assert kms_calls(two, tmp_path / 'o2') == calls
-  finally:
-    server.stop()
-    env.close()
+  calls = kms_calls(down_kms.plain, tmp_path / 'o1')
+  assert calls >= 1
+  assert kms_calls(two, tmp_path / 'o2') == calls
 
 
 # --- serve-sync: a trust list means signed packages only ---------------------

@@ -768,7 +768,7 @@ def _rotation_lineage(mlmd, package):
   if mlmd is None:
     return None
   lineage_lib = _import_lineage()
-  store = lineage_lib.connect(read_only=False, **mlmd)
+  store = _connect_mlmd(lineage_lib, mlmd, read_only=False)
   old_info = pkg.inspect_package(package)
   old = lineage_lib.find_recorded(store, package, old_info.package_id)
   return lineage_lib, store, old_info, old
@@ -778,9 +778,13 @@ def _record_rotation(recorder, operation, info, new_path):
   if recorder is None:
     return
   lineage_lib, store, old_info, old = recorder
-  done = lineage_lib.record_rotation(store, old, operation=operation,
-                                     old_info=old_info, new_info=info,
-                                     new_path=new_path)
+  try:
+    done = lineage_lib.record_rotation(store, old, operation=operation,
+                                       old_info=old_info, new_info=info,
+                                       new_path=new_path)
+  except lineage_lib.LineageError as e:
+    raise lineage_lib.LineageError(
+        f'{operation} done ({new_path}), but not recorded: {e}') from e
   what = (f'supersedes EncryptedModel {done["superseded_id"]}'
           if done['superseded_id'] is not None
           else f'from EncryptedModel {old.id}')
@@ -893,6 +897,26 @@ def _import_lineage():
   return lineage
 
 
+@contextlib.contextmanager
+def _native_stderr_quiet():
+  """ML Metadata's C++ layer logs connection failures straight to fd 2;
+  the CLI reports them in its one error line instead."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'wb') as null:
+      os.dup2(null.fileno(), 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def _connect_mlmd(lineage_lib, mlmd, read_only=True):
+  with _native_stderr_quiet():
+    return lineage_lib.connect(read_only=read_only, **(mlmd or {}))
+
+
 def _lineage_row(t: dict) -> Sequence[str]:
   em, ex = t['encrypted_model'], t['execution'] or {}
   props = em['properties']
@@ -947,8 +971,10 @@ def _lineage_details(t: dict) -> Sequence[str]:
                  f'{_exec_label(producer)}' +
                  (f' <- {inputs}' if inputs else ''))
   for e in t.get('examples') or []:
+    source = (e.get('produced_by') or {}).get('input_base')
     out.append(f'examples  {_show(e["uri"])} (Examples {e["id"]}, from '
-               f'{_exec_label(e.get("produced_by"))})')
+               f'{_exec_label(e.get("produced_by"))}'
+               + (f' <- {_show(source)})' if source else ')'))
   pushes = t.get('pushes') or []
   for push in pushes[1:] if not t.get('rotated_from') else pushes:
     if push.get('pushed'):
@@ -994,7 +1020,7 @@ def lineage(mlmd, key_id, fingerprint, package, pipeline_name, version,
   if mlmd is None:
     mlmd = {}
   package_id = pkg.inspect_package(package).package_id if package else None
-  store = lineage_lib.connect(**mlmd)
+  store = _connect_mlmd(lineage_lib, mlmd)
   filters = dict(key_id=key_id, fingerprint=fingerprint,
                  package_id=package_id, pipeline_name=pipeline_name,
                  pushed_only=pushed_only, version=version)

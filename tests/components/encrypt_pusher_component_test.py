@@ -403,6 +403,7 @@ def test_beam_worker_identity_kms_recipient_is_accepted(model):
     'gs://my-bucket',
     'gs://my_bucket.example.com/a/b/',
     's3://my.bucket-1/a/b',
+    'hdfs://namenode:8020/models',  # another tf.io.gfile filesystem
 ])
 def test_push_destination_forms_accepted(model, dest):
   assert _make(model, push_destination=dest).exec_properties[
@@ -451,3 +452,18 @@ def test_kfp_provenance_properties_are_placeholders(model):
   assert props['kfp_pipeline_job_name'] == '{{$.pipeline_job_name}}'
   assert props['kfp_pipeline_task_name'] == '{{$.pipeline_task_name}}'
   assert props.get('pipeline_name') is None  # set by kubeflow_v2.image_map
+
+
+def test_encrypt_pusher_replaces_pusher(model, blessing):
+  """Position in the DAG (docs/COMPONENT.md): EncryptPusher takes Pusher's
+  inputs and outputs Pusher's `pushed_model`; a stock Pusher cannot take
+  either of its outputs (TFX's type check, not bypassed)."""
+  from tfx.components import Pusher  # pylint: disable=g-import-not-at-top
+  c = _make(model, model_blessing=blessing)
+  assert c.outputs['pushed_model'].type is standard_artifacts.PushedModel
+  assert set(standard_component_specs.PusherSpec.OUTPUTS) <= set(c.outputs)
+  dest = pusher_pb2.PushDestination(
+      filesystem=pusher_pb2.PushDestination.Filesystem(base_directory='/y'))
+  for key in ('encrypted_model', 'pushed_model'):
+    with pytest.raises(TypeError, match='should be a Channel of type'):
+      Pusher(model=c.outputs[key], push_destination=dest)

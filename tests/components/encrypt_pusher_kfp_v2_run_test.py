@@ -22,6 +22,7 @@ import pytest
 from tfx import v1 as tfx
 
 from tfx_encrypt import package as package_lib
+from tfx_encrypt.components import BeamEncryptPusher
 from tfx_encrypt.components import EncryptPusher
 from tfx_encrypt.components import kubeflow_v2
 
@@ -35,11 +36,12 @@ _JOB_UUID = '5b1f0c1e-6a55-4a3f-9f0e-0d5c1c2b7a10'
 _TASK_UUID = '-4218032941236654080'
 _MODEL_NAME = ('projects/123456789/locations/us-central1/metadataStores/'
                'default/artifacts/4242')
+_TASK = 'encrypt_pusher'  # the component id, which TFX makes the task name
 # What Vertex AI resolves KFP's runtime placeholders to for this task.
 _RUNTIME = {
     '{{$.pipeline_job_name}}': _JOB,
     '{{$.pipeline_job_uuid}}': _JOB_UUID,
-    '{{$.pipeline_task_name}}': 'EncryptPusher',
+    '{{$.pipeline_task_name}}': _TASK,
     '{{$.pipeline_task_uuid}}': _TASK_UUID,
 }
 
@@ -78,19 +80,27 @@ def _executor_input(spec, task_name, model_uri, task_root, spec_2_1):
   return {'inputs': inputs, 'outputs': outputs}
 
 
-@pytest.mark.parametrize('spec_2_1', [False, True])
+@pytest.mark.parametrize('beam, spec_2_1', [(False, False), (False, True),
+                                            (True, True)])
 def test_step_runs_through_kfp_v2_entrypoint_with_provenance(
-    tmp_path, model_uri, keys, spec_2_1, predict_fn, expected_predictions):
+    tmp_path, model_uri, keys, beam, spec_2_1, predict_fn,
+    expected_predictions):
   if not hasattr(experimental, 'KubeflowV2DagRunner'):
     pytest.skip('kfp-pipeline-spec is not installed')
   serving = str(tmp_path / 'serving')
   importer = tfx.dsl.Importer(
       source_uri=model_uri,
       artifact_type=tfx.types.standard_artifacts.Model).with_id('importer')
-  pusher = EncryptPusher(
+  kwargs = dict(
       model=importer.outputs['result'], recipients=[keys.recipient],
       signer=keys.signer, push_destination=serving,
       encryption_context={'team': 'ml'})
+  if beam:  # same keywords, plus the key the Beam workers unwrap with
+    pusher = BeamEncryptPusher(beam_worker_identity=keys.recipient_key,
+                               **kwargs)
+  else:
+    pusher = EncryptPusher(**kwargs)
+  pusher.with_id(_TASK)
   pipeline = tfx.dsl.Pipeline(
       pipeline_name='encrypt-vertex', pipeline_root=str(tmp_path / 'root'),
       components=[importer, pusher])
@@ -104,8 +114,7 @@ def test_step_runs_through_kfp_v2_entrypoint_with_provenance(
     spec = json.load(f)['pipelineSpec']
 
   # The compiled task carries the placeholders and the pipeline name.
-  parameters = spec['root']['dag']['tasks']['EncryptPusher']['inputs'][
-      'parameters']
+  parameters = spec['root']['dag']['tasks'][_TASK]['inputs']['parameters']
   compiled = json.dumps(parameters)
   for placeholder in _RUNTIME:
     assert placeholder in compiled
@@ -113,12 +122,15 @@ def test_step_runs_through_kfp_v2_entrypoint_with_provenance(
 
   # Run the container as Vertex would: <job>/<task>_<uuid>/ under the root.
   task_root = str(tmp_path / 'root' / '123456789' / _JOB /
-                  f'EncryptPusher_{_TASK_UUID}')
-  executor_input = _executor_input(spec, 'EncryptPusher', model_uri,
-                                   task_root, spec_2_1)
-  label = spec['components']['EncryptPusher']['executorLabel']
+                  f'{_TASK}_{_TASK_UUID}')
+  executor_input = _executor_input(spec, _TASK, model_uri, task_root,
+                                   spec_2_1)
+  component = spec['root']['dag']['tasks'][_TASK]['componentRef']['name']
+  label = spec['components'][component]['executorLabel']
   container = spec['deploymentSpec']['executors'][label]['container']
   assert container['command'][1:] == ['-m', _ENTRYPOINT]
+  assert container['args'][1] == (
+      f'{type(pusher).EXECUTOR_SPEC.executor_class.__module__}.Executor')
   args = [json.dumps(executor_input) if a == '{{$}}' else a
           for a in container['args']]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
@@ -133,7 +145,7 @@ def test_step_runs_through_kfp_v2_entrypoint_with_provenance(
       'tfx.pipeline_name': 'encrypt-vertex',
       'tfx.pipeline_run_id': _JOB,
       'tfx.pipeline_run_uuid': _JOB_UUID,
-      'tfx.component_id': 'EncryptPusher',
+      'tfx.component_id': _TASK,
       'tfx.execution_id': _TASK_UUID,
       'tfx.model_artifact_id': _MODEL_NAME,
       'tfx.model_uri': model_uri,
@@ -187,3 +199,15 @@ def test_placeholders_left_unresolved_are_ignored(tmp_path, model_uri, keys):
   p = params.Params(resolved)
   assert p.kfp == {'kfp_pipeline_job_name': 'job-1'}
   assert p.pipeline_name == 'pn'
+
+
+def test_hashed_id_is_tfx_entrypoint_hash():
+  """kfp_v2.hashed_id must stay the id TFX's v2 entrypoint derives from an
+  artifact's runtime name (a private TFX function: this catches drift)."""
+  from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_entrypoint_utils as utils  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.components.encrypt_pusher import kfp_v2  # pylint: disable=g-import-not-at-top
+  names = {}
+  assert kfp_v2.hashed_id(_MODEL_NAME) == utils._get_hashed_id(  # pylint: disable=protected-access
+      _MODEL_NAME, names)
+  # Not under the entrypoint: artifact ids are real MLMD ids.
+  assert kfp_v2.runtime_artifact_names() is None

@@ -188,3 +188,76 @@ def test_two_processes_racing_never_overwrite(tmp_path, lkeys, store,
   # Nothing else: no leftover payloads of a push that lost a version.
   expect = 1 if bundle else 4
   assert len(storage.list_names(base)) == expect * 2 * rounds
+
+
+def test_executor_pushes_to_the_store(tmp_path, model_uri, keys, store):
+  """EncryptPusher with a gs:// / s3:// push_destination: the pushed
+  version decrypts, from the store, to the model byte for byte."""
+  from tfx_encrypt.components.encrypt_pusher import executor as executor_lib  # pylint: disable=g-import-not-at-top
+  from tests.components import encrypt_pusher_executor_test as ext  # pylint: disable=g-import-not-at-top
+  base = store.new_base()
+  inputs, outputs, encrypted, pushed = ext._artifacts(  # pylint: disable=protected-access
+      tmp_path, model_uri, blessed=True)
+  executor_lib.Executor(ext._context(tmp_path)).Do(  # pylint: disable=protected-access
+      inputs, outputs, ext._props(keys, base))  # pylint: disable=protected-access
+  version = pushed.get_string_custom_property('pushed_version')
+  dest = pushed.get_string_custom_property('pushed_destination')
+  assert dest == storage.join(base, version)
+  assert pushed.get_int_custom_property('pushed') == 1
+  assert package_lib.inspect_package(dest).payload_digest == (
+      package_lib.inspect_package(encrypted.uri).payload_digest)
+  package_lib.decrypt_model(dest, tmp_path / 'decrypted',
+                            identities=[keys.recipient_key],
+                            trusted=[keys.signer_pub])
+  want = os.path.join(model_uri, 'Format-Serving')
+  assert _util.read_tree(tmp_path / 'decrypted') == _util.read_tree(want)
+
+
+def _remote_artifacts(tmp_path, model_uri, encrypted_uri):
+  from tests.components import encrypt_pusher_executor_test as ext  # pylint: disable=g-import-not-at-top
+  inputs, outputs, encrypted, pushed = ext._artifacts(  # pylint: disable=protected-access
+      tmp_path, model_uri, blessed=True)
+  encrypted.uri = encrypted_uri  # a remote pipeline root
+  return inputs, outputs, encrypted, pushed
+
+
+@pytest.mark.parametrize('bundle', [False, True], ids=['dir', 'bundle'])
+def test_executor_writes_the_artifact_to_the_store(tmp_path, model_uri, keys,
+                                                   store, bundle):
+  from tfx_encrypt.components.encrypt_pusher import executor as executor_lib  # pylint: disable=g-import-not-at-top
+  from tests.components import encrypt_pusher_executor_test as ext  # pylint: disable=g-import-not-at-top
+  root = store.new_base()
+  art = storage.join(root, 'EncryptPusher', 'encrypted_model', '7')
+  # An earlier attempt of this execution left a package there: replaced.
+  storage.put(storage.join(art, 'payload', '00000000'), b'old payload')
+  inputs, outputs, encrypted, pushed = _remote_artifacts(tmp_path, model_uri,
+                                                         art)
+  props = ext._props(keys, storage.join(root, 'serving'))  # pylint: disable=protected-access
+  if bundle:
+    props[spec.BUNDLE_KEY] = 1
+  executor_lib.Executor(ext._context(tmp_path)).Do(inputs, outputs, props)  # pylint: disable=protected-access
+  pkg = _pkg_uri(art, bundle)
+  info = package_lib.inspect_package(pkg)
+  dest = pushed.get_string_custom_property('pushed_destination')
+  assert package_lib.inspect_package(_pkg_uri(dest, bundle)).payload_digest \
+      == info.payload_digest
+  package_lib.decrypt_model(pkg, tmp_path / 'decrypted',
+                            identities=[keys.recipient_key],
+                            trusted=[keys.signer_pub])
+  want = os.path.join(model_uri, 'Format-Serving')
+  assert _util.read_tree(tmp_path / 'decrypted') == _util.read_tree(want)
+
+
+def test_executor_never_replaces_foreign_artifact_content(tmp_path, model_uri,
+                                                          keys, store):
+  from tfx_encrypt.components.encrypt_pusher import executor as executor_lib  # pylint: disable=g-import-not-at-top
+  from tests.components import encrypt_pusher_executor_test as ext  # pylint: disable=g-import-not-at-top
+  root = store.new_base()
+  art = storage.join(root, 'encrypted_model', '7')
+  storage.put(storage.join(art, 'notes.txt'), b'mine')
+  inputs, outputs, _, _ = _remote_artifacts(tmp_path, model_uri, art)
+  with pytest.raises(errors.OutputExistsError, match='already has content'):
+    executor_lib.Executor(ext._context(tmp_path)).Do(  # pylint: disable=protected-access
+        inputs, outputs, ext._props(keys, storage.join(root, 'serving')))  # pylint: disable=protected-access
+  assert storage.list_names(art) == ['notes.txt']
+  assert storage.list_names(storage.join(root, 'serving')) == []

@@ -436,7 +436,17 @@ def _execution_entry(store: metadata_store.MetadataStore,
   }
   if entry['type'] == mlmd_names.KEY_ROTATION_TYPE:
     entry['properties'] = rotation_properties(execution)
+  elif (entry['type'] or '').endswith('ExampleGen'):
+    # Where the data came from: the one ExampleGen parameter reported
+    # (parameters are never copied wholesale).
+    base = decode_properties(execution, (_INPUT_BASE,)).get(_INPUT_BASE)
+    if base:
+      entry[_INPUT_BASE] = base
   return entry
+
+
+# ExampleGen's execution parameter naming its input data (a directory).
+_INPUT_BASE = 'input_base'
 
 
 def rotation_properties(execution: _Execution) -> Dict[str, Any]:

@@ -152,9 +152,12 @@ def open_store(config: Config,
     store = metadata_store.MetadataStore(config)
     store.get_artifact_types()
   except Exception as e:  # MLMD raises RuntimeError or its own error types.
+    reason = _reason(e)
+    if 'mysql_real_connect' in reason:
+      reason = ('cannot connect or log in: check the host, port, database, '
+                'user and password (TFXE_MLMD_PASSWORD)')
     raise MetadataStoreError(
-        f'{describe} is not a readable ML Metadata store ({_reason(e)})'
-    ) from e
+        f'{describe} is not a readable ML Metadata store ({reason})') from e
   return store
 
 
@@ -189,7 +192,12 @@ def open_grpc(host: str, port: int) -> metadata_store.MetadataStore:
   config = metadata_store_pb2.MetadataStoreClientConfig()
   config.host = host
   config.port = int(port)
+  config.client_timeout_sec = _GRPC_TIMEOUT_SEC
   return open_store(config)
+
+
+# Per call: an unreachable service fails instead of waiting for ever.
+_GRPC_TIMEOUT_SEC = 30
 
 
 _HOST_PORT_RE = re.compile(r'^(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):([0-9]{1,5})$')

@@ -418,23 +418,29 @@ def _s3_exists(bucket: str, key: str) -> bool:
 # --- GCS (google-cloud-storage) ---------------------------------------------
 
 
+_per_thread = threading.local()
+_generation = [0]  # bumped by reset_clients
+
+
 def _gcs():
-  with _clients_lock:
-    c = _clients.get('gs')
-    if c is None:
-      try:
-        from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
-      except ImportError:
-        raise _sdk_missing('gs', 'google-cloud-storage') from None
-      if os.environ.get('STORAGE_EMULATOR_HOST'):
-        # The client talks to the emulator anonymously.
-        from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top
-        c = gcs.Client(project=os.environ.get('GOOGLE_CLOUD_PROJECT', 'test'),
-                       credentials=AnonymousCredentials())
-      else:
-        c = gcs.Client()
-      _clients['gs'] = c
+  # One client per thread (it goes with the thread): its HTTP session is
+  # not documented thread-safe. boto3's clients are, and are shared.
+  c = getattr(_per_thread, 'gcs', None)
+  if c is not None and _per_thread.generation == _generation[0]:
     return c
+  try:
+    from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise _sdk_missing('gs', 'google-cloud-storage') from None
+  if os.environ.get('STORAGE_EMULATOR_HOST'):
+    # The client talks to the emulator anonymously.
+    from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top
+    c = gcs.Client(project=os.environ.get('GOOGLE_CLOUD_PROJECT', 'test'),
+                   credentials=AnonymousCredentials())
+  else:
+    c = gcs.Client()
+  _per_thread.gcs, _per_thread.generation = c, _generation[0]
+  return c
 
 
 class _GcsReader(_ChunkedReader):
@@ -569,3 +575,4 @@ def reset_clients() -> None:
   """Forget cached SDK clients (after the environment changed: tests)."""
   with _clients_lock:
     _clients.clear()
+    _generation[0] += 1

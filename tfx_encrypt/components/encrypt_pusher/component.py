@@ -1,7 +1,9 @@
 """EncryptPusher: a TFX component that encrypts and pushes a blessed model.
 
-Mirrors `tfx/components/pusher/component.py`. It sits where a Pusher would,
-after Trainer (and Evaluator / InfraValidator), and takes the same inputs:
+Mirrors `tfx/components/pusher/component.py`. EncryptPusher *replaces*
+Pusher: it goes where a Pusher would, after Trainer (and Evaluator /
+InfraValidator), takes the same inputs, and is the last step of the model's
+path; there is no stock Pusher after it (see "Position in the DAG" below):
 
 ```python
 from tfx_encrypt.components import EncryptPusher
@@ -21,8 +23,31 @@ Outputs:
   - `pushed_model`: `PushedModel`, with Pusher's `pushed`,
     `pushed_destination` and `pushed_version` custom properties.
 
+Position in the DAG: a stock `Pusher` cannot follow EncryptPusher. Pusher's
+`model` input takes a `Model`, and the package is a `tfx_encrypt.EncryptedModel`
+(TFX refuses the channel when the pipeline is built); wiring Pusher to the
+Trainer's `Model` instead would push the plaintext model. Nothing here
+pretends the package is a `Model`: Pusher's serving-path logic and TF
+Serving could not load it anyway. `pushed_model` is a standard `PushedModel`
+with Pusher's custom properties, so anything downstream that reads a
+Pusher's output reads this one. To put the package somewhere else as well,
+add a second EncryptPusher with its own `push_destination` (it makes
+its own package), consume `encrypted_model` in your own component, or
+distribute from the push destination (`tfx-encrypt push` to an OCI
+registry; `tfx-encrypt serve-sync` next to TF Serving on the consumer
+side). docs/COMPONENT.md, "Position in the DAG", has the details.
+
 Key material is never a parameter: recipients, signer and Beam worker identity
-are key URIs, checked here and again in the executor.
+are key URIs. Everything that can be checked without the network is checked
+when the component is built (and again in the executor): key-URI forms per
+backend for recipients, signer and Beam worker identity
+(`tfx_encrypt.keys.check_uri_form`), that Beam workers have a key to unwrap
+with, and the push destination's form (a local path, `file:///`, `gs://`,
+`s3://`).
+
+On Kubeflow Pipelines v2 / Vertex AI the package's provenance (pipeline
+name, run id, component id) comes from KFP runtime placeholders and the
+compile-time pipeline name (`kfp_v2.py`).
 
 `BeamEncryptPusher` is the same component with a Beam executor that fans the
 encryption of large models out to Beam workers (`beam_pipeline_args`, e.g.
@@ -50,7 +75,8 @@ from tfx_encrypt.components.encrypt_pusher.params import KeyUri
 class EncryptPusher(base_component.BaseComponent):
   """Encrypts a blessed model for key URIs and pushes the package.
 
-  A model that is not blessed (by `model_blessing` or `infra_blessing`) is not
+  Use it instead of Pusher, not before it (module docstring). A model that
+  is not blessed (by `model_blessing` or `infra_blessing`) is not
   encrypted or pushed; the execution succeeds with `pushed=0`, as in Pusher.
   A blessed model is encrypted from its serving directory into the
   `encrypted_model` artifact and pushed to `<push_destination>/<version>/`,
@@ -97,9 +123,12 @@ class EncryptPusher(base_component.BaseComponent):
       encryption_context: Extra string key/values bound to the package. The
         pipeline name, run id, component id and model are added
         automatically under the reserved `tfx.` prefix.
-      push_destination: Base directory (local or any tf.io.gfile scheme) or
-        a Pusher `PushDestination` with a filesystem destination. If None the
-        package is only recorded as the EncryptedModel artifact (pushed=0).
+      push_destination: Base directory (a local path, `file:///PATH`,
+        `gs://BUCKET/PATH`, `s3://BUCKET/PATH`, or another tf.io.gfile
+        scheme) or a Pusher `PushDestination` with a filesystem destination;
+        http(s), ftp, `gcs://`, malformed buckets, `~/...` are refused here.
+        If None the package is only recorded as the EncryptedModel artifact
+        (pushed=0).
       custom_config: Optional dict recorded with the execution.
       bundle: Write a single-file `.tfxe` bundle instead of a directory.
       audit_log: Optional audit sink on the executor's host: a file path
@@ -169,6 +198,9 @@ class BeamEncryptPusher(EncryptPusher, base_beam_component.BaseBeamComponent):
       infra_blessing: see `EncryptPusher`.
       beam_worker_identity: Key URI the Beam workers unwrap the data key with.
         Default: the first recipient that can unwrap (a KMS recipient).
+        Without one, some recipient must be a KMS key or a PKCS#11 token
+        key, or construction fails (UsageError): public key files cannot
+        unwrap.
       beam_min_bytes: Models smaller than this are encrypted in-process
         (no Beam job). Default 0: always use Beam.
       beam_segment_bytes: Plaintext bytes per Beam work item for large files

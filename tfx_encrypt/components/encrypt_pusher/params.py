@@ -218,14 +218,17 @@ def push_destination_dir(
 
 
 # Destination forms: a local path, file:///PATH, gs://BUCKET[/PATH],
-# s3://BUCKET[/PATH]. Bucket names as GCS and S3 allow them (lower case,
+# s3://BUCKET[/PATH] (another tf.io.gfile filesystem scheme, e.g. hdfs://,
+# passes unjudged). Bucket names as GCS and S3 allow them (lower case,
 # digits, '.', '-', '_' for GCS; 3-222 characters with dots).
 _DEST_SCHEME_RE = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*):(//)?')
 _BUCKET_RE = re.compile(r'^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$')
-_DEST_SCHEMES = ('file', 'gs', 's3')
-_KNOWN_URL_SCHEMES = ('file', 'gs', 's3', 'gcs', 'http', 'https', 'ftp',
-                      'sftp', 'ssh', 'hdfs', 'viewfs', 'az', 'abfs', 'abfss',
-                      'wasb', 'wasbs', 'ram', 'mem', 'memory', 'data')
+_BUCKET_SCHEMES = ('gs', 's3')
+# Not filesystems: web and transfer protocols, registries, gcs:// (a typo).
+_NOT_FILESYSTEMS = ('http', 'https', 'ftp', 'ftps', 'sftp', 'ssh', 'scp',
+                    'rsync', 'git', 'data', 'mailto', 'oci', 'docker', 'gcs')
+_KNOWN_URL_SCHEMES = ('file', 'hdfs', 'viewfs', 'ram') + _BUCKET_SCHEMES + (
+    _NOT_FILESYSTEMS)
 
 
 def check_destination_form(dest: str) -> None:
@@ -233,12 +236,14 @@ def check_destination_form(dest: str) -> None:
 
   Accepted: a local path (absolute, or relative to the executor's working
   directory), `file:///ABSOLUTE/PATH`, `gs://BUCKET[/PATH]`,
-  `s3://BUCKET[/PATH]`. Checked for its form only: no I/O.
+  `s3://BUCKET[/PATH]`, and other tf.io.gfile filesystem URIs
+  (`hdfs://...`), not judged further. Checked for its form only: no I/O.
 
   Raises:
-    UsageError: another scheme (http, https, ...), a URI with a query or
-      fragment, a missing or malformed bucket, `file://HOST/...`, a path
-      starting with `~` (never expanded), or control characters.
+    UsageError: a scheme that is no filesystem (http, https, ftp, gcs, ...),
+      a URI with a query or fragment, a missing or malformed bucket,
+      `file://HOST/...`, a path starting with `~` (never expanded), or
+      control characters.
   """
   what = spec.PUSH_DESTINATION_KEY
   shown = _text.quoted(dest, 120)
@@ -258,7 +263,7 @@ def check_destination_form(dest: str) -> None:
           f'{what} {shown} starts with "~", which is not expanded: give an '
           'absolute path')
     return
-  if scheme not in _DEST_SCHEMES:
+  if scheme in _NOT_FILESYSTEMS:
     raise errors.UsageError(
         f'{what} {shown}: EncryptPusher pushes to a filesystem or a bucket: '
         'a local path, file:///PATH, gs://BUCKET/PATH or s3://BUCKET/PATH' +
@@ -277,6 +282,8 @@ def check_destination_form(dest: str) -> None:
           f'{what} {shown} names a host or a relative path; a file URI is '
           'file:///ABSOLUTE/PATH (three slashes)')
     return
+  if scheme not in _BUCKET_SCHEMES:
+    return  # another tf.io.gfile filesystem
   bucket, _, path = rest.partition('/')
   if not _BUCKET_RE.match(bucket) or '..' in bucket:
     raise errors.UsageError(

@@ -283,6 +283,57 @@ def _push_object_store(package_path: str, base: str, start: int
       f'{_MAX_VERSION_ATTEMPTS} attempts starting at {start}')
 
 
+_PAYLOAD_OBJECT_RE = re.compile(r'payload/[0-9]{8}')
+
+
+def _store_holds_package_or_debris(uri: str, names) -> bool:
+  """True if the objects `names` under `uri` are a tfx-encrypt package (its
+  header or bundle starting with the magic) or the payload objects of an
+  incomplete one: what an earlier attempt of this execution left."""
+  from tfx_encrypt.format import header  # pylint: disable=g-import-not-at-top
+  if names == [spec.BUNDLE_FILE_NAME]:
+    first = spec.BUNDLE_FILE_NAME
+  elif all(n == 'tfxe.header' or _PAYLOAD_OBJECT_RE.fullmatch(n)
+           for n in names):
+    if 'tfxe.header' not in names:
+      return True  # payloads without a header: an incomplete package
+    first = 'tfxe.header'
+  else:
+    return False
+  with storage.open_reader(storage.join(uri, first)) as r:
+    return r.read_range(0, len(header.MAGIC)) == header.MAGIC
+
+
+def _publish_artifact_to_store(pkg_root: str, uri: str) -> None:
+  """Write the EncryptedModel artifact's package to `gs://` / `s3://`.
+
+  TFX gives each execution its own artifact URI; an earlier attempt of this
+  execution may have left a package (or its payloads) there, which is
+  replaced: header first, so it stops being a package before its payloads
+  go. Anything else there is refused. Then the payload objects and the
+  header (or bundle) are written create-only, as a push does; on failure
+  the objects written are deleted.
+  """
+  names = storage.list_names(uri)
+  if names:
+    if not _store_holds_package_or_debris(uri, names):
+      raise errors.OutputExistsError(
+          f'the EncryptedModel artifact {_text.printable(uri)} already has '
+          'content; tfx-encrypt never replaces what it did not write')
+    _delete_objects([storage.join(uri, n) for n in sorted(
+        names, key=lambda n: n in ('tfxe.header', spec.BUNDLE_FILE_NAME))])
+  payloads, commit = _package_objects(pkg_root)
+  written = []
+  try:
+    for local, name in payloads + [commit]:
+      with open(local, 'rb') as f:
+        storage.put_create_only(storage.join(uri, name), f)
+      written.append(storage.join(uri, name))
+  except BaseException:
+    _delete_objects(written)
+    raise
+
+
 def _delete_objects(uris) -> None:
   """Remove what a push wrote, last first (header before payloads)."""
   for uri in reversed(uris):
@@ -301,7 +352,9 @@ def encrypt_to_artifact(model_path: str, artifact_uri: str, bundle: bool,
 
   The package is written into a temporary sibling of the artifact directory
   and renamed into place (or, for a remote pipeline root, staged locally
-  and copied), so a failed run never leaves a partial package. A remote
+  and copied; to `gs://` / `s3://` create-only, header last, see
+  `_publish_artifact_to_store`), so a failed run never leaves a partial
+  package. A remote
   model is fetched into the private (0700) staging directory first, since
   the package API reads a local directory, and deleted right after.
 
@@ -352,6 +405,9 @@ def encrypt_to_artifact(model_path: str, artifact_uri: str, bundle: bool,
         os.rmdir(uri)  # TFX pre-creates output dirs; replace the empty one.
       rename_noreplace(pkg_root, uri)
       yield info, uri
+    elif storage.is_remote(artifact_uri):  # gs://, s3://: create-only
+      _publish_artifact_to_store(pkg_root, artifact_uri)
+      yield info, pkg_root
     else:
       if fileio.exists(artifact_uri):
         # TFX creates the output directory: replace it only empty, or
