@@ -99,7 +99,8 @@ def test_every_module_imports_only_its_layer_or_below():
       theirs = _rank(target)
       if theirs <= mine:
         continue
-      if module in LAZY_UP and lazy:
+      if lazy and any(module == m or module.startswith(m + '.')
+                      for m in LAZY_UP):
         continue
       problems.append(f'{module} (layer {mine}) imports {target} '
                       f'(layer {theirs}){" lazily" if lazy else ""}')
