@@ -16,9 +16,10 @@ tree as `mutmut_config.py`, where mutmut imports it. For every mutant,
   fastest first,
   with `-x` so that a killed mutant costs one failing test.
 
-TFXE_MUTATE_PYTEST is the pytest command line (scripts/mutate.sh sets it to
-.venv's python, `-x -q`, and the marker filter that leaves out slow, TFX
-and interop tests).
+TFXE_MUTATE_PYTEST is the pytest command line without the marker filter
+(scripts/mutate.sh sets it to .venv's python with `-x -q`); the filter
+leaves out slow, TFX and interop tests, and integration tests except for
+the functions in WITH_INTEGRATION.
 """
 
 import ast
@@ -41,7 +42,8 @@ TESTS_BY_FILE = {
                                      'tests/test_path_rules.py',
                                      'tests/test_key_groups.py',
                                      'tests/test_package.py'],
-    'tfx_encrypt/format/stanza.py': [_CHECKS, 'tests/test_tamper.py',
+    'tfx_encrypt/format/stanza.py': ['tests/test_vectors.py', _CHECKS,
+                                     'tests/test_tamper.py',
                                      'tests/test_package.py',
                                      'tests/test_key_groups.py'],
     'tfx_encrypt/runtime/serving.py': [_CHECKS, 'tests/test_serve_sync.py'],
@@ -150,10 +152,17 @@ def _only_message_changed(context):
           ast.dump(_BlankMessages().visit(after)))
 
 
+# The functions whose tests include integration tests that matter (a KMS
+# that is down: moto's server, stopped). Elsewhere integration tests are
+# left out: they start servers (seconds) without adding kills.
+WITH_INTEGRATION = {'unwrap_data_key', '_UnwrapAttempts', 'open_key_groups'}
+
+
 def pre_mutation(context):
   filename = _norm(context.filename)
   line = context.current_line_index + 1
   tests = TESTS_BY_FILE.get(filename, DEFAULT_TESTS)
+  where = None
   if filename.startswith('tfx_encrypt/package/'):
     wanted = [f.strip() for f in
               os.environ.get('TFXE_MUTATE_FUNCS', '').split(',') if f.strip()]
@@ -166,5 +175,8 @@ def pre_mutation(context):
       _only_message_changed(context)):
     context.skip = True
     return
+  markers = 'not slow and not tfx and not interop'
+  if where not in WITH_INTEGRATION:
+    markers += ' and not integration'
   context.config.test_command = (
-      f'{os.environ["TFXE_MUTATE_PYTEST"]} {" ".join(tests)}')
+      f"{os.environ['TFXE_MUTATE_PYTEST']} -m '{markers}' {' '.join(tests)}")

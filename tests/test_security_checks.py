@@ -389,6 +389,25 @@ def test_no_matching_key_names_identities_and_recipients(keys, model,
           f"{local.LocalKey(keys.pub('rsa')).key_id}") in message
 
 
+def test_too_few_key_groups_names_the_groups_opened(keys, model, tmp_path):
+  """Kills: `open_key_groups` misreporting which key groups the identities
+  opened when fewer than k did ("open key groups: 0, 2", or "none")."""
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, threshold=3, key_groups=[
+      [keys.pub('x')], [keys.pub('x2')], [keys.pub('rsa')]])
+  with pytest.raises(errors.NoMatchingKeyError,
+                     match='3 of 3 key groups needed, got 2') as ei:
+    te.decrypt_model(pkg, tmp_path / 'o', allow_unsigned=True,
+                     identities=[keys.priv('x'), keys.priv('rsa')])
+  assert 'open key groups: 0, 2.' in str(ei.value)
+  local.keygen('x25519', str(tmp_path / 'stranger'))
+  with pytest.raises(errors.NoMatchingKeyError,
+                     match='3 of 3 key groups needed, got 0') as ei:
+    te.decrypt_model(pkg, tmp_path / 'o', allow_unsigned=True,
+                     identities=[str(tmp_path / 'stranger.key.pem')])
+  assert 'open key groups: none.' in str(ei.value)
+
+
 class _DownKms:
   """Packages with a stanza for a real AWS KMS key (moto's KMS server,
   behind a counting proxy), made while it ran; the server is then stopped,

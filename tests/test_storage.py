@@ -167,3 +167,27 @@ def test_s3_large_create_only_goes_multipart_and_keeps_the_precondition(
   _, bucket, _ = storage.split(uri)
   assert storage._s3().list_multipart_uploads(  # pylint: disable=protected-access
       Bucket=bucket).get('Uploads', []) == []  # the refused one was aborted
+
+
+def test_store_errors_are_one_line_os_errors(s3_store, monkeypatch):
+  """An SDK error (no bucket, access denied, unreachable) reaches the CLI
+  as an OSError naming the URI (one line, exit 9), not a traceback."""
+  with pytest.raises(FileNotFoundError) as e:
+    storage.list_names('s3://no-such-bucket-tfxe/x')
+  assert e.value.filename == 's3://no-such-bucket-tfxe/x'
+  monkeypatch.setenv('AWS_ENDPOINT_URL', 'http://127.0.0.1:9')
+  monkeypatch.setenv('AWS_MAX_ATTEMPTS', '1')
+  storage.reset_clients()
+  with pytest.raises(ConnectionError, match='unreachable'):
+    storage.exists('s3://bucket/key')
+  storage.reset_clients()
+
+
+def test_cli_reports_a_store_error_in_one_line(s3_store):
+  import click.testing  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt import cli  # pylint: disable=g-import-not-at-top
+  r = click.testing.CliRunner().invoke(
+      cli.main, ['inspect', 's3://no-such-bucket-tfxe/pkg'])
+  assert r.exit_code == 9, r.output
+  assert 'Traceback' not in r.output
+  assert 's3://no-such-bucket-tfxe/pkg' in r.output

@@ -160,7 +160,13 @@ class _ChunkedReader(Reader):
                 self._chunk_start + len(self._chunk)):
           start = pos
           end = min(self.size, start + max(CHUNK_SIZE, 0))
-          data = self._fetch(start, end)
+          try:
+            data = self._fetch(start, end)
+          except Exception as e:  # pylint: disable=broad-except
+            mapped = _as_os_error(e, self.uri)
+            if mapped is e:
+              raise
+            raise mapped from e
           if len(data) != end - start:
             raise errors.TamperedPackageError(
                 f'{_text.printable(self.uri)} changed or was truncated while '
@@ -428,8 +434,14 @@ def _gcs():
   c = getattr(_per_thread, 'gcs', None)
   if c is not None and _per_thread.generation == _generation[0]:
     return c
+  import warnings  # pylint: disable=g-import-not-at-top
   try:
-    from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+    with warnings.catch_warnings():
+      # google-api-core warns on every start-up under Python 3.10, the
+      # version TFX 1.16 needs; not a message for tfx-encrypt's users.
+      warnings.filterwarnings('ignore', category=FutureWarning,
+                              module=r'google\.')
+      from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise _sdk_missing('gs', 'google-cloud-storage') from None
   if os.environ.get('STORAGE_EMULATOR_HOST'):
@@ -479,9 +491,62 @@ def _gcs_put(bucket: str, key: str, data: Data, create_only: bool,
                             '(another writer created it)') from None
 
 
+# --- SDK errors as OSError ---------------------------------------------------
+
+_DENIED = {'AccessDenied', '403', 'Forbidden', 'InvalidAccessKeyId',
+           'SignatureDoesNotMatch', 'ExpiredToken', 'AllAccessDisabled'}
+_MISSING = {'NoSuchBucket', 'NoSuchKey', '404', 'NotFound'}
+
+
+def _as_os_error(e: BaseException, uri: str) -> BaseException:
+  """An SDK's error (botocore, google-api-core/auth) as the OSError the
+  CLI reports in one line (exit 9), naming the URI; others unchanged."""
+  if isinstance(e, (errors.TfxEncryptError, OSError)):
+    return e
+  mod = type(e).__module__ or ''
+  if not mod.startswith(('botocore', 'boto3', 'google.', 's3transfer')):
+    return e
+  code = ''
+  resp = getattr(e, 'response', None)
+  if isinstance(resp, dict):
+    code = str(resp.get('Error', {}).get('Code', ''))
+  status = str(getattr(e, 'code', '') or '')
+  name = type(e).__name__
+  msg = f'{name}{": " + code if code else ""}: {e}'
+  if code in _DENIED or status in ('401', '403') or name in (
+      'Forbidden', 'Unauthorized', 'NoCredentialsError',
+      'DefaultCredentialsError', 'RefreshError'):
+    return PermissionError(errno.EACCES, f'access denied ({msg})', uri)
+  if code in _MISSING or status == '404' or name == 'NotFound':
+    return FileNotFoundError(errno.ENOENT, f'not found ({msg})', uri)
+  if name in ('EndpointConnectionError', 'ConnectTimeoutError',
+              'ReadTimeoutError', 'ConnectionClosedError', 'TransportError',
+              'ServiceUnavailable', 'RetryError'):
+    return ConnectionError(errno.ECONNREFUSED,
+                           f'object store unreachable ({msg})', uri)
+  return OSError(errno.EIO, f'object store error ({msg})', uri)
+
+
+def _translating(fn):
+  """Decorate a verb taking the URI first: SDK errors become OSError."""
+  import functools  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(fn)
+  def wrapper(uri, *args, **kwargs):
+    try:
+      return fn(uri, *args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      mapped = _as_os_error(e, os.fspath(uri))
+      if mapped is e:
+        raise
+      raise mapped from e
+  return wrapper
+
+
 # --- the verbs ---------------------------------------------------------------
 
 
+@_translating
 def open_reader(uri: str) -> Reader:
   """Open an object (or a local regular file) for ranged reads.
 
@@ -498,6 +563,7 @@ def open_reader(uri: str) -> Reader:
   return _GcsReader(uri, bucket, key)
 
 
+@_translating
 def exists(uri: str) -> bool:
   """True if the object (or local file or directory) exists."""
   if not is_remote(uri):
@@ -508,6 +574,7 @@ def exists(uri: str) -> bool:
   return _gcs().bucket(bucket).blob(key).exists()
 
 
+@_translating
 def list_sizes(prefix_uri: str) -> Dict[str, int]:
   """{name relative to `prefix_uri/`: size} of every object under it."""
   if not is_remote(prefix_uri):
@@ -525,11 +592,13 @@ def list_names(prefix_uri: str) -> List[str]:
   return sorted(list_sizes(prefix_uri))
 
 
+@_translating
 def put(uri: str, data: Data) -> None:
   """Write an object (replacing one that exists): payload objects."""
   _put(uri, data, create_only=False)
 
 
+@_translating
 def put_create_only(uri: str, data: Data) -> None:
   """Write an object only if it does not exist: the commit point.
 
@@ -552,6 +621,7 @@ def _put(uri: str, data: Data, create_only: bool) -> None:
     _gcs_put(bucket, key, data, create_only, uri)
 
 
+@_translating
 def delete(uri: str) -> None:
   """Remove an object (or local file); a missing one is fine."""
   if not is_remote(uri):
