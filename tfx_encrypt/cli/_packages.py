@@ -12,7 +12,7 @@ from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.cli._options import (
-    _api_warnings, _audit_input, _cipher_option, _force_option,
+    _api_warnings, _audit_input, _audit_location, _cipher_option, _force_option,
     _identity_option, _json, _key_groups, _parse_context, _policy_options,
     _progress, _require_trust, _show, _summary, _trust_options)
 from tfx_encrypt.cli._group import main
@@ -52,7 +52,7 @@ from tfx_encrypt.cli._lineage import (
 def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
             context, cipher, hash_alg, bundle, force, fsync, any_dir):
   """Encrypt SRC_DIR (a SavedModel) into PACKAGE."""
-  audit_lib.note(package=os.path.abspath(package))
+  audit_lib.note(package=_audit_location(package))
   ctx = _parse_context(context)
   groups, k = _key_groups(key_groups, threshold)
   if groups and recipients:
@@ -104,7 +104,7 @@ def decrypt(package, out_dir, identities, trusted, allow_unsigned, force,
 @click.option('--json', 'as_json', is_flag=True, help='Machine-readable output.')
 def inspect(package, as_json):
   """Show what PACKAGE says about itself (no key needed, signer NOT verified)."""
-  audit_lib.note(package=os.path.abspath(package))
+  audit_lib.note(package=_audit_location(package))
   info = pkg.inspect_package(package)
   audit_lib.record(info)
   if as_json:
