@@ -22,6 +22,7 @@ import urllib.request
 import pytest
 
 import tfx_encrypt as te
+from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
 from tfx_encrypt.distribution import oci
@@ -297,6 +298,46 @@ def test_stanza_limits_are_exact(field, at_limit, over):
       base, **at_limit)
   with pytest.raises(errors.TamperedPackageError, match='stanza'):
     Stanza.from_json(dict(base, **over))
+
+
+# --- the package on disk (`_Source`) ----------------------------------------------
+
+@pytest.mark.parametrize('count, tail', [(6, ' and 1 more]'), (5, ']')])
+def test_unexpected_entries_in_package_dir_are_refused_and_listed(
+    keys, model, tmp_path, count, tail):
+  """Kills: `_Source._check_dir` misreporting the entries a package
+  directory must not have: the first five, sorted, quoted and cut at 64
+  characters, then "and N more" (one of these mutants, `+=` -> `-=`, made
+  a directory with six extra entries raise TypeError instead of
+  TamperedPackageError)."""
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, recipients=[keys.pub('x')])
+  names = ['a' * 100] + [f'extra{i}' for i in range(count - 1)]
+  for name in names:
+    (pkg / name).write_bytes(b'')
+  with pytest.raises(errors.TamperedPackageError) as ei:
+    te.inspect_package(pkg)
+  shown = ', '.join(_text.quoted(n, 64) for n in sorted(names)[:5])
+  assert f'unexpected entries [{shown}{tail}' in str(ei.value)
+
+
+def test_unsafe_path_errors_name_the_package_file(keys, model, tmp_path):
+  """Kills: `_Source` naming the wrong file when it refuses a link: the
+  bundle itself, or a directory package's header."""
+  bundle = tmp_path / 'm.tfxe'
+  te.encrypt_model(model, bundle, recipients=[keys.pub('x')], bundle=True)
+  (tmp_path / 'link.tfxe').symlink_to(bundle)
+  with pytest.raises(errors.UnsafePathError,
+                     match='^bundle .*link.tfxe.* is a symbolic link'):
+    te.inspect_package(tmp_path / 'link.tfxe')
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, recipients=[keys.pub('x')])
+  header = pkg / package_lib.HEADER_NAME
+  os.rename(header, tmp_path / 'header.bin')
+  header.symlink_to(tmp_path / 'header.bin')
+  with pytest.raises(errors.UnsafePathError,
+                     match='^package header .* is a symbolic link'):
+    te.inspect_package(pkg)
 
 
 # --- key groups: a share is tagged with its group ---------------------------------
