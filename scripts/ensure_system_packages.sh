@@ -19,9 +19,9 @@ set -euo pipefail
 #   softhsm2: softhsm2-util and /usr/lib/softhsm/libsofthsm2.so, the PKCS#11
 #     backend's tests (tests/fakes/backends.py).
 #   docker-registry: /usr/bin/docker-registry, the OCI push/pull tests
-#     (tests/test_oci.py, tests/test_oci_auth.py).
+#     (tests/distribution/test_oci.py, tests/distribution/test_oci_auth.py).
 #   apache2-utils: htpasswd -B, the bcrypt htpasswd file of the basic-auth
-#     registry (tests/test_oci_auth.py).
+#     registry (tests/distribution/test_oci_auth.py).
 #   swtpm, tpm2-abrmd, libtss2-tcti-tabrmd0, dbus-daemon, libtpm2-pkcs11-1,
 #     opensc: a software TPM 2.0 behind the tpm2-abrmd resource manager (on a
 #     private D-Bus session bus) and tpm2-pkcs11, set up with pkcs11-tool,
@@ -30,7 +30,7 @@ set -euo pipefail
 #     their own daemons; Debian's tpm2-abrmd system service is not used.
 #   age: the `tar | age` rows of benchmarks/run.py (docs/BENCHMARKS.md).
 #   mariadb-server: mariadbd and mariadb-install-db, the MySQL ML Metadata
-#     store of the lineage tests (tests/test_lineage.py starts its own server
+#     store of the lineage tests (tests/lineage/test_lineage.py starts its own server
 #     on a loopback port with a private datadir; Debian's service is unused).
 # The demo (pipelines/local_pipeline.py) needs no system package beyond
 # what .venv holds.

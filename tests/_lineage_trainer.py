@@ -1,4 +1,4 @@
-"""TEST-ONLY: the Trainer `run_fn` of tests/test_lineage.py's trained pipeline.
+"""TEST-ONLY: the Trainer `run_fn` of tests/lineage/test_lineage.py's trained pipeline.
 
 Imported by TFX's GenericExecutor by its dotted path (`run_fn=...`), so no
 module wheel is built. It "trains" nothing: it exports the demo pipeline's

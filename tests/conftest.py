@@ -46,7 +46,7 @@ class _SkippedModule(pytest.Item):
 
 class _NoSkipPlugin:
   """Registered globally (not as a conftest hook), so that it also covers the
-  tests that live beside the components under tfx_encrypt/."""
+  tests in every folder of tests/."""
 
   @pytest.hookimpl(hookwrapper=True)
   def pytest_runtest_makereport(self, item, call):
@@ -117,7 +117,7 @@ def oms_cli():
 
 
 # --- AWS KMS: moto's standalone server behind a counting proxy ---------------
-# Shared by tests/keys/ and tests/test_backends_integration.py. tests.fakes is
+# Shared by tests/keys/ and tests/keys/test_backends_integration.py. tests.fakes is
 # imported lazily so that collecting the rest of the suite does not need it.
 
 @pytest.fixture

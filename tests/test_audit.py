@@ -2,7 +2,7 @@
 
 Real commands (`python -m tfx_encrypt` in subprocesses) with keys made by
 `tfx-encrypt keygen`, one of them passphrase-protected, a real registry
-(Debian `docker-registry` over TLS with htpasswd, as tests/test_oci_auth.py
+(Debian `docker-registry` over TLS with htpasswd, as tests/distribution/test_oci_auth.py
 runs it) and a real UDP socket for syslog. Checked: every command emits
 exactly one event with the right fields (serve-sync one per action), the
 file's hash chain verifies and `audit verify` refuses (exit 4, one line) an
@@ -28,7 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests import _util
-from tests import test_oci_auth as oci_auth
+from tests.distribution import test_oci_auth as oci_auth
 from tfx_encrypt import audit
 from tfx_encrypt import errors
 

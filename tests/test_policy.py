@@ -609,7 +609,7 @@ def test_cli_serve_sync_policy(keys, model, tmp_path):
 @pytest.mark.integration
 def test_pull_refuses_and_publishes_nothing(keys, pkgs, tmp_path_factory,
                                             tmp_path):
-  from tests.test_oci import _running_registry  # pylint: disable=g-import-not-at-top
+  from tests.distribution.test_oci import _running_registry  # pylint: disable=g-import-not-at-top
   from tfx_encrypt.distribution import oci  # pylint: disable=g-import-not-at-top
   with _running_registry(tmp_path_factory.mktemp('registry')) as registry:
     ref = registry.ref('models/taxi:7')

@@ -1,6 +1,6 @@
 """TEST-ONLY: environments for the key-backend tests, shared by fixtures.
 
-Used by tests/keys/conftest.py and tests/test_backends_integration.py.
+Used by tests/keys/conftest.py and tests/keys/test_backends_integration.py.
 """
 
 import os

@@ -3,7 +3,7 @@
 TEST-ONLY. The real emulator (PyPI `gcp-storage-emulator`, the real
 google-cloud-storage client talks to it through STORAGE_EMULATOR_HOST)
 IGNORES `ifGenerationMatch=0`: a second create-only upload of an object
-succeeds and overwrites it (tests/test_storage.py measures this). Real GCS
+succeeds and overwrites it (tests/storage/test_storage.py measures this). Real GCS
 answers 412 Precondition Failed. Run with `--enforce-preconditions`, this
 launcher patches the emulator in its own process so that an upload whose
 query says `ifGenerationMatch=0` (media, multipart, or the final PUT of a

@@ -2,7 +2,7 @@
 
 Real keys from `local.keygen`, real packages; no mocks of the crypto. The
 CLI side (exit codes, one-line messages, a real tty prompt) is in
-tests/test_cli_keys.py.
+tests/cli/test_cli_keys.py.
 """
 
 import io

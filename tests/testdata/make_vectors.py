@@ -18,10 +18,10 @@ i = 0 … N-1. A stream vector stores the SHA-256 of the whole ciphertext, the
 16-byte tag of every segment, and the full ciphertext hex only when it is at
 most HEX_LIMIT bytes.
 
-tests/test_vectors.py checks that the library reproduces every vector and
+tests/format/test_vectors.py checks that the library reproduces every vector and
 that an independent from-scratch implementation of §3–§9 (cryptography's
-primitives only) agrees; tests/test_tink_interop.py has Google Tink decrypt
-the AES256_GCM_HKDF_1MB vectors; tests/test_negative_vectors.py feeds every
+primitives only) agrees; tests/interop/test_tink_interop.py has Google Tink decrypt
+the AES256_GCM_HKDF_1MB vectors; tests/format/test_negative_vectors.py feeds every
 negative vector to the reader and the CLI. ECDSA signatures are randomized:
 a stored one is reused while it verifies, so `--check` verifies them rather
 than making new ones.

@@ -66,7 +66,7 @@ KEYS = {
 }
 
 #: docs/FORMAT.md §12: error class -> exit code (checked against the table
-#: by tests/test_negative_vectors.py).
+#: by tests/format/test_negative_vectors.py).
 EXIT_CODES = {
     'UsageError': 2,
     'UnsupportedFormatError': 3,

@@ -4,10 +4,10 @@ Covers, on packages from the real writer: bit flips in payloads and
 bundles, truncation at and between segment boundaries, extension, swapping
 files within a package, swapping headers, removing a recipient, editing
 the context, a re-encrypted payload, and a disk-full failure mid-decrypt.
-Every header bit: tests/test_bit_flips.py. Forged, stripped and re-signed
+Every header bit: tests/format/test_bit_flips.py. Forged, stripped and re-signed
 signatures, swapped payloads and file tables, substituted stanzas and
-hostile paths, built by each party: tests/test_hostile_packages.py and
-tests/test_negative_vectors.py.
+hostile paths, built by each party: tests/package/test_hostile_packages.py and
+tests/format/test_negative_vectors.py.
 """
 
 import json
@@ -246,7 +246,7 @@ def test_disk_full_mid_decrypt_leaves_nothing(tmp_path, signed_pkg, keys):
   """RLIMIT_FSIZE makes the 2 MiB file's write fail half way (EFBIG)."""
   script = f'''
 import os, resource, signal, sys
-sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, ({MiB}, {MiB}))
 import tfx_encrypt as te

@@ -259,7 +259,7 @@ def test_rotate_checks_plaintext_digest(keys, tmp_path):
 def test_dotdot_rule_refuses_dotdot_when_no_other_rule_does():
   """Kills: '..' accepted by the component rule of `check_relpath`. The
   parent of 'a/..' is listed, so only that rule can refuse it (in
-  tests/test_path_rules.py another rule would refuse it too)."""
+  tests/format/test_path_rules.py another rule would refuse it too)."""
   with pytest.raises(errors.UnsafePathError, match='".." component'):
     paths.check_relpath('..')
   with pytest.raises(errors.UnsafePathError, match='".." component'):
@@ -601,7 +601,7 @@ def test_oci_pull_compares_config_facts_with_package(keys, model, tmp_path,
   relabel a genuine, signed package: another fingerprint, package id,
   signer, recipient list, cipher or format version in the config is
   refused, and nothing is published."""
-  from tests import test_oci  # pylint: disable=g-import-not-at-top
+  from tests.distribution import test_oci  # pylint: disable=g-import-not-at-top
   src = tmp_path / 'm.tfxe'
   te.encrypt_model(model, src, recipients=[keys.pub('x')],
                    signer=keys.priv('ed'), bundle=True)

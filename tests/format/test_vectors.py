@@ -6,9 +6,9 @@ only `cryptography`'s primitives (HKDF, AESGCM, ChaCha20Poly1305, X25519,
 Ed25519, ECDSA) and the standard library: they do not import
 tfx_encrypt.format, so a bug there cannot hide by also being in the
 reference. The whole-package vectors (packages.json) are read by both.
-Google Tink's own check of the AES vectors is in tests/test_tink_interop.py
+Google Tink's own check of the AES vectors is in tests/interop/test_tink_interop.py
 (Tink cannot be told a salt or nonce prefix, so it decrypts them rather
-than reproducing them). Negative vectors: tests/test_negative_vectors.py.
+than reproducing them). Negative vectors: tests/format/test_negative_vectors.py.
 """
 
 import base64

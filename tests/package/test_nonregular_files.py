@@ -19,7 +19,7 @@ import tfx_encrypt as te
 from tfx_encrypt import errors
 from tests import _util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT = 60
 UNSAFE = errors.UnsafePathError.exit_code
 

@@ -216,7 +216,7 @@ def test_remote_decrypt_memory_does_not_grow_with_the_model(tmp_path, keys,
       [sys.executable, '-c', _MEMORY_SCRIPT, storage.join(base, 'small'),
        storage.join(base, 'big'), keys.priv('x'), str(tmp_path)],
       capture_output=True, text=True, timeout=600, check=False,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   assert out.returncode == 0, out.stderr[-3000:]
   r = json.loads(out.stdout.strip().splitlines()[-1])
   grown_mib = (r['peak_kib'] - r['base_kib']) / 1024

@@ -31,7 +31,7 @@ from tfx_encrypt.format import header as header_lib
 pytestmark = pytest.mark.integration
 
 REGISTRY_BIN = '/usr/bin/docker-registry'
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OCI_ACCEPT = {'Accept': oci.OCI_MANIFEST_MEDIA_TYPE}
 
 

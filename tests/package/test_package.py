@@ -368,7 +368,7 @@ def test_disk_full_mid_encrypt_leaves_nothing(tmp_path, keys, size_mib):
   import sys
   src = _util.make_tree(tmp_path / 'm', {'variables/data': size_mib * MiB,
                                          'saved_model.pb': 100})
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   script = f'''
 import resource, signal, sys
 sys.path.insert(0, {root!r})

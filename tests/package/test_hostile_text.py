@@ -25,7 +25,7 @@ from tfx_encrypt.runtime import serving
 from tests import _craft
 from tests import _util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # What must never appear raw in output (but the line feeds ending lines):
 # C0, DEL, C1, line/paragraph separators, bidi controls, surrogates.

@@ -24,7 +24,7 @@ import pytest
 from tests import _util
 from tfx_encrypt import _fsutil
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = ROOT / 'README.md'
 ANCHOR = 'Every failure is one line on stderr and a non-zero exit code'
 MiB = 1 << 20
@@ -398,7 +398,7 @@ def test_readme_lists_the_exit_codes():
 def test_every_readme_exit_code_has_a_scenario():
   missing = sorted(readme_exit_codes() - set(SCENARIOS))
   assert missing == [], (
-      f'README lists exit codes {missing} that tests/test_exit_codes.py has '
+      f'README lists exit codes {missing} that tests/cli/test_exit_codes.py has '
       'no scenario for: add one to SCENARIOS')
 
 

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 
 REGISTRY_BIN = '/usr/bin/docker-registry'
 HTPASSWD_BIN = '/usr/bin/htpasswd'
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 USER = 'edge-device-17'
 PASSWORD = 'Reg1stry-TESTONLY-s3cr3t'
 

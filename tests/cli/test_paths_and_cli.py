@@ -13,7 +13,7 @@ import tfx_encrypt as te
 from tfx_encrypt import errors
 from tests import _util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope='module')

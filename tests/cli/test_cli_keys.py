@@ -17,7 +17,7 @@ from tests import _util
 from tfx_encrypt import package as package_lib
 from tfx_encrypt.keys import local
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PASSPHRASE = 'correct horse battery'
 
 

@@ -19,7 +19,7 @@ from tfx_encrypt import errors
 from tfx_encrypt.keys import local
 from tests import _util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODEL = {'saved_model.pb': 700, 'variables/variables.index': 50,
          'variables/variables.data-00000-of-00001': 70_000}

@@ -32,7 +32,7 @@ _BLESSED_PIPELINE = 'tfx-encrypt-lineage-blessed'
 _UNBLESSED_PIPELINE = 'tfx-encrypt-lineage-unblessed'
 _EXECUTION_TYPE = (
     'tfx_encrypt.components.encrypt_pusher.component.EncryptPusher')
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cli(*args):

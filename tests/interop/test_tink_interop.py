@@ -31,7 +31,7 @@ from tfx_encrypt.format import streaming
 
 pytestmark = pytest.mark.interop
 
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'interop',
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'tink_helper.py')
 SUITE = streaming.AES256_GCM_HKDF_1MB
 MIB = 1 << 20

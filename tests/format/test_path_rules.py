@@ -21,7 +21,7 @@ from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import paths
 from tests import _util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BOUND_S = 5.0  # a guard against a super-linear regression, not a benchmark
 
 

@@ -232,7 +232,7 @@ def test_rotate_signals(world, tmp_path):
 
 
 def test_pull_signals(world, small_bundle, tmp_path):
-  from tests.test_oci import _running_registry  # pylint: disable=g-import-not-at-top
+  from tests.distribution.test_oci import _running_registry  # pylint: disable=g-import-not-at-top
   from tfx_encrypt.distribution import oci  # pylint: disable=g-import-not-at-top
   _, keys, _, _ = world
   bundle = small_bundle

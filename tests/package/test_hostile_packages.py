@@ -13,10 +13,10 @@ a few rows also through a real `python -m tfx_encrypt`.
 
 The consumer trusts the publisher's Ed25519 key (`--trust`) and decrypts
 with the recipient's X25519 key unless a row says otherwise. Related
-suites: tests/test_tamper.py (bit flips, truncation, header swaps and
+suites: tests/package/test_tamper.py (bit flips, truncation, header swaps and
 re-encryption checked by rotate/verify too, on packages from the real
-writer), tests/test_negative_vectors.py (one defect per committed vector),
-tests/test_bit_flips.py (every header bit).
+writer), tests/format/test_negative_vectors.py (one defect per committed vector),
+tests/format/test_bit_flips.py (every header bit).
 
 A recipient can always strip the publisher's signature: it recomputes the
 MAC over a body that says `"signer": null` and so makes a valid UNSIGNED

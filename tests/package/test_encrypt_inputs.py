@@ -14,7 +14,7 @@ from tfx_encrypt.package import layout as layout_lib
 from tfx_encrypt.format import header as header_lib
 from tests import _util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODEL = {'saved_model.pb': 300, 'variables/variables.index': 40,
          'variables/variables.data-00000-of-00001': 5000}
