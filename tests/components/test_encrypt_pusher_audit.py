@@ -1,7 +1,7 @@
 """EncryptPusher's audit trail: one event per execution (docs/SECURITY.md §8).
 
 The executor runs directly on a real SavedModel (as in
-encrypt_pusher_executor_test.py); its `audit_log` exec property names a
+test_encrypt_pusher_executor.py); its `audit_log` exec property names a
 hash-chained file that `tfx_encrypt.audit.verify_log` then checks.
 """
 

@@ -194,7 +194,7 @@ def test_executor_pushes_to_the_store(tmp_path, model_uri, keys, store):
   """EncryptPusher with a gs:// / s3:// push_destination: the pushed
   version decrypts, from the store, to the model byte for byte."""
   from tfx_encrypt.components.encrypt_pusher import executor as executor_lib  # pylint: disable=g-import-not-at-top
-  from tests.components import encrypt_pusher_executor_test as ext  # pylint: disable=g-import-not-at-top
+  from tests.components import test_encrypt_pusher_executor as ext  # pylint: disable=g-import-not-at-top
   base = store.new_base()
   inputs, outputs, encrypted, pushed = ext._artifacts(  # pylint: disable=protected-access
       tmp_path, model_uri, blessed=True)
@@ -214,7 +214,7 @@ def test_executor_pushes_to_the_store(tmp_path, model_uri, keys, store):
 
 
 def _remote_artifacts(tmp_path, model_uri, encrypted_uri):
-  from tests.components import encrypt_pusher_executor_test as ext  # pylint: disable=g-import-not-at-top
+  from tests.components import test_encrypt_pusher_executor as ext  # pylint: disable=g-import-not-at-top
   inputs, outputs, encrypted, pushed = ext._artifacts(  # pylint: disable=protected-access
       tmp_path, model_uri, blessed=True)
   encrypted.uri = encrypted_uri  # a remote pipeline root
@@ -225,7 +225,7 @@ def _remote_artifacts(tmp_path, model_uri, encrypted_uri):
 def test_executor_writes_the_artifact_to_the_store(tmp_path, model_uri, keys,
                                                    store, bundle):
   from tfx_encrypt.components.encrypt_pusher import executor as executor_lib  # pylint: disable=g-import-not-at-top
-  from tests.components import encrypt_pusher_executor_test as ext  # pylint: disable=g-import-not-at-top
+  from tests.components import test_encrypt_pusher_executor as ext  # pylint: disable=g-import-not-at-top
   root = store.new_base()
   art = storage.join(root, 'EncryptPusher', 'encrypted_model', '7')
   # An earlier attempt of this execution left a package there: replaced.
@@ -251,7 +251,7 @@ def test_executor_writes_the_artifact_to_the_store(tmp_path, model_uri, keys,
 def test_executor_never_replaces_foreign_artifact_content(tmp_path, model_uri,
                                                           keys, store):
   from tfx_encrypt.components.encrypt_pusher import executor as executor_lib  # pylint: disable=g-import-not-at-top
-  from tests.components import encrypt_pusher_executor_test as ext  # pylint: disable=g-import-not-at-top
+  from tests.components import test_encrypt_pusher_executor as ext  # pylint: disable=g-import-not-at-top
   root = store.new_base()
   art = storage.join(root, 'encrypted_model', '7')
   storage.put(storage.join(art, 'notes.txt'), b'mine')

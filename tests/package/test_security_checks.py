@@ -210,6 +210,46 @@ def test_last_segment_flag_refuses_stream_cut_at_segment_boundary(
   _assert_nothing_at(tmp_path / 'r')
 
 
+def test_stream_size_and_segment_count_limits_are_exact():
+  """Kills: the stream arithmetic of FORMAT.md §6 moved by one at its
+  bounds: a stream whose last segment is only a tag is valid and one byte
+  less ends inside the tag (`segments_of_ciphertext`, for 3 and 4
+  segments); the segment counter stops below 2^32 (`nonce`); a stream has
+  at most 2^32 - 1 segments (`ciphertext_size`); a stream header is 0x28
+  and 39 bytes, a stream key 32 bytes (`StreamCipher`)."""
+  head, tag = streaming.HEADER_SIZE, streaming.TAG_SIZE
+  seg = streaming.SEGMENT_SIZE
+  size = head + streaming.FIRST_CIPHERTEXT_SEGMENT_SIZE + seg + tag
+  for n in (3, 4):
+    assert streaming.segments_of_ciphertext(size) == n
+    with pytest.raises(errors.TamperedPackageError, match='inside a segment'):
+      streaming.segments_of_ciphertext(size - 1)
+    size += seg
+  sc = streaming.StreamCipher.new(SUITE, bytes(32), b'')
+  assert sc.nonce(2**32 - 2, True)[7:] == b'\xff\xff\xff\xfe\x01'
+  with pytest.raises(errors.TamperedPackageError, match='counter'):
+    sc.nonce(2**32 - 1, True)
+  largest = (streaming.FIRST_PLAINTEXT_SEGMENT_SIZE +
+             (2**32 - 2) * streaming.PLAINTEXT_SEGMENT_SIZE)
+  assert streaming.num_segments(largest) == 2**32 - 1
+  assert streaming.ciphertext_size(largest) == (
+      head + largest + tag * (2**32 - 1))
+  with pytest.raises(errors.UsageError, match='2\\^32 segments'):
+    streaming.ciphertext_size(largest + 1)
+  # The stream header: 0x28, then a 32-byte salt and a 7-byte nonce prefix.
+  with pytest.raises(errors.TamperedPackageError, match='malformed header'):
+    streaming.StreamCipher.from_header(SUITE, bytes(32), b'',
+                                       b'\x29' + bytes(39))
+  with pytest.raises(errors.TamperedPackageError, match='malformed header'):
+    streaming.StreamCipher.from_header(SUITE, bytes(32), b'',
+                                       b'\x28' + bytes(40))
+  for ikm, salt, prefix in [(bytes(31), bytes(32), bytes(7)),
+                            (bytes(32), bytes(31), bytes(7)),
+                            (bytes(32), bytes(32), bytes(8))]:
+    with pytest.raises(ValueError, match='length'):
+      streaming.StreamCipher(SUITE, ikm, b'', salt, prefix)
+
+
 def _substitute_first_payload(i, key, aad, plaintext):
   """seal() for _craft: payload 0 holds other bytes of the same length; the
   file table still lists the digest of `plaintext`."""
@@ -286,11 +326,14 @@ def test_dotdot_rule_refuses_dotdot_when_no_other_rule_does():
     ('body field name', {'body': {'n' * 64: ''}}, {'body': {'n' * 65: ''}}),
     ('body field value', {'body': {'ct': 'v' * 16384}},
      {'body': {'ct': 'v' * 16385}}),
+    ('empty type', {'type': 't'}, {'type': ''}),
+    ('empty key_id', {'key_id': 'k'}, {'key_id': ''}),
 ])
 def test_stanza_limits_are_exact(field, at_limit, over):
-  """Kills: a stanza limit of the header parser moved by one (type 64,
-  key id 1024 characters, 16 body fields, field name 64 and value 16 384
-  characters): the documented bound is accepted, one more is refused."""
+  """Kills: a stanza limit of the header parser moved by one (type 1-64,
+  key id 1-1024 characters, 16 body fields, field name 64 and value 16 384
+  characters): the documented bound is accepted, one more (or an empty
+  type or key id) is refused; stanzas compare equal by content."""
   del field
   base = {'type': 'x25519-hpke', 'key_id': 'sha256:' + '0' * 64,
           'body': {'ct': 'AAAA'}}
@@ -298,6 +341,8 @@ def test_stanza_limits_are_exact(field, at_limit, over):
       base, **at_limit)
   with pytest.raises(errors.TamperedPackageError, match='stanza'):
     Stanza.from_json(dict(base, **over))
+  assert Stanza.from_json(base) == Stanza.from_json(dict(base))
+  assert Stanza.from_json(base) != Stanza.from_json(dict(base, **at_limit))
 
 
 # --- the package on disk (`_Source`) ----------------------------------------------
@@ -323,7 +368,8 @@ def test_unexpected_entries_in_package_dir_are_refused_and_listed(
 
 def test_unsafe_path_errors_name_the_package_file(keys, model, tmp_path):
   """Kills: `_Source` naming the wrong file when it refuses a link: the
-  bundle itself, or a directory package's header."""
+  bundle itself, a directory package's header, or (swapped after the
+  first check) a payload file or the bundle when a payload is opened."""
   bundle = tmp_path / 'm.tfxe'
   te.encrypt_model(model, bundle, recipients=[keys.pub('x')], bundle=True)
   (tmp_path / 'link.tfxe').symlink_to(bundle)
@@ -338,6 +384,22 @@ def test_unsafe_path_errors_name_the_package_file(keys, model, tmp_path):
   with pytest.raises(errors.UnsafePathError,
                      match='^package header .* is a symbolic link'):
     te.inspect_package(pkg)
+  # A payload file, or the bundle, swapped for a link after the package was
+  # first checked: caught when it is opened for reading (FORMAT.md §2).
+  os.replace(tmp_path / 'header.bin', header)
+  src = package_lib._Source(str(pkg))  # pylint: disable=protected-access
+  payload = pkg / package_lib.PAYLOAD_DIR / package_lib.payload_name(0)
+  os.rename(payload, tmp_path / 'payload.bin')
+  payload.symlink_to(tmp_path / 'payload.bin')
+  with pytest.raises(errors.UnsafePathError,
+                     match='^payload file .* is a symbolic link'):
+    src.open_payload(0)
+  src = package_lib._Source(str(bundle))  # pylint: disable=protected-access
+  os.rename(bundle, tmp_path / 'bundle.bin')
+  bundle.symlink_to(tmp_path / 'bundle.bin')
+  with pytest.raises(errors.UnsafePathError,
+                     match='^bundle .* is a symbolic link'):
+    src.open_payload(0)
 
 
 # --- key groups: a share is tagged with its group ---------------------------------
@@ -431,8 +493,9 @@ def test_no_matching_key_names_identities_and_recipients(keys, model,
 
 
 def test_too_few_key_groups_names_the_groups_opened(keys, model, tmp_path):
-  """Kills: `open_key_groups` misreporting which key groups the identities
-  opened when fewer than k did ("open key groups: 0, 2", or "none")."""
+  """Kills: `open_key_groups` misreporting, when fewer than k key groups
+  opened, the identities tried and the groups they opened ("open key
+  groups: 0, 2", or "none")."""
   pkg = tmp_path / 'p'
   te.encrypt_model(model, pkg, threshold=3, key_groups=[
       [keys.pub('x')], [keys.pub('x2')], [keys.pub('rsa')]])
@@ -441,6 +504,7 @@ def test_too_few_key_groups_names_the_groups_opened(keys, model, tmp_path):
     te.decrypt_model(pkg, tmp_path / 'o', allow_unsigned=True,
                      identities=[keys.priv('x'), keys.priv('rsa')])
   assert 'open key groups: 0, 2.' in str(ei.value)
+  assert local.LocalKey(keys.pub('rsa')).key_id in str(ei.value)
   local.keygen('x25519', str(tmp_path / 'stranger'))
   with pytest.raises(errors.NoMatchingKeyError,
                      match='3 of 3 key groups needed, got 0') as ei:
