@@ -55,7 +55,12 @@ def test_unknown_target_is_a_usage_error():
 
 def test_make_targets_check_packages_first():
   for target in ('test', 'demo'):
-    proc = subprocess.run(['make', '-n', target], cwd=REPO_ROOT,
-                          capture_output=True, text=True, check=True)
+    # Under `make test` this runs as a sub-make: without MAKELEVEL and
+    # MAKEFLAGS, and with --no-print-directory, it prints only the recipe.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('MAKELEVEL', 'MAKEFLAGS', 'MFLAGS', 'MAKEOVERRIDES')}
+    proc = subprocess.run(['make', '--no-print-directory', '-n', target],
+                          cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True, env=env)
     first = proc.stdout.splitlines()[0]
     assert first == f'bash scripts/ensure_system_packages.sh {target}'
