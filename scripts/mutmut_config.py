@@ -9,8 +9,9 @@ tree as `mutmut_config.py`, where mutmut imports it. For every mutant,
   (comma-separated; empty or unset: every module whole) are mutated;
 * skips it when it only changes the text of an error or log message (a
   string inside `raise ...`, an `...Error(...)`, `_bad(...)`,
-  `_unsafe(...)`, `attempts.fail(...)` or a logger call), unless TFXE_MUTATE_MESSAGES=1: a
-  message is not a check, and such mutants would double the run time;
+  `_unsafe(...)`, `attempts.fail(...)` or a logger call), unless
+  TFXE_MUTATE_MESSAGES=1: a message is not a check, and such mutants would
+  double the run time;
 * otherwise sets the test command to the fast core tests that exercise the
   mutated file (or, in tfx_encrypt/package/, the mutated function),
   fastest first,
@@ -29,47 +30,50 @@ import os
 # Test modules, fastest and most targeted first (-x stops at the first
 # failure, so a mutant the first module kills costs a few seconds).
 _CHECKS = 'tests/package/test_security_checks.py'
+_PKG = 'tests/package/'
+_FMT = 'tests/format/'
 TESTS_BY_FILE = {
-    'tfx_encrypt/format/paths.py': ['tests/format/test_path_rules.py', _CHECKS],
-    'tfx_encrypt/format/digest.py': ['tests/format/test_vectors.py', _CHECKS,
-                                     'tests/package/test_package.py'],
-    'tfx_encrypt/format/streaming.py': ['tests/format/test_vectors.py', _CHECKS,
-                                        'tests/package/test_tamper.py',
-                                        'tests/package/test_package.py'],
-    'tfx_encrypt/format/header.py': ['tests/format/test_vectors.py', _CHECKS,
-                                     'tests/package/test_tamper.py',
-                                     'tests/format/test_header_fuzz.py',
-                                     'tests/format/test_path_rules.py',
-                                     'tests/package/test_key_groups.py',
-                                     'tests/package/test_package.py'],
-    'tfx_encrypt/format/stanza.py': ['tests/format/test_vectors.py', _CHECKS,
-                                     'tests/package/test_tamper.py',
-                                     'tests/package/test_package.py',
-                                     'tests/package/test_key_groups.py'],
-    'tfx_encrypt/runtime/serving.py': [_CHECKS, 'tests/runtime/test_serve_sync.py'],
+    'tfx_encrypt/format/paths.py': [_FMT + 'test_path_rules.py', _CHECKS],
+    'tfx_encrypt/format/digest.py': [_FMT + 'test_vectors.py', _CHECKS,
+                                     _PKG + 'test_package.py'],
+    'tfx_encrypt/format/streaming.py': [_FMT + 'test_vectors.py', _CHECKS,
+                                        _PKG + 'test_tamper.py',
+                                        _PKG + 'test_package.py'],
+    'tfx_encrypt/format/header.py': [_FMT + 'test_vectors.py', _CHECKS,
+                                     _PKG + 'test_tamper.py',
+                                     _FMT + 'test_header_fuzz.py',
+                                     _FMT + 'test_path_rules.py',
+                                     _PKG + 'test_key_groups.py',
+                                     _PKG + 'test_package.py'],
+    'tfx_encrypt/format/stanza.py': [_FMT + 'test_vectors.py', _CHECKS,
+                                     _PKG + 'test_tamper.py',
+                                     _PKG + 'test_package.py',
+                                     _PKG + 'test_key_groups.py'],
+    'tfx_encrypt/runtime/serving.py': [_CHECKS,
+                                       'tests/runtime/test_serve_sync.py'],
 }
 # Any other module of tfx_encrypt/format/ or tfx_encrypt/package/.
-DEFAULT_TESTS = [_CHECKS, 'tests/package/test_tamper.py', 'tests/package/test_package.py',
-                 'tests/package/test_key_groups.py', 'tests/package/test_rewrap_trust.py',
-                 'tests/package/test_nonregular_files.py', 'tests/format/test_vectors.py']
+DEFAULT_TESTS = [_CHECKS, _PKG + 'test_tamper.py', _PKG + 'test_package.py',
+                 _PKG + 'test_key_groups.py', _PKG + 'test_rewrap_trust.py',
+                 _PKG + 'test_nonregular_files.py', _FMT + 'test_vectors.py']
 # tfx_encrypt/package/: the tests of each security check.
 TESTS_BY_FUNCTION = {
-    '_verify_signature': [_CHECKS, 'tests/package/test_tamper.py',
-                          'tests/package/test_package.py',
-                          'tests/package/test_rewrap_trust.py'],
-    'unwrap_data_key': [_CHECKS, 'tests/package/test_tamper.py',
-                        'tests/package/test_package.py', 'tests/package/test_key_groups.py'],
-    '_UnwrapAttempts': [_CHECKS, 'tests/package/test_tamper.py',
-                        'tests/package/test_package.py', 'tests/package/test_key_groups.py'],
-    'open_key_groups': [_CHECKS, 'tests/package/test_key_groups.py'],
-    '_decrypt_file_table': [_CHECKS, 'tests/package/test_tamper.py',
-                            'tests/package/test_package.py'],
-    '_decrypt_payload': [_CHECKS, 'tests/package/test_tamper.py',
-                         'tests/package/test_package.py'],
-    '_check_ciphertext': [_CHECKS, 'tests/package/test_tamper.py',
-                          'tests/package/test_package.py'],
-    '_Source': [_CHECKS, 'tests/package/test_tamper.py',
-                'tests/package/test_nonregular_files.py', 'tests/package/test_package.py'],
+    '_verify_signature': [_CHECKS, _PKG + 'test_tamper.py',
+                          _PKG + 'test_package.py',
+                          _PKG + 'test_rewrap_trust.py'],
+    'unwrap_data_key': [_CHECKS, _PKG + 'test_tamper.py',
+                        _PKG + 'test_package.py', _PKG + 'test_key_groups.py'],
+    '_UnwrapAttempts': [_CHECKS, _PKG + 'test_tamper.py',
+                        _PKG + 'test_package.py', _PKG + 'test_key_groups.py'],
+    'open_key_groups': [_CHECKS, _PKG + 'test_key_groups.py'],
+    '_decrypt_file_table': [_CHECKS, _PKG + 'test_tamper.py',
+                            _PKG + 'test_package.py'],
+    '_decrypt_payload': [_CHECKS, _PKG + 'test_tamper.py',
+                         _PKG + 'test_package.py'],
+    '_check_ciphertext': [_CHECKS, _PKG + 'test_tamper.py',
+                          _PKG + 'test_package.py'],
+    '_Source': [_CHECKS, _PKG + 'test_tamper.py',
+                _PKG + 'test_nonregular_files.py', _PKG + 'test_package.py'],
 }
 
 _MESSAGE_CALLS = {'_bad', '_unsafe', '_refuse_in_model', '_segment_error',

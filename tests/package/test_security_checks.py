@@ -12,9 +12,11 @@ mocks.
 
 import base64
 import hashlib
+import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import urllib.request
@@ -86,7 +88,7 @@ def _assert_nothing_at(out):
                          os.path.basename(str(out))) == []
 
 
-# --- rewrap: the old data key and the whole header first ---------------------
+# --- rewrap: the old data key and the whole header first ----------------------
 
 def test_rewrap_remove_recipient_needs_the_data_key(keys, model, tmp_path):
   """Kills: rewrap --remove-recipient proceeding without unwrapping the data
@@ -142,7 +144,65 @@ def test_rewrap_authenticates_file_table_before_resealing(keys, tmp_path):
   assert _tree_digest(pkg) == before
 
 
-# --- the file table's fingerprint ----------------------------------------------
+# --- header framing (FORMAT.md §3) --------------------------------------------
+
+def test_header_framing_limits_are_exact(keys, model, tmp_path):
+  """Kills: the header framing moved at its bounds: a body of 1 to 16 MiB
+  (a longer or empty one refused from the length alone, before any of it
+  is read), the magic's version byte (older: re-encrypt; newer: upgrade),
+  and the format version a package reports (the magic's last byte)."""
+  magic = header_lib.MAGIC
+  for body_len, what in ((0, 'header body length'),
+                         ((16 << 20) + 1, 'header body length'),
+                         (16 << 20, 'truncated'), (1, 'truncated')):
+    with pytest.raises(errors.TamperedPackageError, match=what):
+      header_lib.Header.read(io.BytesIO(magic + struct.pack('>I', body_len)))
+  for version, what in ((magic[7] - 1, 'any more'), (magic[7] + 1, 'upgrade')):
+    with pytest.raises(errors.UnsupportedFormatError, match=what):
+      header_lib.Header.read(io.BytesIO(
+          magic[:7] + bytes([version]) + struct.pack('>I', 1)))
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, recipients=[keys.pub('x')])
+  assert te.inspect_package(pkg).format_version == magic[7]
+
+
+def test_header_count_limits_are_exact(keys, model, tmp_path):
+  """Kills: the header's count limits moved by one (FORMAT.md §11): 1 to 64
+  recipient stanzas, 1 to 100 000 payloads, at most 100 000 directories in
+  the file table; the parser refuses one more (or none) from the counts
+  alone."""
+  pkg = tmp_path / 'p'
+  te.encrypt_model(model, pkg, recipients=[keys.pub('x')])
+  h = _read_header(pkg)
+  stanza, payload = h.recipients[0], h.payloads[0]
+  for field, count, ok in (('recipients', 64, True), ('recipients', 65, False),
+                           ('recipients', 0, False),
+                           ('payloads', 100_000, True),
+                           ('payloads', 100_001, False),
+                           ('payloads', 0, False)):
+    h.invalidate()
+    if field == 'recipients':
+      h.recipients, h.payloads = [stanza] * count, [payload]
+    else:
+      h.recipients, h.payloads = [stanza], [payload] * count
+    if ok:
+      assert len(getattr(header_lib.Header.parse_body(h.body()), field)) == (
+          count)
+    else:
+      with pytest.raises(errors.TamperedPackageError,
+                         match=field[:-1] + ' count'):
+        header_lib.Header.parse_body(h.body())
+  # The file table: at most 100 000 directories.
+  dirs = [f'd{i:06d}' for i in range(100_001)]
+  table = {'dirs': dirs[:-1], 'files': []}
+  assert header_lib.decode_file_table(header_lib.canonical_json(table), 0)[
+      1] == dirs[:-1]
+  table['dirs'] = dirs
+  with pytest.raises(errors.TamperedPackageError, match='directory list'):
+    header_lib.decode_file_table(header_lib.canonical_json(table), 0)
+
+
+# --- the file table's fingerprint ---------------------------------------------
 
 def test_fingerprint_compared_with_file_table(keys, tmp_path):
   """Kills: `_decrypt_file_table` not comparing the root of the file
@@ -163,7 +223,7 @@ def test_fingerprint_compared_with_file_table(keys, tmp_path):
                                  trusted=[keys.pub('ed')]))
 
 
-# --- payload streams -----------------------------------------------------------
+# --- payload streams ----------------------------------------------------------
 
 TWO_SEGMENTS = (streaming.FIRST_PLAINTEXT_SEGMENT_SIZE +
                 streaming.PLAINTEXT_SEGMENT_SIZE)
@@ -294,7 +354,7 @@ def test_rotate_checks_plaintext_digest(keys, tmp_path):
   _assert_nothing_at(out)
 
 
-# --- path rules ------------------------------------------------------------------
+# --- path rules ---------------------------------------------------------------
 
 def test_dotdot_rule_refuses_dotdot_when_no_other_rule_does():
   """Kills: '..' accepted by the component rule of `check_relpath`. The
@@ -316,7 +376,7 @@ def test_dotdot_rule_refuses_dotdot_when_no_other_rule_does():
   assert paths.check_tree(['a/b'], ['a']) == ['a']
 
 
-# --- stanza limits (FORMAT.md §11) ------------------------------------------------
+# --- stanza limits (FORMAT.md §11) --------------------------------------------
 
 @pytest.mark.parametrize('field, at_limit, over', [
     ('type', {'type': 't' * 64}, {'type': 't' * 65}),
@@ -345,7 +405,7 @@ def test_stanza_limits_are_exact(field, at_limit, over):
   assert Stanza.from_json(base) != Stanza.from_json(dict(base, **at_limit))
 
 
-# --- the package on disk (`_Source`) ----------------------------------------------
+# --- the package on disk (`_Source`) ------------------------------------------
 
 @pytest.mark.parametrize('count, tail', [(6, ' and 1 more]'), (5, ']')])
 def test_unexpected_entries_in_package_dir_are_refused_and_listed(
@@ -402,7 +462,7 @@ def test_unsafe_path_errors_name_the_package_file(keys, model, tmp_path):
     src.open_payload(0)
 
 
-# --- key groups: a share is tagged with its group ---------------------------------
+# --- key groups: a share is tagged with its group -----------------------------
 
 def test_key_group_share_tag_must_match_group(keys, model, tmp_path):
   """Kills: `open_key_groups` not checking a share's x byte against its
@@ -436,7 +496,7 @@ def test_key_group_share_tag_must_match_group(keys, model, tmp_path):
   _assert_nothing_at(out)
 
 
-# --- unwrapping: every stanza an identity matches, every identity ----------------
+# --- unwrapping: every stanza an identity matches, every identity -------------
 
 def _stanza_variants(h, keys):
   """(bad stanza, good stanza) for x: the bad one fails to authenticate."""
@@ -597,7 +657,7 @@ def test_failed_backend_is_not_called_again(keys, model, tmp_path, down_kms,
   assert kms_calls(two, tmp_path / 'o2') == calls
 
 
-# --- serve-sync: a trust list means signed packages only ---------------------
+# --- serve-sync: a trust list means signed packages only ----------------------
 
 def test_serve_sync_refuses_unsigned_package_when_trust_is_given(
     keys, model, tmp_path):
@@ -639,7 +699,7 @@ def test_serve_sync_refuses_unsigned_package_when_trust_is_given(
                 if n.isdigit()) == [V1]
 
 
-# --- OCI pull: the manifest config must describe the package ---------------------
+# --- OCI pull: the manifest config must describe the package ------------------
 
 def _upload_blob(registry, repo, data):
   digest = f'sha256:{hashlib.sha256(data).hexdigest()}'
@@ -682,7 +742,8 @@ def test_oci_pull_compares_config_facts_with_package(keys, model, tmp_path,
       'cipher': other.cipher,
       'format_version': header_lib.FORMAT_VERSION - 1,
   }
-  with test_oci._running_registry(tmp_path_factory.mktemp('reg')) as registry:  # pylint: disable=protected-access
+  running_registry = test_oci._running_registry  # pylint: disable=protected-access
+  with running_registry(tmp_path_factory.mktemp('reg')) as registry:
     ref = registry.ref('models/facts:1')
     oci.push_package(src, ref, insecure=True)
     manifest = registry.manifest('models/facts', '1')
