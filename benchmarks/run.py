@@ -190,10 +190,9 @@ def main(argv=None):
     open(os.path.join(out, f'.model-{args.size_mib}-{args.shards}'), 'w').close()
   keys = os.path.join(out, 'keys')
   os.makedirs(keys, exist_ok=True)
-  if not os.path.exists(os.path.join(keys, 'x.pub.pem')):
-    local.keygen('x25519', os.path.join(keys, 'x'))
-    local.keygen('rsa', os.path.join(keys, 'rsa'))
-    local.keygen('x25519', os.path.join(keys, 'x2'))
+  for name, kind in (('x', 'x25519'), ('rsa', 'rsa'), ('x2', 'x25519')):
+    if not os.path.exists(os.path.join(keys, f'{name}.pub.pem')):
+      local.keygen(kind, os.path.join(keys, name))
   xpub, xkey = os.path.join(keys, 'x.pub.pem'), os.path.join(keys, 'x.key.pem')
   rsapub = os.path.join(keys, 'rsa.pub.pem')
   age = shutil.which('age')
