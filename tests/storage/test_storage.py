@@ -153,8 +153,9 @@ def test_uris():
 
 def test_s3_large_create_only_goes_multipart_and_keeps_the_precondition(
     s3_store, monkeypatch, tmp_path):
-  monkeypatch.setattr(storage, 'S3_MULTIPART_THRESHOLD', 6 << 20)
-  monkeypatch.setattr(storage, 'S3_PART_SIZE', 5 << 20)
+  from tfx_encrypt.storage import _aws as s3_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(s3_lib, 'S3_MULTIPART_THRESHOLD', 6 << 20)
+  monkeypatch.setattr(s3_lib, 'S3_PART_SIZE', 5 << 20)
   big = tmp_path / 'big'
   big.write_bytes(os.urandom(12 << 20))
   uri = storage.join(s3_store.new_base(), 'bundle.tfxe')

@@ -1,0 +1,230 @@
+"""What every store shares: URIs, readers, errors."""
+
+import errno
+import io
+import os
+import re
+import threading
+from typing import BinaryIO, Tuple, Union
+
+from tfx_encrypt import _text
+from tfx_encrypt import errors
+
+
+#: Bytes fetched per ranged request (and held per open reader).
+CHUNK_SIZE = 4 << 20
+
+
+#: Remote schemes this layer reaches, and the extra that brings each SDK.
+REMOTE_SCHEMES = {'s3': 'aws', 'gs': 'gcp'}
+
+
+_SCHEME_RE = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
+Data = Union[bytes, bytearray, memoryview, BinaryIO]
+
+
+class ObjectExistsError(errors.OutputExistsError):
+  """A create-only write found the object already there (another writer)."""
+
+
+def scheme_of(uri: str) -> str:
+  """'' for a plain path, else the lower-case URI scheme."""
+  m = _SCHEME_RE.match(uri)
+  return m.group(1).lower() if m else ''
+
+
+def is_remote(uri) -> bool:
+  """True for `s3://` and `gs://` URIs (not for paths or `file://`)."""
+  return isinstance(uri, str) and scheme_of(uri) in REMOTE_SCHEMES
+
+
+def local_path(uri: str) -> str:
+  return uri[len('file://'):] if uri.startswith('file://') else uri
+
+
+def join(base: str, *parts: str) -> str:
+  """`base/part/...` with exactly one `/` between parts (URIs or paths)."""
+  if not is_remote(base):
+    return os.path.join(base, *parts)
+  out = base.rstrip('/')
+  for p in parts:
+    out += '/' + p.strip('/')
+  return out
+
+
+def split(uri: str) -> Tuple[str, str, str]:
+  """(scheme, bucket, key) of a remote URI."""
+  s = scheme_of(uri)
+  if s not in REMOTE_SCHEMES:
+    raise errors.UsageError(f'{_text.printable(uri)} is not a s3:// or gs:// '
+                            'URI')
+  rest = uri[len(s) + 3:]
+  bucket, _, key = rest.partition('/')
+  if not bucket:
+    raise errors.UsageError(f'{_text.printable(uri)} names no bucket')
+  return s, bucket, key
+
+
+class Reader:
+  """Ranged reads of one object (or local file); close it when done."""
+
+  size: int = 0
+  uri: str = ''
+
+  def read_into(self, buf, offset: int) -> int:
+    """Fill `buf` from `offset`; fewer bytes only at the end of the object."""
+    raise NotImplementedError
+
+  def read_range(self, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    n = self.read_into(buf, offset)
+    return bytes(buf[:n])
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+class ReaderFile(io.RawIOBase):
+  """A read-only, seekable binary file over a :class:`Reader`."""
+
+  def __init__(self, reader: Reader):
+    super().__init__()
+    self._r, self._pos = reader, 0
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    n = self._r.read_into(b, self._pos)
+    self._pos += n
+    return n
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos,
+            io.SEEK_END: self._r.size}[whence]
+    self._pos = base + offset
+    return self._pos
+
+  def tell(self) -> int:
+    return self._pos
+
+
+class _ChunkedReader(Reader):
+  """A remote object read through ranged requests of CHUNK_SIZE bytes."""
+
+  def __init__(self, uri: str, size: int):
+    self.uri, self.size = uri, size
+    self._chunk_start = -1
+    self._chunk = b''
+    self._lock = threading.Lock()
+
+  def _fetch(self, start: int, end: int) -> bytes:
+    """Bytes [start, end) of the pinned object version."""
+    raise NotImplementedError
+
+  def read_into(self, buf, offset: int) -> int:
+    mv = memoryview(buf).cast('B')
+    got = 0
+    with self._lock:
+      while got < len(mv) and offset + got < self.size:
+        pos = offset + got
+        if not (self._chunk_start <= pos <
+                self._chunk_start + len(self._chunk)):
+          start = pos
+          end = min(self.size, start + max(CHUNK_SIZE, 0))
+          try:
+            data = self._fetch(start, end)
+          except Exception as e:  # pylint: disable=broad-except
+            mapped = _as_os_error(e, self.uri)
+            if mapped is e:
+              raise
+            raise mapped from e
+          if len(data) != end - start:
+            raise errors.TamperedPackageError(
+                f'{_text.printable(self.uri)} changed or was truncated while '
+                'it was being read; fetch a fresh copy')
+          self._chunk_start, self._chunk = start, data
+        i = pos - self._chunk_start
+        n = min(len(mv) - got, len(self._chunk) - i)
+        mv[got:got + n] = self._chunk[i:i + n]
+        got += n
+    return got
+
+  def close(self) -> None:
+    self._chunk = b''
+    self._chunk_start = -1
+
+
+def _as_stream(data: Data) -> Tuple[BinaryIO, int]:
+  """A seekable binary stream over `data`, and its length from here on."""
+  if isinstance(data, (bytes, bytearray, memoryview)):
+    return io.BytesIO(bytes(data)), len(data)
+  pos = data.tell()
+  end = data.seek(0, io.SEEK_END)
+  data.seek(pos)
+  return data, end - pos
+
+
+def _sdk_missing(scheme: str, module: str) -> errors.UsageError:
+  return errors.UsageError(
+      f'{scheme}:// needs {module}: pip install '
+      f"'tfx-encrypt[{REMOTE_SCHEMES[scheme]}]'")
+
+
+_DENIED = {'AccessDenied', '403', 'Forbidden', 'InvalidAccessKeyId',
+           'SignatureDoesNotMatch', 'ExpiredToken', 'AllAccessDisabled'}
+_MISSING = {'NoSuchBucket', 'NoSuchKey', '404', 'NotFound'}
+
+
+def _as_os_error(e: BaseException, uri: str) -> BaseException:
+  """An SDK's error (botocore, google-api-core/auth) as the OSError the
+  CLI reports in one line (exit 9), naming the URI; others unchanged."""
+  if isinstance(e, (errors.TfxEncryptError, OSError)):
+    return e
+  mod = type(e).__module__ or ''
+  if not mod.startswith(('botocore', 'boto3', 'google.', 's3transfer')):
+    return e
+  code = ''
+  resp = getattr(e, 'response', None)
+  if isinstance(resp, dict):
+    code = str(resp.get('Error', {}).get('Code', ''))
+  status = str(getattr(e, 'code', '') or '')
+  name = type(e).__name__
+  msg = f'{name}{": " + code if code else ""}: {e}'
+  if code in _DENIED or status in ('401', '403') or name in (
+      'Forbidden', 'Unauthorized', 'NoCredentialsError',
+      'DefaultCredentialsError', 'RefreshError'):
+    return PermissionError(errno.EACCES, f'access denied ({msg})', uri)
+  if code in _MISSING or status == '404' or name == 'NotFound':
+    return FileNotFoundError(errno.ENOENT, f'not found ({msg})', uri)
+  if name in ('EndpointConnectionError', 'ConnectTimeoutError',
+              'ReadTimeoutError', 'ConnectionClosedError', 'TransportError',
+              'ServiceUnavailable', 'RetryError'):
+    return ConnectionError(errno.ECONNREFUSED,
+                           f'object store unreachable ({msg})', uri)
+  return OSError(errno.EIO, f'object store error ({msg})', uri)
+
+
+def _translating(fn):
+  """Decorate a verb taking the URI first: SDK errors become OSError."""
+  import functools  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(fn)
+  def wrapper(uri, *args, **kwargs):
+    try:
+      return fn(uri, *args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      mapped = _as_os_error(e, os.fspath(uri))
+      if mapped is e:
+        raise
+      raise mapped from e
+  return wrapper

@@ -1,0 +1,98 @@
+"""Local paths and file:// URIs: create-only through link(2)."""
+
+import errno
+import os
+import stat
+import threading
+from typing import Dict
+
+from tfx_encrypt import _text
+from tfx_encrypt import errors
+from tfx_encrypt.storage._base import (
+    CHUNK_SIZE, Data, ObjectExistsError, Reader, _as_stream)
+
+
+_READ_FLAGS = (os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
+               getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NONBLOCK', 0))
+
+
+class _LocalReader(Reader):
+
+  def __init__(self, path: str):
+    self.uri = path
+    try:
+      self._fd = os.open(path, _READ_FLAGS)
+    except OSError as e:
+      if e.errno == errno.ELOOP:
+        raise errors.UnsafePathError(
+            f'{_text.printable(path)} is a symbolic link; links are never '
+            'followed') from None
+      raise
+    st = os.fstat(self._fd)
+    if not stat.S_ISREG(st.st_mode):
+      os.close(self._fd)
+      raise errors.UnsafePathError(
+          f'{_text.printable(path)} is not a regular file; only regular '
+          'files are read')
+    os.set_blocking(self._fd, True)
+    self.size = st.st_size
+
+  def read_into(self, buf, offset: int) -> int:
+    mv = memoryview(buf).cast('B')
+    got = 0
+    while got < len(mv):
+      n = os.preadv(self._fd, [mv[got:]], offset + got)
+      if n == 0:
+        break
+      got += n
+    return got
+
+  def close(self) -> None:
+    if self._fd >= 0:
+      os.close(self._fd)
+      self._fd = -1
+
+
+def _local_put(path: str, data: Data, create_only: bool) -> None:
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{os.path.basename(path)}.tfxe-put-'
+                     f'{os.getpid()}-{threading.get_ident()}')
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+               getattr(os, 'O_CLOEXEC', 0), 0o644)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      src, _ = _as_stream(data)
+      while True:
+        b = src.read(CHUNK_SIZE)
+        if not b:
+          break
+        f.write(b)
+      f.flush()
+      os.fsync(f.fileno())
+    if create_only:
+      try:
+        os.link(tmp, path)  # atomic create-if-absent, complete content
+      except FileExistsError:
+        raise ObjectExistsError(
+            f'{_text.printable(path)} already exists') from None
+    else:
+      os.replace(tmp, path)
+  finally:
+    try:
+      os.unlink(tmp)
+    except FileNotFoundError:
+      pass
+
+
+def _local_list(prefix: str) -> Dict[str, int]:
+  root = prefix.rstrip('/')
+  if not os.path.isdir(root):
+    return {}
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for n in names:
+      p = os.path.join(dirpath, n)
+      out[os.path.relpath(p, root).replace(os.sep, '/')] = os.lstat(
+          p).st_size
+  return out

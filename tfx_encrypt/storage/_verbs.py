@@ -1,0 +1,112 @@
+"""The verbs, by scheme; SDK errors become one-line OSErrors."""
+
+import os
+from typing import Dict, List
+from tfx_encrypt.storage._base import (
+    Data, Reader, _translating, is_remote, local_path, split)
+from tfx_encrypt.storage._local import _LocalReader, _local_list, _local_put
+from tfx_encrypt.storage._aws import (
+    _S3Reader, _clients, _clients_lock, _s3, _s3_exists, _s3_list, _s3_put)
+from tfx_encrypt.storage._google import _GcsReader, _gcs, _gcs_put, _generation
+
+
+@_translating
+def open_reader(uri: str) -> Reader:
+  """Open an object (or a local regular file) for ranged reads.
+
+  Raises:
+    FileNotFoundError: no such object or file.
+    UnsafePathError: a local path that is a link or not a regular file.
+  """
+  uri = os.fspath(uri)
+  if not is_remote(uri):
+    return _LocalReader(local_path(uri))
+  s, bucket, key = split(uri)
+  if s == 's3':
+    return _S3Reader(uri, bucket, key)
+  return _GcsReader(uri, bucket, key)
+
+
+@_translating
+def exists(uri: str) -> bool:
+  """True if the object (or local file or directory) exists."""
+  if not is_remote(uri):
+    return os.path.lexists(local_path(uri))
+  s, bucket, key = split(uri)
+  if s == 's3':
+    return _s3_exists(bucket, key)
+  return _gcs().bucket(bucket).blob(key).exists()
+
+
+@_translating
+def list_sizes(prefix_uri: str) -> Dict[str, int]:
+  """{name relative to `prefix_uri/`: size} of every object under it."""
+  if not is_remote(prefix_uri):
+    return _local_list(local_path(prefix_uri))
+  s, bucket, key = split(prefix_uri)
+  prefix = key.rstrip('/') + '/' if key.strip('/') else ''
+  if s == 's3':
+    return _s3_list(bucket, prefix)
+  return {b.name[len(prefix):]: int(b.size)
+          for b in _gcs().list_blobs(bucket, prefix=prefix)}
+
+
+def list_names(prefix_uri: str) -> List[str]:
+  """Every object under `prefix_uri/` (recursively), relative, sorted."""
+  return sorted(list_sizes(prefix_uri))
+
+
+@_translating
+def put(uri: str, data: Data) -> None:
+  """Write an object (replacing one that exists): payload objects."""
+  _put(uri, data, create_only=False)
+
+
+@_translating
+def put_create_only(uri: str, data: Data) -> None:
+  """Write an object only if it does not exist: the commit point.
+
+  Raises:
+    ObjectExistsError: it exists (or another writer created it meanwhile);
+      nothing was changed.
+  """
+  _put(uri, data, create_only=True)
+
+
+def _put(uri: str, data: Data, create_only: bool) -> None:
+  uri = os.fspath(uri)
+  if not is_remote(uri):
+    _local_put(local_path(uri), data, create_only)
+    return
+  s, bucket, key = split(uri)
+  if s == 's3':
+    _s3_put(bucket, key, data, create_only, uri)
+  else:
+    _gcs_put(bucket, key, data, create_only, uri)
+
+
+@_translating
+def delete(uri: str) -> None:
+  """Remove an object (or local file); a missing one is fine."""
+  if not is_remote(uri):
+    try:
+      os.unlink(local_path(uri))
+    except FileNotFoundError:
+      pass
+    return
+  s, bucket, key = split(uri)
+  if s == 's3':
+    _s3().delete_object(Bucket=bucket, Key=key)
+    return
+  from google.api_core import exceptions as gexc  # pylint: disable=g-import-not-at-top
+  try:
+    _gcs().bucket(bucket).blob(key).delete()
+  except gexc.NotFound:
+    pass
+
+
+def reset_clients() -> None:
+  """Forget cached SDK clients (after the environment changed: tests)."""
+  with _clients_lock:
+    _clients.clear()
+    _generation[0] += 1
