@@ -18,6 +18,7 @@ docs/BENCHMARKS.md.
 """
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -210,6 +211,7 @@ def main(argv=None):
   scratch = args.scratch or _default_scratch(args.size_mib, out)
   scratch = os.path.join(scratch, f'tfxe-bench-{os.getpid()}')
   os.makedirs(scratch, exist_ok=True)
+  atexit.register(shutil.rmtree, scratch, True)  # also when a step fails
   p = lambda n: os.path.join(scratch, n)  # noqa: E731
   warm(model)
   for r in range(args.rounds):

@@ -83,7 +83,12 @@ def test_runtime_load_model_in_memory(tmp_path, keys, saved_model):
 
 
 def _memfds():
-  """This process's descriptors that are load_model's memory files."""
+  """This process's descriptors that are load_model's memory files (after
+  the thread that frees them on success is done)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  for t in threading.enumerate():
+    if t.name == 'tfxe-free-memfds':
+      t.join()
   out = []
   for n in os.listdir('/proc/self/fd'):
     try:

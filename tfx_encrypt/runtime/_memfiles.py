@@ -82,8 +82,11 @@ class MemoryTree:
   def __enter__(self) -> 'MemoryTree':
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *exc) -> None:
+    # On success TensorFlow has copied what it needs: the memory is
+    # released on a thread, so the caller does not wait for the kernel to
+    # free a model's worth of pages (about 0.04 s per 200 MiB here).
+    self.close(in_background=exc_type is None)
 
   def create(self, relpath: str) -> int:
     """A fresh, empty memfd for `relpath` (a file of the package's table)."""
@@ -154,8 +157,14 @@ class MemoryTree:
       raise OSError(f'short read of {relpath!r} from memory')
     return bytes(buf)
 
-  def close(self) -> None:
-    """Remove the link directory and free every memfd (idempotent)."""
+  def close(self, in_background: bool = False) -> None:
+    """Remove the link directory and free every memfd (idempotent).
+
+    The link directory goes at once. With `in_background` the descriptors
+    are closed by a daemon thread named `tfxe-free-memfds` (nothing can open
+    them any more: the links are gone); if the process ends first, the
+    kernel frees them all the same.
+    """
     root, self.root = self.root, None
     try:
       if root is not None:
@@ -165,5 +174,18 @@ class MemoryTree:
         fds, self._fds = self._fds, {}
         self._done = set()
         self._linked = set()
-      for fd in fds.values():
-        os.close(fd)
+      closer = None
+      if in_background and fds:
+        closer = threading.Thread(target=_close_all, args=(list(fds.values()),),
+                                  name='tfxe-free-memfds', daemon=True)
+        try:
+          closer.start()
+        except RuntimeError:  # no thread to be had: close them here
+          closer = None
+      if closer is None:
+        _close_all(fds.values())
+
+
+def _close_all(fds: Iterable[int]) -> None:
+  for fd in fds:
+    os.close(fd)
