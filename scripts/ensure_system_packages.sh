@@ -32,13 +32,17 @@ set -euo pipefail
 #   mariadb-server: mariadbd and mariadb-install-db, the MySQL ML Metadata
 #     store of the lineage tests (tests/lineage/test_lineage.py starts its own server
 #     on a loopback port with a private datadir; Debian's service is unused).
+#   graphviz: the `dot` program that draws `tfx-encrypt lineage --format
+#     svg|png` (tfx_encrypt/lineage/_graph.py); tests/lineage/test_graph.py
+#     parses the DOT with it and checks the SVG / PNG, and
+#     notebooks/pipeline.ipynb shows the picture.
 # The demo (pipelines/local_pipeline.py) needs no system package beyond
 # what .venv holds.
 packages_for() {
   case "$1" in
     test) echo softhsm2 docker-registry apache2-utils swtpm tpm2-abrmd \
             libtss2-tcti-tabrmd0 dbus-daemon libtpm2-pkcs11-1 opensc \
-            mariadb-server ;;
+            mariadb-server graphviz ;;
     demo) ;;
     bench) echo age ;;
     *) echo "ensure_system_packages.sh: unknown target '$1' (test, demo, bench)" >&2

@@ -64,3 +64,27 @@ def test_make_targets_check_packages_first():
                           check=True, env=env)
     first = proc.stdout.splitlines()[0]
     assert first == f'bash scripts/ensure_system_packages.sh {target}'
+
+
+def test_test_target_lists_what_the_tests_use(tmp_path):
+  """With nothing installed (a dpkg-query that knows no package), the
+  command printed for `make test` names every Debian package the tests
+  need: the lineage tests' mariadb-server and graphviz among them."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  fake_bin = tempfile.mkdtemp(prefix='tfxe-fake-dpkg-')
+  try:
+    os.chmod(fake_bin, 0o755)
+    fake = pathlib.Path(fake_bin) / 'dpkg-query'
+    fake.write_text('#!/bin/sh\nexit 1\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f'{fake_bin}:{os.environ["PATH"]}')
+    env.pop('TFXE_SYSTEM_PACKAGES_EXTRA', None)
+    proc = _ensure('test', env=env, as_nobody=True)
+  finally:
+    shutil.rmtree(fake_bin)
+  assert proc.returncode == 1, proc.stderr
+  [line] = proc.stderr.splitlines()
+  listed = line.split('--no-install-recommends ', 1)[1].split()
+  for pkg in ('mariadb-server', 'graphviz', 'softhsm2', 'docker-registry'):
+    assert pkg in listed, (pkg, listed)
+  assert shutil.which('dot'), 'graphviz is listed but dot is not installed'

@@ -542,6 +542,57 @@ def test_config_file_connection(runs, tmp_path):
   assert len(json.loads(proc.stdout)) == 3
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize('store_kind', ['s3', 'gs'])
+def test_cli_package_in_an_object_store(runs, store_kind, request):
+  """--package s3://... / gs://...: the header is read through
+  tfx_encrypt.storage (moto's S3 server, the GCS emulator) and the
+  artifact of that package is found; payloads without a header are an
+  incomplete package, said so in one line."""
+  # pylint: disable=g-import-not-at-top
+  import click.testing
+  from tfx_encrypt import cli
+  from tfx_encrypt import storage
+  from tests.package import test_remote_packages
+  # pylint: enable=g-import-not-at-top
+  remote = request.getfixturevalue(f'{store_kind}_store')
+  summary = runs['first']
+  uri = storage.join(remote.new_base(), summary['pushed_version'])
+  test_remote_packages.upload(summary['pushed_destination'], uri)
+  runner = click.testing.CliRunner()
+  r = runner.invoke(cli.main, ['lineage', '--mlmd-sqlite', runs['store_path'],
+                               '--package', uri, '--json'])
+  assert r.exit_code == 0, r.stderr
+  [t] = json.loads(r.stdout)
+  assert t['encrypted_model']['id'] == summary['encrypted_model_artifact_id']
+  r = runner.invoke(cli.main, ['lineage', '--mlmd-sqlite', runs['store_path'],
+                               '--package', uri, '--format', 'dot'])
+  assert r.exit_code == 0, r.stderr
+  assert f'a{summary["encrypted_model_artifact_id"]} [' in r.stdout
+
+  # Payload objects, no header: an interrupted (or running) push.
+  partial = storage.join(remote.new_base(), '5')
+  payload = os.path.join(summary['pushed_destination'], 'payload')
+  for name in sorted(os.listdir(payload)):
+    with open(os.path.join(payload, name), 'rb') as f:
+      storage.put(storage.join(partial, 'payload', name), f)
+  r = runner.invoke(cli.main, ['lineage', '--mlmd-sqlite', runs['store_path'],
+                               '--package', partial])
+  assert r.exit_code == errors.UnsupportedFormatError.exit_code == 3
+  assert r.stdout == ''
+  assert r.stderr.count('\n') == 1, r.stderr
+  assert r.stderr.startswith(f'tfx-encrypt: error: --package {partial} is '
+                             'an incomplete package: ')
+  assert 'no tfxe.header' in r.stderr
+  assert r.stderr.endswith('; there is no package id to look up in ML '
+                           'Metadata\n')
+  # Nothing there at all.
+  r = runner.invoke(cli.main, ['lineage', '--mlmd-sqlite', runs['store_path'],
+                               '--package', storage.join(partial, 'none')])
+  assert r.exit_code == 2 and 'does not exist' in r.stderr, r.stderr
+
+
 # --------------------------------------------------------------------------
 # MariaDB (MySQL) ML Metadata: a trained pipeline, run twice, rotated.
 # --------------------------------------------------------------------------
@@ -645,25 +696,39 @@ def _tfxe(*args, env=None, input_text=None):
 
 def _trained_pipeline(root, connection, csv_dir, recipients, signer,
                       destination):
-  """CsvExampleGen -> Trainer -> EncryptPusher (a real, if tiny, Trainer)."""
+  """CsvExampleGen -> StatisticsGen -> SchemaGen -> Trainer -> Evaluator ->
+  EncryptPusher: a real, if tiny, training pipeline (a Keras model trained
+  on 60 synthetic rows, evaluated by TFMA, which blesses it)."""
   # pylint: disable=g-import-not-at-top
   from tfx import v1 as tfx
   from tfx_encrypt.components import EncryptPusher
+  from tests import _lineage_trainer
   # pylint: enable=g-import-not-at-top
   example_gen = tfx.components.CsvExampleGen(input_base=csv_dir)
+  statistics_gen = tfx.components.StatisticsGen(
+      examples=example_gen.outputs['examples'])
+  schema_gen = tfx.components.SchemaGen(
+      statistics=statistics_gen.outputs['statistics'])
   trainer = tfx.components.Trainer(
       run_fn='tests._lineage_trainer.run_fn',
       examples=example_gen.outputs['examples'],
+      schema=schema_gen.outputs['schema'],
       train_args=tfx.proto.TrainArgs(num_steps=1),
       eval_args=tfx.proto.EvalArgs(num_steps=1))
+  evaluator = tfx.components.Evaluator(
+      examples=example_gen.outputs['examples'],
+      model=trainer.outputs['model'],
+      eval_config=_lineage_trainer.eval_config())
   pusher = EncryptPusher(model=trainer.outputs['model'],
+                         model_blessing=evaluator.outputs['blessing'],
                          recipients=recipients, signer=signer,
                          push_destination=destination).with_id(
                              'encrypt_pusher')
   return tfx.dsl.Pipeline(
       pipeline_name=_TRAINED_PIPELINE, pipeline_root=root,
       metadata_connection_config=connection,
-      components=[example_gen, trainer, pusher], enable_cache=False)
+      components=[example_gen, statistics_gen, schema_gen, trainer,
+                  evaluator, pusher], enable_cache=False)
 
 
 @pytest.fixture(scope='module')
@@ -675,6 +740,7 @@ def rotated(mariadb, tmp_path_factory):
   from absl import logging
   from tfx import v1 as tfx
   from tfx_encrypt.keys import local as local_keys
+  from tests import _lineage_trainer
   # pylint: enable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   workdir = str(tmp_path_factory.mktemp('trained'))
@@ -684,10 +750,7 @@ def rotated(mariadb, tmp_path_factory):
     local_keys.keygen(kind, prefix)
     keys[name] = (prefix + '.pub.pem', prefix + '.key.pem')
   csv_dir = os.path.join(workdir, 'csv')
-  os.makedirs(csv_dir)
-  with open(os.path.join(csv_dir, 'data.csv'), 'w') as f:
-    f.write('x1,x2,x3,y\n' + ''.join(f'{i},{i % 3},{i * 0.5},{i % 2}\n'
-                                     for i in range(12)))
+  _lineage_trainer.write_csv(csv_dir)
   destination = os.path.join(workdir, 'serving')
   store = lineage.open_mysql('127.0.0.1', mariadb.port, _MLMD_DATABASE,
                              _MLMD_USER, _MLMD_PASSWORD)
@@ -848,6 +911,97 @@ def test_mariadb_trace_reaches_trainer_examples_and_example_gen(
     assert gen['input_base'] == flat['produced_by']['input_base'] == (
         os.path.join(rotated['workdir'], 'csv'))
     assert json.loads(flat['split_names']) == ['train', 'eval']
+    schema = [i for i in trainer['inputs'] if i['type'] == 'Schema']
+    assert [i['produced_by']['component_id'] for i in schema] == ['SchemaGen']
+    # EncryptPusher consumed the Evaluator's blessing: TFMA blessed the
+    # trained model (binary accuracy >= 0.7 on the eval split).
+    [blessing] = t['blessings']
+    assert blessing['type'] == 'ModelBlessing'
+    assert blessing['key'] == 'model_blessing'
+    assert blessing['blessed'] == 1
+    assert t['encrypted_model']['properties']['encrypted'] == 1
+
+
+@pytest.mark.slow
+def test_mariadb_lineage_picture(rotated, mysql_store, mariadb, tmp_path):
+  """The picture of a pushed version, from MariaDB: every step of the
+  pipeline, from the CSV directory to the push, as Graphviz parses it."""
+  # pylint: disable=g-import-not-at-top
+  from tests.lineage import test_graph
+  # pylint: enable=g-import-not-at-top
+  record = rotated['second']
+  version = os.path.basename(record['properties']['pushed_destination'])
+  graph = lineage.lineage_graph(mysql_store, [record['id']])
+  nodes = {n['name']: n for n in graph['nodes']}
+  by_component = {n['component_id']: n for n in graph['nodes']
+                  if n['kind'] == 'execution' and n.get('component_id')}
+  assert {'CsvExampleGen', 'StatisticsGen', 'SchemaGen', 'Trainer',
+          'Evaluator', 'encrypt_pusher'} <= set(by_component)
+  for n in by_component.values():
+    assert n['pipeline_name'] == _TRAINED_PIPELINE
+    assert n['state'] == 'COMPLETE'
+  assert len({n['pipeline_run_id'] for n in by_component.values()
+              if n['component_id'] != 'rotate'}) == 1
+  [data] = [n for n in graph['nodes'] if n.get('role') == 'input data']
+  assert data['uri'] == os.path.join(rotated['workdir'], 'csv')
+  pushes = {n['uri'] for n in graph['nodes'] if n.get('role') == 'pushed'}
+  assert record['properties']['pushed_destination'] in pushes
+  edges = {(nodes[e['from']].get('type') or nodes[e['from']].get('role'),
+            e['label'],
+            nodes[e['to']].get('type') or nodes[e['to']].get('role'))
+           for e in graph['edges']}
+  short = {(f.rsplit('.', 1)[-1], label, t.rsplit('.', 1)[-1])
+           for f, label, t in edges}
+  for edge in (('input data', 'input_base', 'CsvExampleGen'),
+               ('CsvExampleGen', 'examples', 'Examples'),
+               ('Examples', 'examples', 'StatisticsGen'),
+               ('StatisticsGen', 'statistics', 'ExampleStatistics'),
+               ('ExampleStatistics', 'statistics', 'SchemaGen'),
+               ('SchemaGen', 'schema', 'Schema'),
+               ('Schema', 'schema', 'Trainer'),
+               ('Examples', 'examples', 'Trainer'),
+               ('Trainer', 'model', 'Model'),
+               ('Model', 'model', 'Evaluator'),
+               ('Examples', 'examples', 'Evaluator'),
+               ('Evaluator', 'blessing', 'ModelBlessing'),
+               ('ModelBlessing', 'model_blessing', 'EncryptPusher'),
+               ('Model', 'model', 'EncryptPusher'),
+               ('EncryptPusher', 'encrypted_model', 'EncryptedModel'),
+               ('EncryptPusher', 'pushed_model', 'PushedModel'),
+               ('EncryptedModel', 'pushed to', 'pushed'),
+               # run 2's package was rotated into a new version
+               ('EncryptedModel', 'encrypted_model', 'KeyRotation')):
+    assert edge in short, edge
+  [blessing] = [n for n in graph['nodes']
+                if n.get('type') == 'ModelBlessing']
+  assert blessing['blessed'] == 1
+  # The CLI, from the pushed version: DOT that Graphviz parses into the same
+  # graph, and an SVG / PNG drawn from it.
+  mysql = ['--mlmd-mysql', mariadb.target, '--mlmd-user', _MLMD_USER,
+           '--version', version, '--pipeline', _TRAINED_PIPELINE]
+  proc = _tfxe('lineage', *mysql, '--format', 'dot', env=rotated['env'])
+  assert proc.returncode == 0, proc.stderr
+  _, parsed_nodes, parsed_edges = test_graph._parse_dot(proc.stdout)  # pylint: disable=protected-access
+  assert set(parsed_nodes) == set(nodes)
+  assert len(parsed_edges) == len(graph['edges'])
+  assert proc.stdout == lineage.lineage_dot(mysql_store, [record['id']])
+  svg = tmp_path / 'lineage.svg'
+  proc = _tfxe('lineage', *mysql, '--format', 'svg', '-o', str(svg),
+               env=rotated['env'])
+  assert proc.returncode == 0, proc.stderr
+  texts = test_graph._svg_texts(svg.read_bytes())  # pylint: disable=protected-access
+  for label in ('CsvExampleGen', 'Evaluator', 'blessed', 'encrypt_pusher',
+                os.path.join(rotated['workdir'], 'csv'),
+                f'pushed version {version}',
+                record['properties']['pushed_destination'],
+                f'EncryptedModel {record["id"]}'):
+    assert label in texts, label
+  png = tmp_path / 'lineage.png'
+  proc = _tfxe('lineage', *mysql, '--format', 'png', '-o', str(png),
+               env=rotated['env'])
+  assert proc.returncode == 0, proc.stderr
+  assert png.read_bytes().startswith(b'\x89PNG\r\n\x1a\n')
+  assert _MLMD_PASSWORD.encode() not in png.read_bytes() + svg.read_bytes()
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ from typing import Optional, Sequence
 
 import click
 
+from tfx_encrypt import _fsutil as fsutil
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
+from tfx_encrypt import storage
 from tfx_encrypt.cli._options import _json, _native_stderr_quiet, _show
 from tfx_encrypt.cli._group import main
 
@@ -106,6 +108,88 @@ def _connect_mlmd(lineage_lib, mlmd, read_only=True):
     return lineage_lib.connect(read_only=read_only, **(mlmd or {}))
 
 
+_FORMATS = ('table', 'json', 'dot', 'svg', 'png')
+_PICTURES = ('dot', 'svg', 'png')
+# What a picture file written by `lineage` starts with: only such a file is
+# replaced by --output ... --force.
+_PICTURE_MAGIC = (b'\x89PNG\r\n\x1a\n', b'<?xml', b'<svg',
+                  b'digraph tfx_encrypt_lineage')
+
+
+def _output_format(fmt: Optional[str], as_json: bool,
+                   output: Optional[str]) -> str:
+  if as_json:
+    if fmt not in (None, 'json'):
+      raise errors.UsageError(f'--json and --format {fmt} do not go together')
+    fmt = 'json'
+  fmt = fmt or 'table'
+  if fmt == 'png' and output is None:
+    raise errors.UsageError('--format png needs --output FILE')
+  if fmt == 'table' and output is not None:
+    raise errors.UsageError('--output goes with --format json, dot, svg or '
+                            'png')
+  return fmt
+
+
+def _package_id(package: str) -> str:
+  """The package id in PKG's header: a local path, or an s3:// / gs://
+  package read through tfx_encrypt.storage (header only, no key)."""
+  try:
+    return pkg.inspect_package(package).package_id
+  except errors.UnsupportedFormatError as e:
+    if storage.is_remote(package) and 'incomplete' in str(e):
+      # Payload objects but no header (a push still running, or one that
+      # failed): no package id to look up.
+      raise errors.UnsupportedFormatError(
+          f'--package {e}; there is no package id to look up in ML '
+          'Metadata') from e
+    raise
+
+
+def _check_picture_output(output: str, force: bool) -> None:
+  if output == '-':
+    return
+  if os.path.islink(output) or (os.path.lexists(output) and
+                                not os.path.isfile(output)):
+    raise errors.UnsafeOverwriteError(
+        f'refusing to write to {_show(output)}: not a regular file')
+  if os.path.lexists(output):
+    if not force:
+      raise fsutil.exists_error(output)
+    with open(output, 'rb') as f:
+      head = f.read(64).lstrip()
+    if not head.startswith(_PICTURE_MAGIC):
+      raise errors.UnsafeOverwriteError(
+          f'refusing to replace {_show(output)} with --force: it is not a '
+          'lineage picture (dot, svg or png)')
+
+
+def _write_output(data: bytes, output: Optional[str], force: bool) -> None:
+  """stdout, or FILE published atomically (owned temporary sibling, then
+  rename; never replaces unless --force and the file is a picture)."""
+  if output is None or output == '-':
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return
+  _check_picture_output(output, force)
+  tmp = fsutil.temp_sibling(output)
+  try:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+      fsutil.write_all(fd, data)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    if force and os.path.lexists(output):
+      fsutil.replace_checked(tmp, output)
+    else:
+      fsutil.publish(tmp, output)
+  except BaseException:
+    fsutil.remove_tree(tmp)
+    raise
+
+
 def _lineage_row(t: dict) -> Sequence[str]:
   em, ex = t['encrypted_model'], t['execution'] or {}
   props = em['properties']
@@ -183,7 +267,7 @@ def _lineage_details(t: dict) -> Sequence[str]:
               help='Only this model fingerprint (sha256:<hex> or the hex).')
 @click.option('--package', 'package', metavar='PKG',
               help="Only the artifact of this package (its header's package "
-              'id; no key needed).')
+              'id; no key needed): a local path, s3:// or gs://.')
 @click.option('--pipeline', 'pipeline_name', metavar='NAME',
               help='Only artifacts produced by this TFX pipeline.')
 @click.option('--version', 'version', metavar='V',
@@ -195,20 +279,39 @@ def _lineage_details(t: dict) -> Sequence[str]:
               help='Also artifacts a key rotation replaced and those of '
               'unblessed runs (encrypted=0, no package).')
 @click.option('--json', 'as_json', is_flag=True,
-              help='The full trace of each match, as JSON.')
+              help='The full trace of each match, as JSON (= --format '
+              'json).')
+@click.option('--format', 'fmt', type=click.Choice(_FORMATS),
+              default=None,
+              help='table (default), json, or the lineage as a picture: '
+              'Graphviz dot text, or svg / png drawn by Graphviz (the '
+              'graphviz package).')
+@click.option('--output', '-o', 'output', metavar='FILE',
+              help='Write the output to FILE (needed for png; default '
+              'stdout). Never replaces a file unless --force.')
+@click.option('--force', is_flag=True,
+              help='Replace --output if it is a lineage picture (dot, svg or '
+              'png).')
 def lineage(mlmd, key_id, fingerprint, package, pipeline_name, version,
-            pushed_only, show_all, as_json):
+            pushed_only, show_all, as_json, fmt, output, force):
   """Which model, which run, which keys, pushed where (needs ML Metadata).
 
   Lists the EncryptedModel artifacts recorded by EncryptPusher (and by
   rewrap / rotate), newest first; exits 1 when none matches. Name the store
   with one of --mlmd-sqlite, --mlmd-mysql (+ --mlmd-user), --mlmd-config or
-  --mlmd-grpc.
+  --mlmd-grpc. PKG may be a local path or an s3:// / gs:// package.
+  --format dot|svg|png draws the lineage of the matches (ExampleGen input
+  -> ... -> Trainer -> Evaluator -> EncryptPusher -> pushed versions).
   """
+  fmt = _output_format(fmt, as_json, output)
   lineage_lib = _import_lineage()
   if mlmd is None:
     mlmd = {}
-  package_id = pkg.inspect_package(package).package_id if package else None
+  if output is not None:
+    _check_picture_output(output, force)
+  if fmt in ('svg', 'png'):
+    lineage_lib.find_dot()  # before any MLMD work: say what to install
+  package_id = _package_id(package) if package else None
   store = _connect_mlmd(lineage_lib, mlmd)
   filters = dict(key_id=key_id, fingerprint=fingerprint,
                  package_id=package_id, pipeline_name=pipeline_name,
@@ -233,9 +336,16 @@ def lineage(mlmd, key_id, fingerprint, package, pipeline_name, version,
     raise lineage_lib.NoMatchError(
         f'no EncryptedModel matches in {where}'
         + (f' ({", ".join(described)})' if described else ''))
+  if fmt in _PICTURES:
+    dot_text = lineage_lib.lineage_dot(store, [m['id'] for m in matches])
+    data = (dot_text.encode('utf-8') if fmt == 'dot'
+            else lineage_lib.render(dot_text, fmt))
+    _write_output(data, output, force)
+    return
   traces = [lineage_lib.trace(store, m['id']) for m in matches]
-  if as_json:
-    click.echo(_json(traces, indent=2))
+  if fmt == 'json':
+    _write_output((_json(traces, indent=2) + '\n').encode('utf-8'), output,
+                  force)
     return
   rows = [['ID', 'PIPELINE / RUN', 'MODEL', 'PUSHED TO']]
   rows += [_lineage_row(t) for t in traces]

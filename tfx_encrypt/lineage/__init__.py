@@ -15,6 +15,11 @@ Answers "which model, which run, which keys, pushed where" for the
   `open_store(config)` any ConnectionConfig / MetadataStoreClientConfig,
   `load_connection_config(path)` reads one from a text proto, and
   `connect(...)` picks one from the CLI's `--mlmd-*` options;
+* `lineage_graph(store, artifact_ids)` builds the graph of their lineage
+  (ExampleGen input -> ... -> Trainer -> Model -> Evaluator -> EncryptPusher
+  -> EncryptedModel -> pushed versions), `to_dot(graph)` / `lineage_dot`
+  write it as Graphviz DOT and `render(dot_text, 'svg' | 'png')` draws it
+  with Graphviz's `dot`;
 * `find_recorded(store, path, package_id)` and `record_rotation(store, old,
   ...)` record a `rewrap` / `rotate` as a `tfx_encrypt.KeyRotation`
   execution (old EncryptedModel in, new one out; the old one marked
@@ -33,6 +38,13 @@ hold key ids and key URIs only, and execution parameters are never copied
 wholesale.
 """
 
+from tfx_encrypt.lineage._graph import GraphvizError
+from tfx_encrypt.lineage._graph import GraphvizNotFoundError
+from tfx_encrypt.lineage._graph import find_dot
+from tfx_encrypt.lineage._graph import lineage_dot
+from tfx_encrypt.lineage._graph import lineage_graph
+from tfx_encrypt.lineage._graph import render
+from tfx_encrypt.lineage._graph import to_dot
 from tfx_encrypt.lineage._query import encrypted_models
 from tfx_encrypt.lineage._query import has_package
 from tfx_encrypt.lineage._query import trace
@@ -56,10 +68,13 @@ from tfx_encrypt.mlmd_names import ENCRYPTED_MODEL_TYPE
 from tfx_encrypt.mlmd_names import KEY_ROTATION_TYPE
 
 __all__ = [
-    'ENCRYPTED_MODEL_TYPE', 'KEY_ROTATION_TYPE', 'LineageError',
+    'ENCRYPTED_MODEL_TYPE', 'GraphvizError', 'GraphvizNotFoundError',
+    'KEY_ROTATION_TYPE', 'LineageError',
     'MetadataStoreError', 'MetadataStoreNotFoundError', 'NoMatchError',
     'connect', 'decode_value', 'decode_properties', 'describe_config',
-    'encrypted_models', 'find_recorded', 'has_package',
-    'load_connection_config', 'mysql_config', 'open_grpc', 'open_mysql',
-    'open_sqlite', 'open_store', 'record_rotation', 'trace',
+    'encrypted_models', 'find_dot', 'find_recorded', 'has_package',
+    'lineage_dot',
+    'lineage_graph', 'load_connection_config', 'mysql_config', 'open_grpc',
+    'open_mysql', 'open_sqlite', 'open_store', 'record_rotation', 'render',
+    'to_dot', 'trace',
 ]

@@ -494,7 +494,9 @@ def _upstream(store: metadata_store.MetadataStore, artifact_id: int,
           item[k] = props[k]
     item['produced_by'] = (_upstream(store, a.id, depth - 1, seen, examples)
                            if depth > 1 else None)
-    if type_name == EXAMPLES_TYPE:
+    if type_name == EXAMPLES_TYPE and all(x['id'] != a.id for x in examples):
+      # (once per artifact: the Trainer and StatisticsGen, say, read the
+      # same Examples)
       producer = item['produced_by']
       if producer is None and depth <= 1:
         p = _producer(store, a.id)
