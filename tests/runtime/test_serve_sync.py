@@ -1,4 +1,12 @@
-"""serve-sync: keep a TF Serving base path in sync with a push destination."""
+"""serve-sync: keep a TF Serving base path in sync with a push destination.
+
+The source-facing tests run three times: on a local directory, on `s3://`
+(moto's standalone server, real boto3) and on `gs://` (gcp-storage-emulator
+with the TEST-ONLY precondition patch, real google-cloud-storage), both on
+loopback (tests/fakes/stores.py). A remote version is pushed as
+EncryptPusher pushes it: payload objects first, then the header (or the one
+bundle object) create-only.
+"""
 
 import json
 import os
@@ -7,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -15,6 +24,7 @@ import pytest
 from tests import _util
 from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
+from tfx_encrypt import storage
 from tfx_encrypt.runtime import serving
 
 V1, V2, V3, V4 = '1700000001', '1700000002', '1700000003', '1700000004'
@@ -32,21 +42,87 @@ def _files(version):
           'assets/vocab.txt': b'a\nb\n'}
 
 
+def _upload(local, uri, header=True):
+  """Copy a local package to `uri` as a push does: payload objects, then the
+  header (or the bundle) create-only; without `header`, stop before it."""
+  if os.path.isfile(local):
+    with open(local, 'rb') as f:
+      storage.put_create_only(uri, f)
+    return
+  pdir = os.path.join(local, package_lib.PAYLOAD_DIR)
+  for name in sorted(os.listdir(pdir)):
+    with open(os.path.join(pdir, name), 'rb') as f:
+      storage.put(storage.join(uri, package_lib.PAYLOAD_DIR, name), f)
+  if header:
+    with open(os.path.join(local, package_lib.HEADER_NAME), 'rb') as f:
+      storage.put_create_only(storage.join(uri, package_lib.HEADER_NAME), f)
+
+
 def _push(keys, tmp_path, source, version, *, bundle=False,
-          bundle_in_dir=False, signer='ed'):
-  """Encrypt a small tree as EncryptPusher would push it; return the tree."""
+          bundle_in_dir=False, signer='ed', header=True):
+  """Encrypt a small tree as EncryptPusher would push it; return the tree.
+
+  `source` is a local directory or a s3:// / gs:// base. Without `header`,
+  the push stops before its commit point (directory form only): an
+  incomplete version; `_commit` finishes it.
+  """
   tree = _util.make_tree(tmp_path / 'models' / version, _files(version))
   if bundle:
-    out = os.path.join(source, version + '.tfxe')
+    rel = version + '.tfxe'
   elif bundle_in_dir:
-    os.makedirs(os.path.join(source, version))
-    out = os.path.join(source, version, 'model.tfxe')
+    rel = version + '/model.tfxe'
   else:
-    out = os.path.join(source, version)
+    rel = version
+  remote = storage.is_remote(source)
+  out = (str(tmp_path / 'staged' / rel) if remote or not header
+         else os.path.join(source, rel))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
   package_lib.encrypt_model(tree, out, recipients=[keys.pub('x')],
-                            signer=keys.priv(signer), bundle=bundle or
-                            bundle_in_dir)
+                            signer=keys.priv(signer) if signer else None,
+                            bundle=bundle or bundle_in_dir)
+  if remote:
+    _upload(out, storage.join(source, rel), header=header)
+  elif not header:  # local: the payload directory without its header
+    shutil.copytree(os.path.join(out, package_lib.PAYLOAD_DIR),
+                    os.path.join(source, rel, package_lib.PAYLOAD_DIR))
   return tree
+
+
+def _commit(tmp_path, source, version):
+  """Write the header of a push `_push(..., header=False)` started."""
+  staged = tmp_path / 'staged' / version / package_lib.HEADER_NAME
+  with open(staged, 'rb') as f:
+    storage.put_create_only(
+        storage.join(source, version, package_lib.HEADER_NAME), f)
+
+
+def _largest_payload(source, version):
+  pdir = storage.join(source, version, package_lib.PAYLOAD_DIR)
+  sizes = storage.list_sizes(pdir)
+  return storage.join(pdir, max(sizes, key=sizes.get))
+
+
+def _tamper(source, version):
+  """Flip one bit in the middle of the version's largest payload."""
+  uri = _largest_payload(source, version)
+  with storage.open_reader(uri) as r:
+    data = bytearray(r.read_range(0, r.size))
+  data[len(data) // 2] ^= 1
+  if storage.is_remote(uri):
+    storage.put(uri, bytes(data))
+  else:
+    with open(uri, 'r+b') as f:
+      f.write(data)
+
+
+def _delete(source, version):
+  """Withdraw a version from the source (every object / the directory)."""
+  if not storage.is_remote(source):
+    shutil.rmtree(os.path.join(source, version))
+    return
+  base = storage.join(source, version)
+  for name in storage.list_names(base):
+    storage.delete(storage.join(base, name))
 
 
 def _sync(keys, source, serving_base, **kwargs):
@@ -64,10 +140,19 @@ def _summary(result):
 
 
 @pytest.fixture
-def source(tmp_path):
+def local_source(tmp_path):
   d = tmp_path / 'push'
   d.mkdir()
   return str(d)
+
+
+@pytest.fixture(params=['local', 's3', 'gs'])
+def source(request, tmp_path):
+  """The push base: a local directory, or a fresh s3:// / gs:// base (the
+  emulator's environment applied for the test, and its subprocesses)."""
+  if request.param == 'local':
+    return request.getfixturevalue('local_source')
+  return request.getfixturevalue(f'{request.param}_store').new_base()
 
 
 def test_sync_installs_newest_then_rotates(keys, tmp_path, source,
@@ -78,8 +163,13 @@ def test_sync_installs_newest_then_rotates(keys, tmp_path, source,
   # Names of every entry serve-sync creates while it works.
   seen = set()
   real_decrypt = package_lib.decrypt_model
+  tmpdir = tmp_path / 'tmpdir'  # nothing staged there either
+  tmpdir.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmpdir))
 
   def spy(package, out, **kw):
+    # Decrypted straight from the source (a store: streamed, no copy).
+    assert package.startswith(source + '/')
     info = real_decrypt(package, out, **kw)
     seen.update(os.listdir(os.path.dirname(os.path.dirname(out))))
     return info
@@ -101,6 +191,7 @@ def test_sync_installs_newest_then_rotates(keys, tmp_path, source,
   assert any(n.startswith(serving.TMP_PREFIX) for n in temps)
   assert sorted(os.listdir(serving_base)) == sorted(
       [V2, V3, serving.MARKER_NAME, serving.LOCK_NAME])
+  assert os.listdir(tmpdir) == []
   marker = json.load(open(os.path.join(serving_base, serving.MARKER_NAME)))
   assert set(marker['versions']) == {V2, V3}
   infos = {a.version: a for a in result.installed}
@@ -108,6 +199,8 @@ def test_sync_installs_newest_then_rotates(keys, tmp_path, source,
     assert marker['versions'][v]['package_id'] == infos[v].package_id
     assert marker['versions'][v]['fingerprint'] == infos[v].fingerprint
     assert marker['versions'][v]['signer'] == infos[v].signer is not None
+    assert marker['versions'][v]['source'] == infos[v].source
+    assert infos[v].source.startswith(source)
   assert stat.S_IMODE(os.stat(
       os.path.join(serving_base, serving.MARKER_NAME)).st_mode) == 0o600
 
@@ -145,15 +238,7 @@ def test_failed_versions_are_reported_and_never_published(keys, tmp_path,
   _push(keys, tmp_path, source, V2)
   _push(keys, tmp_path, source, V3, signer='evil')  # untrusted publisher
   _push(keys, tmp_path, source, V4)
-  pdir = os.path.join(source, V4, package_lib.PAYLOAD_DIR)
-  payload = max((os.path.join(pdir, n) for n in os.listdir(pdir)),
-                key=os.path.getsize)
-  with open(payload, 'r+b') as f:  # tamper with the newest version
-    at = os.path.getsize(payload) // 2
-    f.seek(at)
-    b = f.read(1)
-    f.seek(at)
-    f.write(bytes([b[0] ^ 1]))
+  _tamper(source, V4)  # the newest version
   serving_base = str(tmp_path / 'serving')
   result = _sync(keys, source, serving_base, keep=2)
   assert not result.ok
@@ -193,9 +278,7 @@ def test_foreign_directory_with_a_source_version_is_left_alone(
 
 
 def test_allow_unsigned_group_readable_and_model_check(keys, tmp_path, source):
-  tree = _util.make_tree(tmp_path / 'm', _files(V1))
-  package_lib.encrypt_model(tree, os.path.join(source, V1),
-                            recipients=[keys.pub('x')])  # unsigned
+  _push(keys, tmp_path, source, V1, signer=None)  # unsigned
   _push(keys, tmp_path, source, V2)
   serving_base = str(tmp_path / 'serving')
   with pytest.raises(errors.UsageError, match='whom you trust'):
@@ -236,11 +319,18 @@ def test_recovers_from_interrupted_sync_and_hand_deleted_version(
       [V1, serving.MARKER_NAME, serving.LOCK_NAME])
 
 
-def test_usage_errors(keys, tmp_path, source):
+def test_usage_errors(keys, tmp_path, local_source):
+  source = local_source
   with pytest.raises(errors.UsageError, match='keep'):
     _sync(keys, source, str(tmp_path / 's'), keep=0)
-  with pytest.raises(errors.UsageError, match='only local paths'):
-    _sync(keys, 'gs://bucket/models', str(tmp_path / 's'))
+  with pytest.raises(errors.UsageError, match='must be a local path'):
+    _sync(keys, source, 'gs://bucket/serving')
+  with pytest.raises(errors.UsageError, match='must be a local path'):
+    _sync(keys, 's3://bucket/models', 's3://bucket/serving')
+  with pytest.raises(errors.UsageError, match='gs:// and s3:// push bases'):
+    _sync(keys, 'hdfs://nn/models', str(tmp_path / 's'))
+  with pytest.raises(errors.UsageError, match='names no bucket'):
+    _sync(keys, 'gs:///models', str(tmp_path / 's'))
   with pytest.raises(errors.UsageError, match='not a directory'):
     _sync(keys, str(tmp_path / 'missing'), str(tmp_path / 's'))
   (tmp_path / 'bad').mkdir()
@@ -293,9 +383,9 @@ def test_cli_once_text_and_json(keys, tmp_path, source):
     (['--once', '--keep', '0'], '--keep'),
     (['--once', '--no-such-option'], 'no-such-option'),
 ])
-def test_cli_usage_errors_are_one_line(keys, tmp_path, source, extra,
+def test_cli_usage_errors_are_one_line(keys, tmp_path, local_source, extra,
                                        message):
-  p = _cli('serve-sync', source, tmp_path / 'serving', '--identity',
+  p = _cli('serve-sync', local_source, tmp_path / 'serving', '--identity',
            keys.priv('x'), '--trust', keys.pub('ed'), *extra)
   assert p.returncode == 2, (p.stdout, p.stderr)
   assert p.stdout == ''
@@ -303,8 +393,9 @@ def test_cli_usage_errors_are_one_line(keys, tmp_path, source, extra,
   assert message in p.stderr and p.stderr.startswith('tfx-encrypt: error:')
 
 
-def test_cli_untrusted_without_trust_is_usage_error(keys, tmp_path, source):
-  p = _cli('serve-sync', source, tmp_path / 'serving', '--identity',
+def test_cli_untrusted_without_trust_is_usage_error(keys, tmp_path,
+                                                    local_source):
+  p = _cli('serve-sync', local_source, tmp_path / 'serving', '--identity',
            keys.priv('x'), '--once')
   assert p.returncode == 2
   assert p.stderr.splitlines() == [
@@ -358,7 +449,8 @@ def test_import_does_not_load_tensorflow():
 
 @pytest.mark.tfx
 def test_synced_savedmodel_loads_with_same_predictions(keys, tmp_path,
-                                                       source):
+                                                       local_source):
+  source = local_source
   tf = pytest.importorskip('tensorflow')
 
   class Tiny(tf.Module):
@@ -386,3 +478,183 @@ def test_synced_savedmodel_loads_with_same_predictions(keys, tmp_path,
   got = tf.saved_model.load(str(serving_base / V1)).signatures[
       'serving_default'](x=x)
   assert got['y'].numpy().tolist() == want['y'].numpy().tolist()
+
+
+# --- what a push base on a store adds (run on local, s3://, gs://) -----------
+
+def test_incomplete_version_is_absent_until_its_header_arrives(
+    keys, tmp_path, source):
+  """Payloads without a header: reported `incomplete`, never installed,
+  not a failure; the sync after the header is written installs it."""
+  _push(keys, tmp_path, source, V1)
+  _push(keys, tmp_path, source, V2, header=False)
+  serving_base = tmp_path / 'serving'
+  result = _sync(keys, source, str(serving_base), keep=2)
+  assert _summary(result) == [('incomplete', V2), ('installed', V1)]
+  assert result.ok and not result.failed
+  inc = result.incomplete[0]
+  assert inc.path == storage.join(source, V2)
+  assert 'no tfxe.header' in inc.message and 'next sync' in inc.message
+  assert inc.line().startswith(f'incomplete {V2} (')
+  assert _versions(serving_base) == [V1]
+  assert not [n for n in os.listdir(serving_base)
+              if n.startswith((serving.TMP_PREFIX, serving.OLD_PREFIX))]
+  # The CLI: reported, exit 0 (nothing failed).
+  p = _cli('serve-sync', source, serving_base, '--identity', keys.priv('x'),
+           '--trust', keys.pub('ed'), '--keep', '2', '--once', '--json')
+  assert p.returncode == 0, p.stderr
+  doc = json.loads(p.stdout)
+  assert doc['ok'] is True
+  assert [(a['action'], a['version']) for a in doc['actions']] == [
+      ('incomplete', V2), ('kept', V1)]
+  assert _versions(serving_base) == [V1]
+  # The push completes: the next sync installs it.
+  _commit(tmp_path, source, V2)
+  result = _sync(keys, source, str(serving_base), keep=2)
+  assert _summary(result) == [('installed', V2), ('kept', V1)]
+  assert _util.read_tree(serving_base / V2) == _util.read_tree(
+      tmp_path / 'models' / V2)
+
+
+def test_tampered_version_never_replaces_the_good_one(keys, tmp_path, source):
+  good = _push(keys, tmp_path, source, V1)
+  serving_base = tmp_path / 'serving'
+  assert _summary(_sync(keys, source, str(serving_base), keep=1)) == [
+      ('installed', V1)]
+  _push(keys, tmp_path, source, V2)
+  _tamper(source, V2)
+  for _ in range(2):  # retried, and refused, every sync
+    result = _sync(keys, source, str(serving_base), keep=1)
+    assert _summary(result) == [('failed', V2), ('kept', V1)]
+    assert result.failed[0].error == 'TamperedPackageError'
+    assert _versions(serving_base) == [V1]
+    assert _util.read_tree(serving_base / V1) == _util.read_tree(good)
+    assert not [n for n in os.listdir(serving_base)
+                if n.startswith((serving.TMP_PREFIX, serving.OLD_PREFIX))]
+  # An installed version is not read again: tampering with its source
+  # afterwards changes nothing that is served.
+  _tamper(source, V1)
+  result = _sync(keys, source, str(serving_base), keep=1)
+  assert _summary(result) == [('failed', V2), ('kept', V1)]
+  assert _util.read_tree(serving_base / V1) == _util.read_tree(good)
+
+
+def test_version_withdrawn_from_the_source(keys, tmp_path, source):
+  """The same on every source: a withdrawn (or, on a store, header-less)
+  version is absent; an installed copy newer than the kept ones stays
+  (docs/RUNTIME.md), an older one is removed, as any installed version."""
+  for v in (V1, V2, V3):
+    _push(keys, tmp_path, source, v)
+  serving_base = tmp_path / 'serving'
+  assert _summary(_sync(keys, source, str(serving_base), keep=2)) == [
+      ('installed', V3), ('installed', V2)]
+  _delete(source, V3)
+  result = _sync(keys, source, str(serving_base), keep=2)
+  assert _summary(result) == [('kept', V2), ('installed', V1)]
+  assert _versions(serving_base) == [V1, V2, V3]
+  # Only the header withdrawn: absent the same way, and reported.
+  header = storage.join(source, V2, package_lib.HEADER_NAME)
+  storage.delete(header)
+  _push(keys, tmp_path, source, V4)
+  result = _sync(keys, source, str(serving_base), keep=2)
+  assert _summary(result) == [('installed', V4), ('incomplete', V2),
+                              ('kept', V1)]
+  assert _versions(serving_base) == [V1, V2, V3, V4]
+  # Older than the kept ones: removed, withdrawn or not (serve-sync
+  # installed them).
+  _delete(source, V1)
+  _push(keys, tmp_path, source, '1700000005')
+  result = _sync(keys, source, str(serving_base), keep=2)
+  assert _summary(result) == [('installed', '1700000005'), ('kept', V4),
+                              ('removed', V1), ('removed', V2),
+                              ('removed', V3)]
+  assert _versions(serving_base) == [V4, '1700000005']
+
+
+@pytest.mark.parametrize('scheme', ['s3', 'gs'])
+def test_hostile_object_names_are_escaped_and_never_used(
+    keys, tmp_path, scheme, request, caplog):
+  store = request.getfixturevalue(f'{scheme}_store')
+  source = store.new_base()
+  _push(keys, tmp_path, source, V1)
+  # A bundle whose name carries a bidi override and a line separator.
+  storage.put(storage.join(source, V2, 'evil\u202e\u2028x.tfxe'), b'x')
+  # Objects that are neither a package nor a push in progress.
+  storage.put(storage.join(source, V3, 'payload', '00000000'), b'x')
+  storage.put(storage.join(source, V3, 'notes\u202e.txt'), b'x')
+  # Not canonical version numbers: never a version (TF Serving would read
+  # 01700000004 as 1700000004); nor a name that is not all digits.
+  storage.put(storage.join(source, '0' + V4, 'tfxe.header'), b'x')
+  storage.put(storage.join(source, '0' + V4, 'payload', '00000000'), b'x')
+  storage.put(storage.join(source, '1' * 20, 'tfxe.header'), b'x')
+  storage.put(storage.join(source, '17\u202e', 'tfxe.header'), b'x')
+  storage.put(storage.join(source, '.tmp-1', 'tfxe.header'), b'x')
+  # Empty "folder" objects (consoles, gsutil, tf.io.gfile.makedirs).
+  storage.put(source + '/', b'')
+  storage.put(storage.join(source, V4) + '/', b'')
+  serving_base = tmp_path / 'serving'
+  with caplog.at_level('WARNING', logger=serving.__name__):
+    result = _sync(keys, source, str(serving_base), keep=3)
+  assert _summary(result) == [('failed', V3), ('failed', V2),
+                              ('installed', V1)]
+  ignored = [r.getMessage().split()[2] for r in caplog.records
+             if 'not a canonical version' in r.getMessage()]
+  assert sorted(ignored) == sorted(['0' + V4, '1' * 20])  # once each
+  failed = {a.version: a for a in result.failed}
+  assert failed[V2].error == 'UnsafePathError'
+  assert failed[V3].error == 'UnsupportedFormatError'
+  for a in result.actions:
+    line = a.line()
+    assert '\u202e' not in line and '\u2028' not in line
+  assert '\\u202e' in failed[V2].line()
+  assert _versions(serving_base) == [V1]
+  p = _cli('serve-sync', source, serving_base, '--identity', keys.priv('x'),
+           '--trust', keys.pub('ed'), '--keep', '3', '--once')
+  assert p.returncode == 1
+  assert '\u202e' not in p.stdout + p.stderr
+  assert '\u2028' not in p.stdout + p.stderr
+  assert p.stdout.splitlines()[-1].startswith(f'kept {V1}')
+
+
+@pytest.mark.parametrize('scheme', ['s3', 'gs'])
+def test_cli_missing_bucket_is_one_line_exit_9(keys, tmp_path, scheme,
+                                               request):
+  request.getfixturevalue(f'{scheme}_store')
+  p = _cli('serve-sync', f'{scheme}://no-such-bucket-tfxe/models',
+           tmp_path / 'serving', '--identity', keys.priv('x'), '--trust',
+           keys.pub('ed'), '--once')
+  assert p.returncode == 9, (p.stdout, p.stderr)
+  assert p.stdout == '' and len(p.stderr.splitlines()) == 1, p.stderr
+  assert 'no-such-bucket-tfxe' in p.stderr
+  assert not [n for n in os.listdir(tmp_path / 'serving')
+              if n not in (serving.LOCK_NAME,)]
+
+
+def test_cli_interval_reports_an_incomplete_version_once(keys, tmp_path,
+                                                         source):
+  _push(keys, tmp_path, source, V1)
+  _push(keys, tmp_path, source, V2, header=False)
+  serving_base = tmp_path / 'serving'
+  p = subprocess.Popen(
+      [sys.executable, '-m', 'tfx_encrypt', 'serve-sync', source,
+       str(serving_base), '--identity', keys.priv('x'), '--trust',
+       keys.pub('ed'), '--interval', '0.2'],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 60
+    while not (serving_base / V1).exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert (serving_base / V1).exists()
+    time.sleep(1.5)  # several iterations with V2 still incomplete
+    assert not (serving_base / V2).exists()
+    _commit(tmp_path, source, V2)
+    while not (serving_base / V2).exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert (serving_base / V2).exists()
+  finally:
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+  assert p.returncode == 128 + signal.SIGTERM, err
+  lines = out.splitlines()
+  assert [l.split(' ')[:2] for l in lines] == [
+      ['incomplete', V2], ['installed', V1], ['installed', V2]], out

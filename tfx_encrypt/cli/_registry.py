@@ -106,7 +106,8 @@ def _registry_options(f):
 def push(package, ref, insecure, registry_auth):
   """Push PACKAGE to an OCI registry as REF (REGISTRY/REPOSITORY:TAG).
 
-  One layer: the package's bundle bytes. Credentials come from --username
+  One layer: the package's bundle bytes. PACKAGE may be a gs:// or s3://
+  URI (streamed from the store, each payload's digest checked). Credentials come from --username
   (with --password-stdin), else the docker config (~/.docker/config.json,
   $DOCKER_CONFIG, credential helpers); --cert-file/--key-file for mutual TLS.
   """
@@ -133,7 +134,9 @@ def pull(ref, out, trusted, allow_unsigned, insecure, force, policy,
 
   Checks the manifest's shape and the layer's digest, then the signature
   and every ciphertext digest (no key needed); on any failure nothing is
-  written at OUT.
+  written at OUT. OUT may be a gs:// or s3:// URI (a directory package
+  there, or one bundle object if it ends in .tfxe; header last,
+  create-only, never replacing anything).
   """
   _audit_ref(ref)
   _require_trust(trusted, allow_unsigned)

@@ -48,10 +48,12 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
                once, interval, group_readable, as_json, policy):
   """Keep SERVING_BASE (TF Serving's model base path) in sync with SOURCE.
 
-  Decrypts the newest --keep versions pushed to SOURCE into
-  SERVING_BASE/<version>/ (publisher verified, atomic) and removes older
-  versions that serve-sync installed itself. With --once, exits 1 when a
-  version failed; with --interval, failures are reported and retried.
+  Decrypts the newest --keep versions pushed to SOURCE (a directory, or a
+  gs:// or s3:// push base) into SERVING_BASE/<version>/ (publisher
+  verified, atomic) and removes older versions that serve-sync installed
+  itself. A version whose push is not complete (payloads, no header) is
+  reported `incomplete` and installed by a later sync. With --once, exits 1
+  when a version failed; with --interval, failures are reported and retried.
   """
   import logging  # pylint: disable=g-import-not-at-top
   from tfx_encrypt.runtime import serving  # pylint: disable=g-import-not-at-top
@@ -85,6 +87,9 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
   # version being installed is cleaned up; installed ones stay).
   _signals.install(commit_on_publish=False)
   first = True
+  # An incomplete version (a push running) is printed once, not at every
+  # iteration until its header arrives.
+  incomplete_shown = set()
   while True:
     try:
       result = sync()
@@ -104,9 +109,15 @@ def serve_sync(source, serving_base, identities, trusted, allow_unsigned, keep,
       if as_json:
         _print_sync(result, True)
       else:  # only what changed or failed; `kept` every time is noise
+        now_incomplete = set()
         for action in result.actions:
+          if action.action == serving.INCOMPLETE:
+            now_incomplete.add(action.version)
+            if action.version in incomplete_shown:
+              continue
           if action.action != serving.KEPT:
             click.echo(action.line())
+        incomplete_shown = now_incomplete
     first = False
     sys.stdout.flush()
     time.sleep(interval)

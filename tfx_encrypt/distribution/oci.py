@@ -20,6 +20,7 @@ that challenge with `Bearer` by oras's token flow.
 
 import dataclasses
 import hashlib
+import io
 import ipaddress
 import json
 import logging
@@ -30,9 +31,12 @@ import urllib.parse
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from tfx_encrypt import _fsutil
+from tfx_encrypt import _signals
+from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
 from tfx_encrypt import policy as policy_lib
+from tfx_encrypt import storage
 
 #: Media type of the single layer: the package's bundle bytes.
 PACKAGE_MEDIA_TYPE = 'application/vnd.tfx-encrypt.package.v1'
@@ -489,6 +493,29 @@ class _Client:
         pos += len(chunk)
     self._finish_upload(loc, digest)
 
+  def upload_chunks(self, chunks) -> Tuple[str, int]:
+    """Chunked upload of the blob made of `chunks` (an iterable of bytes),
+    hashed as it goes: (digest, size). For a source read only once (a
+    package on an object store); memory is one chunk."""
+    loc = self._start_upload()
+    h = hashlib.sha256()
+    pos = 0
+    for chunk in chunks:
+      if not chunk:
+        continue
+      h.update(chunk)
+      r = self.request(
+          'PATCH', loc, 'upload the package',
+          data=chunk, headers={
+              'Content-Type': 'application/octet-stream',
+              'Content-Range': f'{pos}-{pos + len(chunk) - 1}',
+              'Content-Length': str(len(chunk))})
+      loc = self._location(r)
+      pos += len(chunk)
+    digest = f'sha256:{h.hexdigest()}'
+    self._finish_upload(loc, digest)
+    return digest, pos
+
   def put_manifest(self, body: bytes, tag: str) -> Optional[str]:
     r = self.request('PUT', f'{self.base}/manifests/{tag}', 'push the manifest',
                      data=body, headers={'Content-Type': OCI_MANIFEST_MEDIA_TYPE})
@@ -569,6 +596,12 @@ def push_package(package, ref: str, *, insecure: bool = False,
                  auth: Optional[RegistryAuth] = None) -> str:
   """Push a package (directory or bundle) to REGISTRY/REPOSITORY:TAG.
 
+  `package` may be a `gs://` / `s3://` URI: it is then streamed from the
+  store into the registry (no local copy), each payload's ciphertext digest
+  checked on the way; a package that fails, or an incomplete push on the
+  store (payloads without a header), is refused before the manifest is
+  pushed, so the tag never names it.
+
   The artifact is one OCI manifest whose single layer is the bundle bytes
   (a directory package is first streamed into a bundle in a private temporary
   directory) and whose config holds `config_facts`. Credentials come from
@@ -584,28 +617,40 @@ def push_package(package, ref: str, *, insecure: bool = False,
     raise errors.UsageError(
         f'push to a tag (REGISTRY/REPOSITORY:TAG), not a digest: {ref}')
   r = dataclasses.replace(r, tag=r.tag or 'latest')
-  package = os.path.abspath(os.fspath(package))
-  info = pkg.inspect_package(package)  # a package at all? (no key needed)
+  remote = storage.is_remote(os.fspath(package))
+  package = (os.fspath(package).rstrip('/') if remote else
+             os.path.abspath(os.fspath(package)))
+  # A package at all? (no key needed; on a store, an incomplete push --
+  # payloads without a header -- is refused here, before any request.)
+  info = pkg.inspect_package(package)
   client = _Client(r, insecure, timeout, auth)
-  tmpdir = tempfile.mkdtemp(prefix='tfxe-push-')  # 0700
+  tmpdir = None
   try:
-    if info.bundle:
-      blob = package
+    if remote:
+      # Streamed from the store, bundle bytes in order, each object pinned
+      # to the version opened; every payload's ciphertext digest checked
+      # on the way, before the manifest (the registry's commit) is pushed.
+      digest, size = client.upload_chunks(_remote_bundle_chunks(package,
+                                                                 info))
     else:
-      blob = os.path.join(tmpdir, 'package.tfxe')
-      pkg.bundle_directory_package(package, blob)
-      bundled = pkg.inspect_package(blob)
-      if (bundled.package_id, bundled.fingerprint) != (info.package_id,
-                                                       info.fingerprint):
-        raise errors.TamperedPackageError(
-            f'{package} changed while it was being pushed; push it again')
-    hexdigest, size = _fsutil.hash_file(blob, 'sha256')
-    digest = f'sha256:{hexdigest}'
+      tmpdir = tempfile.mkdtemp(prefix='tfxe-push-')  # 0700
+      if info.bundle:
+        blob = package
+      else:
+        blob = os.path.join(tmpdir, 'package.tfxe')
+        pkg.bundle_directory_package(package, blob)
+        bundled = pkg.inspect_package(blob)
+        if (bundled.package_id, bundled.fingerprint) != (info.package_id,
+                                                         info.fingerprint):
+          raise errors.TamperedPackageError(
+              f'{package} changed while it was being pushed; push it again')
+      hexdigest, size = _fsutil.hash_file(blob, 'sha256')
+      digest = f'sha256:{hexdigest}'
+      client.upload_file(blob, digest, size)
     config = _canonical(config_facts(info))
     config_digest = f'sha256:{hashlib.sha256(config).hexdigest()}'
-    client.upload_file(blob, digest, size)
     client.upload_bytes(config, config_digest)
-    name = os.path.basename(package.rstrip('/'))
+    name = package.rstrip('/').rsplit('/', 1)[-1]
     if not name.endswith(pkg.BUNDLE_SUFFIX):
       name += pkg.BUNDLE_SUFFIX
     manifest = _canonical({
@@ -627,7 +672,76 @@ def push_package(package, ref: str, *, insecure: bool = False,
           f'{manifest_digest}; it rewrote the manifest, pull by tag instead')
     return manifest_digest
   finally:
-    _fsutil.remove_tree(tmpdir)
+    if tmpdir is not None:
+      _fsutil.remove_tree(tmpdir)
+
+
+def _remote_bundle_chunks(uri: str, info: pkg.PackageInfo):
+  """Yield the bundle bytes of the package at `uri` (s3://, gs://) in
+  chunks of at most CHUNK_BYTES, read from the store (FORMAT.md §2: the
+  header, then the payloads in index order).
+
+  The header is parsed from the very object version that is streamed and
+  must be the package `inspect_package` described (`info`); each payload
+  object must have its declared size and ciphertext digest
+  (TamperedPackageError otherwise, raised before the manifest is pushed).
+  Memory: one chunk, plus one storage chunk per open object.
+  """
+  from tfx_encrypt.format import digest as digest_lib  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.format.header import Header  # pylint: disable=g-import-not-at-top
+
+  def changed(why: str) -> errors.TamperedPackageError:
+    return errors.TamperedPackageError(
+        f'{_text.printable(uri)} changed while it was being pushed ({why}); '
+        'push it again')
+
+  def stream(reader, start: int, length: int, hasher=None):
+    pos, end = start, start + length
+    while pos < end:
+      chunk = reader.read_range(pos, min(CHUNK_BYTES, end - pos))
+      if not chunk:
+        raise changed('an object is shorter than its header says')
+      if hasher is not None:
+        hasher.update(chunk)
+      pos += len(chunk)
+      yield chunk
+
+  first = uri if info.bundle else storage.join(uri, pkg.HEADER_NAME)
+  with storage.open_reader(first) as reader:
+    h, hlen = Header.read(storage.ReaderFile(reader))
+    # What the config says (config_facts(info)) must describe these bytes.
+    if (h.package_id.hex(), h.fingerprint,
+        h.signature.key_id if h.signature else None,
+        [s.key_id for s in h.recipients]) != (
+            info.package_id, info.fingerprint, info.signer,
+            [r['key_id'] for r in info.recipients]):
+      raise changed('another package or header is there now')
+    sizes = [size for size, _ in h.payloads]
+    want = hlen + sum(sizes) if info.bundle else hlen
+    if reader.size != want:
+      raise changed('wrong length for its header')
+    yield from stream(reader, 0, hlen)
+    offset = hlen
+    for i, (size, digest) in enumerate(h.payloads):
+      hasher = digest_lib.new_hash(h.hash_alg)
+      if info.bundle:
+        yield from stream(reader, offset, size, hasher)
+        offset += size
+      else:
+        try:
+          payload = storage.open_reader(
+              storage.join(uri, pkg.PAYLOAD_DIR, pkg.payload_name(i)))
+        except FileNotFoundError:
+          raise changed(f'payload {i} is gone') from None
+        with payload:
+          if payload.size != size:
+            raise changed(f'payload {i} has the wrong size')
+          yield from stream(payload, 0, size, hasher)
+      if hasher.hexdigest() != digest:
+        raise errors.TamperedPackageError(
+            f'payload {i} of {_text.printable(uri)} does not match its '
+            'digest in the header; the package was modified. Nothing was '
+            'tagged')
 
 
 # --- pull -----------------------------------------------------------------------
@@ -689,7 +803,15 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
                  timeout: float = DEFAULT_TIMEOUT,
                  policy: Optional[policy_lib.Policy] = None,
                  auth: Optional[RegistryAuth] = None) -> PullResult:
-  """Pull a package from the registry into the bundle file `out`, verified.
+  """Pull a package from the registry into `out`, verified.
+
+  `out` is a bundle file, or a `gs://` / `s3://` URI: there the package is
+  written as EncryptPusher pushes (docs/OBJECT_STORES.md): the directory
+  form (`out/payload/...`, then `out/tfxe.header` as the commit point), or
+  the one bundle object if `out` ends in `.tfxe`; every object
+  create-only, after the whole package was verified in a private local
+  staging file (ciphertext only); objects written are deleted on failure;
+  an existing `out` is never replaced (no `force` there).
 
   Refuses a manifest that is not exactly {config: tfx-encrypt config, one
   layer: tfx-encrypt package}, and a layer larger than `max_bytes` (default
@@ -703,14 +825,19 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
   for `push_package`.
   """
   r = parse_reference(ref)
-  out = os.path.abspath(os.fspath(out))
+  remote = storage.is_remote(os.fspath(out))
   if not trusted and not allow_unsigned:
     raise errors.UsageError(
         'say whom you trust: --trust PUBLISHER_PUBLIC_KEY, or --allow-unsigned')
-  out = _fsutil.check_output(out, force=force)
-  parent = os.path.dirname(out)
-  if not os.path.isdir(parent):
-    raise errors.UsageError(f'parent directory {parent} does not exist')
+  if remote:
+    out = os.fspath(out).rstrip('/')
+    _check_store_output(out, force)
+  else:
+    out = os.path.abspath(os.fspath(out))
+    out = _fsutil.check_output(out, force=force)
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+      raise errors.UsageError(f'parent directory {parent} does not exist')
   client = _Client(r, insecure, timeout, auth)
   body, headers = client.get_small(
       f'{client.base}/manifests/{r.manifest_ref}', 'fetch the manifest',
@@ -732,7 +859,11 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
     facts = json.loads(config)
   except ValueError:
     raise NotAPackageArtifactError(f'{ref}: the config is not JSON') from None
-  tmp = _fsutil.temp_sibling(out)
+  # A store has no rename: the bundle is staged (ciphertext only) in a
+  # private temporary directory and verified there, then published.
+  tmpdir = tempfile.mkdtemp(prefix='tfxe-pull-') if remote else None
+  tmp = (os.path.join(tmpdir, 'package.tfxe') if remote
+         else _fsutil.temp_sibling(out))
   try:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
                  getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0),
@@ -747,11 +878,164 @@ def pull_package(ref: str, out, *, trusted: Sequence[pkg.KeyLike] = (),
       raise errors.TamperedPackageError(
           f'{ref}: the manifest config does not describe the package it '
           'carries (package id, fingerprint, signer or recipients differ)')
-    os.chmod(tmp, 0o644)
-    _fsutil.publish(tmp, out, force=force)
+    if remote:
+      info.bundle = _publish_to_store(tmp, info, out)
+    else:
+      os.chmod(tmp, 0o644)
+      _fsutil.publish(tmp, out, force=force)
   except BaseException:
-    _fsutil.remove_tree(tmp)
+    _fsutil.remove_tree(tmpdir if remote else tmp)
     raise
+  if remote:
+    _fsutil.remove_tree(tmpdir)
   info.path = out
   return PullResult(info=info, manifest_digest=manifest_digest,
                     layer_digest=layer_digest)
+
+
+# --- pull into an object store ------------------------------------------------
+
+def _check_store_output(out: str, force: bool) -> None:
+  """`out` on a store must name a bucket and hold nothing yet."""
+  if force:
+    raise errors.UsageError(
+        '--force does not apply to a gs:// or s3:// OUT: tfx-encrypt never '
+        'replaces objects on a store; pull into a new OUT, or remove the old '
+        'one yourself')
+  _, _, key = storage.split(out)  # names a bucket
+  if not key.strip('/'):
+    raise errors.UsageError(
+        f'{_text.printable(out)}: name the package inside the bucket, e.g. '
+        f'{_text.printable(out)}/models/taxi/7')
+  if storage.exists(out) or storage.list_names(out):
+    raise errors.OutputExistsError(
+        f'{_text.printable(out)} already exists on the store; tfx-encrypt '
+        'never replaces objects there: pull into a new OUT')
+
+
+class _FileRange(io.RawIOBase):
+  """Bytes [offset, offset + length) of an open file, as a seekable file
+  (what storage.put takes): a payload of the staged bundle."""
+
+  def __init__(self, fd: int, offset: int, length: int):
+    super().__init__()
+    self._fd, self._offset, self._length, self._pos = fd, offset, length, 0
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    mv = memoryview(b).cast('B')
+    n = max(0, min(len(mv), self._length - self._pos))
+    if n == 0:
+      return 0
+    got = _fsutil.read_into_exact(self._fd, mv[:n], self._offset + self._pos)
+    if got != n:
+      raise errors.TamperedPackageError('the staged package shrank')
+    self._pos += n
+    return n
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos,
+            io.SEEK_END: self._length}[whence]
+    self._pos = max(0, base + offset)
+    return self._pos
+
+  def tell(self) -> int:
+    return self._pos
+
+
+def _publish_to_store(bundle: str, info: pkg.PackageInfo, out: str) -> bool:
+  """Write the verified bundle file `bundle` to `out` on a store, as
+  EncryptPusher pushes (docs/OBJECT_STORES.md): every object create-only,
+  the payload objects first, then the commit point -- the header, or, for an
+  `out` ending in `.tfxe`, the one bundle object. On any failure before
+  the commit (e.g. another writer got there first: OutputExistsError) the
+  payload objects this pull wrote are deleted; the other writer's are
+  never touched. Returns True for the bundle form.
+  """
+  if info.bundle is not True:  # verify_package of a file: always a bundle
+    raise errors.UsageError('internal: the staged package is not a bundle')
+  as_bundle = out.endswith(pkg.BUNDLE_SUFFIX)
+  hlen = info.header_bytes
+  fd = os.open(bundle, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
+               getattr(os, 'O_CLOEXEC', 0))
+  written = []
+  committed = False
+  try:
+    size = os.fstat(fd).st_size
+    if as_bundle:  # one object: its create-only write is the commit
+      with _signals.deferred():
+        storage.put_create_only(out, _FileRange(fd, 0, size))
+        _signals.mark_committed()
+      return True
+    if storage.list_names(out):  # someone wrote there while we downloaded
+      raise errors.OutputExistsError(
+          f'{_text.printable(out)} already exists on the store; tfx-encrypt '
+          'never replaces objects there: pull into a new OUT')
+    sizes = _payload_sizes(fd, hlen)
+    offset = hlen
+    for i, n in enumerate(sizes):
+      uri = storage.join(out, pkg.PAYLOAD_DIR, pkg.payload_name(i))
+      try:
+        storage.put_create_only(uri, _FileRange(fd, offset, n))
+      except storage.ObjectExistsError:
+        raise  # another writer's object: never ours to delete
+      except BaseException:
+        written.append(uri)  # it may have been written before the error
+        raise
+      written.append(uri)
+      offset += n
+    if offset != size:
+      raise errors.TamperedPackageError('the staged package changed')
+    uri = storage.join(out, pkg.HEADER_NAME)
+    hbytes = os.pread(fd, hlen, 0)
+    # The commit point. Signals are held while it is written (CLI): a
+    # signal must not leave a header whose payloads the cleanup removed.
+    try:
+      with _signals.deferred():
+        storage.put_create_only(uri, hbytes)
+        _signals.mark_committed()
+    except storage.ObjectExistsError:
+      raise  # another writer's header: ours are only payloads, removed
+    except Exception:  # pylint: disable=broad-except
+      if _holds(uri, hbytes):  # the write went through before the error
+        return False
+      raise
+    except BaseException:  # KeyboardInterrupt (the API has no handlers)
+      committed = _holds(uri, hbytes)  # then keep the published package
+      raise
+    return False
+  except BaseException:
+    if committed:
+      raise
+    for uri in reversed(written):
+      try:
+        storage.delete(uri)
+      except Exception:  # pylint: disable=broad-except
+        logging.getLogger(__name__).warning(
+            'could not remove %s', _text.printable(uri), exc_info=True)
+    raise
+  finally:
+    os.close(fd)
+
+
+def _holds(uri: str, data: bytes) -> bool:
+  """True if the object `uri` exists and holds exactly `data`."""
+  try:
+    with storage.open_reader(uri) as r:
+      return r.size == len(data) and r.read_range(0, r.size) == data
+  except Exception:  # pylint: disable=broad-except  # unknown: not ours
+    return False
+
+
+def _payload_sizes(fd: int, hlen: int):
+  from tfx_encrypt.format.header import Header  # pylint: disable=g-import-not-at-top
+  with os.fdopen(os.dup(fd), 'rb') as f:
+    h, n = Header.read(f)
+  if n != hlen:
+    raise errors.TamperedPackageError('the staged package changed')
+  return [size for size, _ in h.payloads]

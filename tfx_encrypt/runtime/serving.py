@@ -9,9 +9,15 @@ atomically and removes the older versions it installed itself. TF Serving,
 pointed at `serving_base` with `--model_base_path`, picks them up.
 
 Standard library and the tfx-encrypt core only: no TensorFlow, so a serving
-host needs nothing but `pip install tfx-encrypt`. Only local (or mounted)
-paths are supported for both bases for now; object stores (`gs://`, `s3://`)
-are out of scope.
+host needs nothing but `pip install tfx-encrypt`. `source_base` is a local
+(or mounted) directory, or a `gs://` / `s3://` push base (the `[gcp]` /
+`[aws]` extra): versions are then listed from the store, and each new one is
+verified and decrypted straight from it (ranged reads, bounded memory, no
+ciphertext staged locally). A version whose payload objects are there but
+whose `tfxe.header` is not (a push still running, or one that failed: the
+header is a push's commit point) is reported `incomplete`, never installed,
+and looked at again on the next sync. `serving_base` is always local: TF
+Serving loads from a path.
 
 Layout of `serving_base` (TF Serving only loads directories whose names are
 integers, so every name below that is not a version starts with a dot):
@@ -45,6 +51,7 @@ from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt import package as package_lib
 from tfx_encrypt import policy as policy_lib
+from tfx_encrypt import storage
 from tfx_encrypt.package import KeyLike
 
 logger = logging.getLogger(__name__)
@@ -55,8 +62,17 @@ TMP_PREFIX = '.tfxe-tmp-'
 OLD_PREFIX = '.tfxe-old-'
 MARKER_FORMAT = 1
 
-_VERSION_RE = re.compile(r'[0-9]+')
+#: A version name: a canonical non-negative integer that fits TF Serving's
+#: int64 version numbers (no sign, no leading zero: `007` and `7` would be
+#: the same version for TF Serving).
+_VERSION_RE = re.compile(r'0|[1-9][0-9]{0,18}')
+_DIGITS_RE = re.compile(r'[0-9]+')
 _BUNDLE_RE = re.compile(r'([0-9]+)' + re.escape(package_lib.BUNDLE_SUFFIX))
+#: An object under `<version>/` that belongs to an incomplete push.
+_PAYLOAD_OBJECT_RE = re.compile(
+    re.escape(package_lib.PAYLOAD_DIR) + r'/[0-9]{8}')
+#: Longest bundle object name under `<version>/` that is considered.
+_MAX_NAME = 255
 
 
 
@@ -70,12 +86,15 @@ INSTALLED = 'installed'
 KEPT = 'kept'
 REMOVED = 'removed'
 FAILED = 'failed'
+#: A source version with payload objects but no header (a push running, or
+#: one that failed): absent for serve-sync, reported, retried next sync.
+INCOMPLETE = 'incomplete'
 
 
 @dataclasses.dataclass
 class SyncAction:
   """What happened to one version."""
-  action: str  # installed | kept | removed | failed
+  action: str  # installed | kept | removed | failed | incomplete
   version: str
   path: str  # serving_base/<version> (installed, kept, removed) or source
   source: Optional[str] = None
@@ -96,6 +115,8 @@ class SyncAction:
          for k, v in dataclasses.asdict(self).items()}
     if self.action == FAILED:
       return f'failed {f["version"]}: {f["error"]}: {f["message"]}'
+    if self.action == INCOMPLETE:
+      return f'incomplete {f["version"]} ({f["path"]}): {f["message"]}'
     if self.action == INSTALLED:
       who = (f'signed by trusted {f["signer"]}' if self.signer
              else 'UNSIGNED (accepted by allow_unsigned)')
@@ -144,6 +165,11 @@ class SyncResult:
     return self._of(FAILED)
 
   @property
+  def incomplete(self) -> List[SyncAction]:
+    """Versions skipped because their push is not complete (not failures)."""
+    return self._of(INCOMPLETE)
+
+  @property
   def ok(self) -> bool:
     """True when no version failed."""
     return not self.failed
@@ -165,46 +191,175 @@ def _version_key(version: str) -> Tuple[int, str]:
   return int(version), version
 
 
+@dataclasses.dataclass
+class SourceVersions:
+  """What `scan_source` found in a source base."""
+  packages: Dict[str, str] = dataclasses.field(default_factory=dict)
+  """{version: package path or URI} of the versions that hold a package."""
+  bad: Dict[str, errors.TfxEncryptError] = dataclasses.field(
+      default_factory=dict)
+  """{version: why it is not a package} (reported failed)."""
+  incomplete: Dict[str, str] = dataclasses.field(default_factory=dict)
+  """{version: what is there} of pushes without their header yet."""
+
+
+def _is_version(name: str, ignored: set) -> bool:
+  """True for a canonical version name; other digit strings are collected
+  in `ignored` (logged once per sync by `_log_ignored`)."""
+  if _VERSION_RE.fullmatch(name):
+    return True
+  if _DIGITS_RE.fullmatch(name):
+    ignored.add(name)
+  return False
+
+
+def _log_ignored(ignored: set, source_base: str) -> None:
+  for name in sorted(ignored)[:20]:
+    logger.warning(
+        'serve-sync: ignoring %s in %s: not a canonical version number '
+        '(no leading zero, at most 19 digits)', _text.printable(name, 64),
+        _text.printable(source_base))
+
+
+def _incomplete_message(what: str) -> str:
+  return (f'{what} but no {package_lib.HEADER_NAME} (a push still running, '
+          'or one that failed); not installed, looked at again on the next '
+          'sync')
+
+
+def _duplicate(version: str, source_base: str, names) -> errors.UsageError:
+  return errors.UsageError(
+      f'version {version} exists twice in {_text.printable(source_base)} '
+      f'({", ".join(_text.printable(n) for n in sorted(names))}); '
+      'remove one of them')
+
+
+def _scan_local(source_base: str) -> SourceVersions:
+  found: Dict[str, List[str]] = {}
+  ignored = set()
+  for name in os.listdir(source_base):
+    path = os.path.join(source_base, name)
+    m = _BUNDLE_RE.fullmatch(name)
+    if m and os.path.isfile(path) and _is_version(m.group(1), ignored):
+      found.setdefault(m.group(1), []).append(path)
+    elif (_DIGITS_RE.fullmatch(name) and os.path.isdir(path) and
+          _is_version(name, ignored)):
+      found.setdefault(name, []).append(path)
+  _log_ignored(ignored, source_base)
+  out = SourceVersions()
+  for version, paths in found.items():
+    if len(paths) > 1:
+      out.bad[version] = _duplicate(version, source_base,
+                                    (os.path.basename(p) for p in paths))
+      continue
+    path = paths[0]
+    if os.path.isdir(path) and not os.path.lexists(
+        os.path.join(path, package_lib.HEADER_NAME)):
+      names = os.listdir(path)
+      bundles = sorted(n for n in names
+                       if n.endswith(package_lib.BUNDLE_SUFFIX) and
+                       os.path.isfile(os.path.join(path, n)))
+      if len(bundles) != 1:
+        if names == [package_lib.PAYLOAD_DIR]:  # payloads, no header (yet)
+          out.incomplete[version] = _incomplete_message(
+              f'{package_lib.PAYLOAD_DIR}/')
+          continue
+        out.bad[version] = errors.UnsupportedFormatError(
+            f'{_text.printable(path)} holds neither a package '
+            f'({package_lib.HEADER_NAME}) nor exactly one '
+            f'*{package_lib.BUNDLE_SUFFIX} bundle (found {len(bundles)})')
+        continue
+      path = os.path.join(path, bundles[0])
+    out.packages[version] = path
+  return out
+
+
+def _scan_store(source_base: str) -> SourceVersions:
+  """The same layout on `gs://` / `s3://`: objects `V/tfxe.header` +
+  `V/payload/NNNNNNNN` (EncryptPusher), `V/NAME.tfxe` or `V.tfxe`.
+
+  Object names come from the store: only those whose version part is a
+  canonical version number are used, a bundle name only if it is one
+  plain name of at most 255 characters without control, separator or bidi
+  characters; every name shown is escaped.
+  """
+  under: Dict[str, List[str]] = {}
+  top: Dict[str, List[str]] = {}
+  ignored = set()
+  for name, size in sorted(storage.list_sizes(source_base).items()):
+    if size == 0 and (name == '' or name.endswith('/')):
+      continue  # a "folder" marker (consoles, gsutil, tf.io.gfile): empty
+    first, slash, rest = name.partition('/')
+    if not slash:
+      m = _BUNDLE_RE.fullmatch(name)
+      if m and _is_version(m.group(1), ignored):
+        top.setdefault(m.group(1), []).append(name)
+    elif _DIGITS_RE.fullmatch(first) and _is_version(first, ignored):
+      under.setdefault(first, []).append(rest)
+  _log_ignored(ignored, source_base)
+  out = SourceVersions()
+  for version in set(under) | set(top):
+    names = under.get(version, [])
+    shown = list(top.get(version, [])) + ([f'{version}/'] if names else [])
+    if len(shown) > 1:  # as on disk: `V/` and `V.tfxe`, or two bundles
+      out.bad[version] = _duplicate(version, source_base, shown)
+      continue
+    if not names:
+      out.packages[version] = storage.join(source_base, top[version][0])
+      continue
+    where = storage.join(source_base, version)
+    if package_lib.HEADER_NAME in names:
+      out.packages[version] = where  # the directory form (checked on open)
+      continue
+    bundles = [n for n in names
+               if '/' not in n and n.endswith(package_lib.BUNDLE_SUFFIX)]
+    if len(bundles) == 1:
+      b = bundles[0]
+      if len(b) > _MAX_NAME or b.startswith('.') or _text.UNSAFE.search(b):
+        out.bad[version] = errors.UnsafePathError(
+            f'{_text.printable(where)} holds a bundle named '
+            f'{_text.quoted(b, 64)}: only plain names (no leading dot, no '
+            'control, separator or bidi characters, at most '
+            f'{_MAX_NAME} characters) are read')
+      else:
+        out.packages[version] = storage.join(where, b)
+    elif all(_PAYLOAD_OBJECT_RE.fullmatch(n) for n in names):
+      out.incomplete[version] = _incomplete_message(
+          f'{len(names)} payload object(s)')
+    else:
+      out.bad[version] = errors.UnsupportedFormatError(
+          f'{_text.printable(where)} holds neither a package '
+          f'({package_lib.HEADER_NAME}) nor exactly one '
+          f'*{package_lib.BUNDLE_SUFFIX} bundle (found {len(bundles)} among '
+          f'{len(names)} object(s))')
+  return out
+
+
+def scan_source(source_base: str) -> SourceVersions:
+  """The versions of `source_base`: a local directory or a `gs://` /
+  `s3://` push base.
+
+  A version is a `<digits>/` directory (holding a directory package, or
+  exactly one `*.tfxe` bundle) or a `<digits>.tfxe` bundle file; on a store
+  the objects of that layout. A `<digits>/` holding only payloads and no
+  header is incomplete (a push still running or one that failed). Hidden
+  and other entries (e.g. EncryptPusher's `.tmp-*` push in progress) are
+  ignored.
+  """
+  if storage.is_remote(source_base):
+    return _scan_store(source_base)
+  return _scan_local(source_base)
+
+
 def list_source_versions(
     source_base: str
 ) -> Tuple[Dict[str, str], Dict[str, errors.TfxEncryptError]]:
   """Return ({version: package path}, {version: error}) of `source_base`.
 
-  A version is a `<digits>/` directory (holding a directory package, or
-  exactly one `*.tfxe` bundle) or a `<digits>.tfxe` bundle file. Hidden and
-  other entries (e.g. EncryptPusher's `.tmp-*` push in progress) are ignored.
+  Incomplete versions (see `scan_source`) are in neither: they are absent.
   """
-  found: Dict[str, List[str]] = {}
-  for name in os.listdir(source_base):
-    path = os.path.join(source_base, name)
-    m = _BUNDLE_RE.fullmatch(name)
-    if m and os.path.isfile(path):
-      found.setdefault(m.group(1), []).append(path)
-    elif _VERSION_RE.fullmatch(name) and os.path.isdir(path):
-      found.setdefault(name, []).append(path)
-  packages, bad = {}, {}
-  for version, paths in found.items():
-    if len(paths) > 1:
-      bad[version] = errors.UsageError(
-          f'version {version} exists twice in {source_base} '
-          f'({", ".join(sorted(os.path.basename(p) for p in paths))}); '
-          'remove one of them')
-      continue
-    path = paths[0]
-    if os.path.isdir(path) and not os.path.lexists(
-        os.path.join(path, package_lib.HEADER_NAME)):
-      bundles = sorted(n for n in os.listdir(path)
-                       if n.endswith(package_lib.BUNDLE_SUFFIX) and
-                       os.path.isfile(os.path.join(path, n)))
-      if len(bundles) != 1:
-        bad[version] = errors.UnsupportedFormatError(
-            f'{path} holds neither a package ({package_lib.HEADER_NAME}) nor '
-            f'exactly one *{package_lib.BUNDLE_SUFFIX} bundle '
-            f'(found {len(bundles)})')
-        continue
-      path = os.path.join(path, bundles[0])
-    packages[version] = path
-  return packages, bad
+  found = scan_source(source_base)
+  return found.packages, found.bad
 
 
 # --- marker ------------------------------------------------------------------
@@ -346,7 +501,9 @@ def _install(version: str, package: str, serving_base: str,
       _make_group_readable(staged)
     entry = {'package_id': info.package_id, 'fingerprint': info.fingerprint,
              'signer': info.signer if info.signature_verified else None,
-             'source': os.path.abspath(package), 'installed': _now(),
+             'source': (package if storage.is_remote(package)
+                        else os.path.abspath(package)),
+             'installed': _now(),
              # Authenticated with the package: a later sync re-checks a
              # changed policy against it without reading the package.
              'context': dict(info.context)}
@@ -445,8 +602,12 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
   failed and removed.
 
   Args:
-    source_base: local directory the packages are pushed to (EncryptPusher's
-      `push_destination`). Other schemes are not supported yet.
+    source_base: where the packages are pushed to (EncryptPusher's
+      `push_destination`): a local directory, `file://`, or a `gs://` /
+      `s3://` push base (read through tfx_encrypt.storage: listed each
+      sync, each new version verified and decrypted streaming from the
+      store). Versions with payloads but no header are reported
+      `incomplete` and not installed.
     serving_base: local directory TF Serving loads (`--model_base_path`);
       created (0700, or 0750 with `group_readable`) if missing.
     identities: key URIs (or backends) that can unwrap the packages.
@@ -491,16 +652,26 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
   trusted = package_lib.resolve_keys(trusted, 'trust')
   source_base = os.fspath(source_base)
   serving_base = os.fspath(serving_base)
-  for name, base in (('source', source_base), ('serving base', serving_base)):
-    if '://' in base and not base.startswith('file://'):
-      raise errors.UsageError(
-          f'{name} {base}: only local paths are supported by serve-sync for '
-          'now; mount or copy the push destination locally')
-  source_base = os.path.abspath(source_base.removeprefix('file://'))
+  if '://' in serving_base and not serving_base.startswith('file://'):
+    raise errors.UsageError(
+        f'serving base {_text.printable(serving_base)}: must be a local '
+        'path (TF Serving loads models from a path); the source may be '
+        'gs:// or s3://')
+  remote = storage.is_remote(source_base)
+  if remote:
+    storage.split(source_base)  # names a bucket (UsageError otherwise)
+    source_base = source_base.rstrip('/')
+  elif '://' in source_base and not source_base.startswith('file://'):
+    raise errors.UsageError(
+        f'source {_text.printable(source_base)}: serve-sync reads local '
+        'paths, file://, gs:// and s3:// push bases; mount or copy it')
+  else:
+    source_base = os.path.abspath(source_base.removeprefix('file://'))
   serving_base = os.path.abspath(serving_base.removeprefix('file://'))
-  if not os.path.isdir(source_base):
+  if not remote and not os.path.isdir(source_base):
     raise errors.UsageError(f'source {source_base} is not a directory')
-  if os.path.realpath(serving_base) == os.path.realpath(source_base):
+  if not remote and (os.path.realpath(serving_base) ==
+                     os.path.realpath(source_base)):
     raise errors.UsageError('source and serving base must be different '
                             'directories')
   if not os.path.isdir(serving_base):
@@ -524,16 +695,28 @@ def sync_serving(source_base, serving_base, *, identities: Sequence[KeyLike],
       for v in gone:
         del managed[v]
       _write_marker(serving_base, managed)
-    packages, bad = list_source_versions(source_base)
-    candidates = sorted(set(packages) | set(bad), key=_version_key,
-                        reverse=True)
+    found = scan_source(source_base)
+    packages, bad = found.packages, found.bad
+    candidates = sorted(set(packages) | set(bad) | set(found.incomplete),
+                        key=_version_key, reverse=True)
     kept: List[str] = []
     for version in candidates:
       if len(kept) >= keep:
         break
       target = os.path.join(serving_base, version)
+      if version in found.incomplete:
+        # Absent until its header (the push's commit point) is there; an
+        # installed copy is handled as a version deleted at the source.
+        where = storage.join(source_base, version)
+        message = found.incomplete[version]
+        logger.warning('serve-sync: version %s in %s is incomplete: %s',
+                       _text.printable(version), _text.printable(where),
+                       _text.printable(message, limit=None))
+        result.actions.append(SyncAction(INCOMPLETE, version, where,
+                                         source=where, message=message))
+        continue
       if version in bad:
-        _fail(result, version, os.path.join(source_base, version),
+        _fail(result, version, storage.join(source_base, version),
               bad[version])
         continue
       if version in managed:
