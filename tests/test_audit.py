@@ -651,3 +651,19 @@ def test_sink_specs():
   for bad in ('', 'syslog:', 'syslog:h:0', 'syslog:h:x', 'syslog:a:1:2'):
     with pytest.raises(errors.UsageError):
       audit.open_sink(bad)
+
+
+@pytest.mark.parametrize('given, want', [
+    ('s3://bucket/models/x/3', 's3://bucket/models/x/3'),
+    ('gs://bucket/m/model.tfxe', 'gs://bucket/m/model.tfxe'),
+    ('pkg', os.path.join(os.getcwd(), 'pkg')),
+    ('file://x', os.path.join(os.getcwd(), 'file:/x')),
+])
+def test_event_locations_keep_object_store_uris(given, want):
+  """A remote package (serve-sync from s3:// / gs://, remote commands) is
+  recorded as its URI, never made into a local path ('/cwd/s3:/bucket')."""
+  assert audit.location(given) == want
+
+  class Info:
+    path = given
+  assert audit.package_fields(Info())['package'] == want

@@ -138,6 +138,15 @@ def _actor():
     return None, uid
 
 
+def location(path: str) -> str:
+  """A local path made absolute; an object-store URI (`s3://`, `gs://`, any
+  `scheme://` but `file://`) as it is."""
+  if re.match(r'^[a-z][a-z0-9+.-]*://', path) and not path.startswith(
+      'file://'):
+    return path
+  return os.path.abspath(path)
+
+
 def package_fields(info: Any) -> Dict[str, Any]:
   """The audited facts of a PackageInfo (or anything with its attributes).
 
@@ -148,7 +157,7 @@ def package_fields(info: Any) -> Dict[str, Any]:
   path = getattr(info, 'path', None)
   recipients = getattr(info, 'recipients', None)
   return {
-      'package': os.path.abspath(path) if isinstance(path, str) else None,
+      'package': location(path) if isinstance(path, str) else None,
       'package_id': getattr(info, 'package_id', None),
       'fingerprint': getattr(info, 'fingerprint', None),
       'recipients': None if recipients is None else [
@@ -592,7 +601,7 @@ def sync_action(action: Any) -> None:
   fields = {'version': getattr(action, 'version', None)}
   source = getattr(action, 'source', None)
   if isinstance(source, str):  # the package (or, failed, the path) used
-    fields['package'] = os.path.abspath(source)
+    fields['package'] = location(source)
   for key in ('package_id', 'fingerprint'):
     if getattr(action, key, None) is not None:
       fields[key] = getattr(action, key)

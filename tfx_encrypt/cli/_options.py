@@ -5,7 +5,6 @@ import functools
 import json
 import logging
 import os
-import re
 import sys
 import threading
 from typing import Dict, Optional, Sequence
@@ -268,12 +267,7 @@ def _summary(info: pkg.PackageInfo) -> str:
           f'{who}, signer {signer}, fingerprint {_show(info.fingerprint)}')
 
 
-def _audit_location(path: str) -> str:
-  """A local path made absolute; an object-store URI as it is."""
-  if re.match(r'^[a-z][a-z0-9+.-]*://', path) and not path.startswith(
-      'file://'):
-    return path
-  return os.path.abspath(path)
+_audit_location = audit_lib.location  # a local path absolute, a URI as is
 
 
 def _audit_input(package: str, *, as_source: bool = False) -> None:
@@ -283,7 +277,7 @@ def _audit_input(package: str, *, as_source: bool = False) -> None:
   reports what is wrong with the package."""
   if audit_lib.current() is None:
     return
-  audit_lib.note(package=_audit_location(package))
+  audit_lib.note(package=audit_lib.location(package))
   try:
     audit_lib.record(pkg.inspect_package(package), as_source=as_source)
   except (errors.TfxEncryptError, OSError, ValueError):
