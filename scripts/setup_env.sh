@@ -159,6 +159,10 @@ main() {
   tfxe_log "installing into $venv with -c $constraints (a few minutes the first time)"
   tfxe_pip "$venv" install -q --progress-bar off -c "$constraints" pip setuptools wheel
   tfxe_pip "$venv" install -q --progress-bar off -c "$constraints" -e '.[all,dev]'
+  # Beam's DaskRunner on a dask.distributed cluster, for the tests
+  # (tests/components/test_encrypt_pusher_beam_dask.py); pinned in the
+  # constraints file, not an extra of tfx-encrypt (users pick their runner).
+  tfxe_pip "$venv" install -q --progress-bar off -c "$constraints" dask distributed
   tfxe_log "checking dependencies (pip check)"
   tfxe_pip "$venv" check
   echo "$fp" > "$stamp"

@@ -10,6 +10,7 @@ from tfx_encrypt import _text
 from tfx_encrypt import audit as audit_lib
 from tfx_encrypt import errors
 from tfx_encrypt import package as pkg
+from tfx_encrypt import storage
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.cli._options import (
     _api_warnings, _audit_input, _audit_location, _cipher_option, _force_option,
@@ -51,7 +52,12 @@ from tfx_encrypt.cli._lineage import (
               '(saved_model.pb, *.keras, *.tflite, *.h5, ...).')
 def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
             context, cipher, hash_alg, bundle, force, fsync, any_dir):
-  """Encrypt SRC_DIR (a SavedModel) into PACKAGE."""
+  """Encrypt SRC_DIR (a SavedModel) into PACKAGE.
+
+  Either may be a `s3://` or `gs://` URI: the model is streamed from the
+  store (no plaintext on local disk), the package written there
+  create-only, header last (docs/OBJECT_STORES.md).
+  """
   audit_lib.note(package=_audit_location(package))
   ctx = _parse_context(context)
   groups, k = _key_groups(key_groups, threshold)
@@ -63,7 +69,11 @@ def encrypt(src_dir, package, recipients, key_groups, threshold, sign_with,
     raise errors.UsageError(
         'say who can decrypt: --recipient KEY_URI, or --key-group URI[,URI] '
         '(at least two) with --threshold K')
-  with _progress('encrypting', _fsutil.tree_size(src_dir)) as progress:
+  if storage.is_remote(src_dir):
+    total = sum(storage.list_sizes(src_dir).values())
+  else:
+    total = _fsutil.tree_size(src_dir)
+  with _progress('encrypting', total) as progress:
     info = pkg.encrypt_model(src_dir, package, recipients=list(recipients),
                              key_groups=groups, threshold=k,
                              signer=sign_with, context=ctx, cipher=cipher,
@@ -251,14 +261,41 @@ def rotate(package, out, identities, recipients, key_groups, threshold,
 
 
 @main.command()
-@click.argument('directory', type=click.Path(file_okay=False, exists=True))
-def clean(directory):
+@click.argument('directory')
+@click.option('--older-than', 'older_than', type=click.IntRange(min=0),
+              default=3600, show_default=True, metavar='SECONDS',
+              help='s3:// and gs:// only: remove an incomplete version only '
+              'if none of its objects was written in the last SECONDS (a '
+              'store has no lock to tell a running push from a dead one).')
+def clean(directory, older_than):
   """Remove stale temporary files of interrupted tfx-encrypt commands.
 
   Only hidden `.NAME.tfxe-KIND-TOKEN` siblings whose owning command is gone
   (its lock is free) are removed; those of running commands, and anything
   else, are left alone. Commands that write into a directory do this too.
+
+  DIRECTORY may be a `s3://` or `gs://` push base (or package URI): then
+  the incomplete versions that SIGKILLed pushes or encrypts left (payload
+  objects without a header, under an integer version name) are removed,
+  and nothing else (docs/OBJECT_STORES.md).
   """
+  if storage.is_remote(directory):
+    from tfx_encrypt.package import layout  # pylint: disable=g-import-not-at-top
+    found = layout.clean_remote(directory, older_than_s=older_than)
+    for f in found:
+      if f.removed:
+        click.echo(f'removed {_text.printable(f.uri)} (incomplete: '
+                   f'{f.objects} payload objects, no header)')
+      else:
+        click.echo(f'left {_text.printable(f.uri)}: incomplete, but written '
+                   f'{int(f.age_s)} s ago (--older-than {older_than}); a '
+                   'push may still be running')
+    if not any(f.removed for f in found):
+      click.echo(f'nothing to clean in {_text.printable(directory)}')
+    return
+  if not os.path.isdir(directory):
+    raise errors.UsageError(f'{_text.printable(directory)} is not a '
+                            'directory')
   removed = _fsutil.sweep(directory)
   for name in removed:
     click.echo(f'removed {_text.printable(os.path.join(directory, name))}')

@@ -63,16 +63,26 @@ _PIPELINE_DEPTH = 3
 _OPEN_PIPELINES = threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // 2))
 
 
+def _sink_of(out) -> Callable[[memoryview], None]:
+  """A write(mv) for a file descriptor, or a storage.Writer (which copies)."""
+  if isinstance(out, int):
+    return lambda mv: _fsutil.write_all(out, mv)
+  return out.write
+
+
 def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
-                 sc: streaming.StreamCipher, out_fd: int, hash_alg: str,
+                 sc: streaming.StreamCipher, out_fd, hash_alg: str,
                  progress: Progress) -> Tuple[str, str, int]:
-  """Encrypt one stream. Returns (plaintext digest, ciphertext digest, size)."""
+  """Encrypt one stream into `out_fd` (a file descriptor, or a
+  storage.Writer for a payload object). Returns (plaintext digest,
+  ciphertext digest, size)."""
+  write = _sink_of(out_fd)
   ph = digest_lib.new_hash(hash_alg)
   ch = digest_lib.new_hash(hash_alg)
   plain = memoryview(_BUFS.plain)
   n = streaming.num_segments(size)
   ch.update(sc.header)
-  _fsutil.write_all(out_fd, sc.header)
+  write(sc.header)
   total = len(sc.header)
   if n < PIPELINE_MIN_SEGMENTS:
     cipher = memoryview(_BUFS.cipher)
@@ -84,7 +94,7 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
       ph.update(seg)
       k = sc.encrypt_into(i, i == n - 1, seg, cipher)
       ch.update(cipher[:k])
-      _fsutil.write_all(out_fd, cipher[:k])
+      write(cipher[:k])
       total += k
       if progress:
         progress(ln)
@@ -106,7 +116,7 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
         try:
           mv = memoryview(buf)[:k]
           ch.update(mv)
-          _fsutil.write_all(out_fd, mv)
+          write(mv)
         except BaseException as e:  # pylint: disable=broad-except
           failed.append(e)
       free.put(buf)
@@ -147,6 +157,34 @@ def _file_reader(fd: int, relpath: str, size: int):
       raise errors.UsageError(
           f'{relpath} grew while it was being encrypted; do not modify the '
           'model during encryption')
+  return read_segment, check_eof
+
+
+def _remote_file_reader(reader, f: _SourceFile, model: str):
+  """read_segment / check_eof over a pinned storage.Reader (a model object).
+
+  The first bytes are checked for the package magic (the local scan reads
+  them up front), before any ciphertext of this file is kept.
+  """
+  pos = [0]
+
+  def read_segment(i, mv):
+    del i
+    n = reader.read_into(mv, pos[0])
+    if n != len(mv):
+      raise errors.UsageError(
+          f'{_text.quoted(f.path)} in {_text.printable(model)} shrank while '
+          'it was being encrypted; do not modify the model during encryption')
+    if pos[0] == 0 and f.size >= header_lib.PREFIX_SIZE and bytes(
+        mv[:6]) == header_lib.MAGIC[:6]:
+      raise errors.UsageError(
+          f'{_text.printable(model)} contains a tfx-encrypt bundle at '
+          f'{_text.quoted(f.path)}; refusing to encrypt it, even with '
+          '--any-dir: move it out of the model directory')
+    pos[0] += n
+
+  def check_eof():
+    reader.check_unchanged()
   return read_segment, check_eof
 
 

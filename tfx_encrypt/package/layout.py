@@ -11,7 +11,9 @@ import dataclasses
 import datetime
 import errno
 import os
+import re
 import stat
+import time
 import unicodedata
 from typing import List, Optional, Sequence, Tuple
 
@@ -50,8 +52,11 @@ def payload_name(i: int) -> str:
 @dataclasses.dataclass
 class _SourceFile:
   path: str  # relative POSIX path
-  abspath: str
+  abspath: str  # a local path, or the object's s3:// / gs:// URI
   size: int
+  #: For an object: the version it was listed at (S3 ETag, GCS generation);
+  #: every read is pinned to it.
+  version: Optional[str] = None
 
 
 #: File names that make a directory look like a model (anywhere in the tree).
@@ -177,6 +182,216 @@ def scan_model(src_dir: str, any_dir: bool = False
         f'{", ".join("*" + x for x in MODEL_MARKER_SUFFIXES)} file in it; '
         'pass --any-dir (any_dir=True) to encrypt it anyway')
   return files, dirs
+
+
+def scan_remote_model(uri: str, any_dir: bool = False
+                      ) -> Tuple[List[_SourceFile], List[str]]:
+  """:func:`scan_model` for a model directory at a `s3://` / `gs://` URI.
+
+  One listing names every object with its size and version; every read of
+  the encryption is pinned to that version (a model changed meanwhile
+  fails, never mixes). Each object name below `uri/` must be a package path
+  (FORMAT.md §9, format/paths.py: no `.`/`..` or empty component, no
+  backslash, control or bidi character, NFC, length limits) and no
+  tfx-encrypt temporary name; zero-byte objects named like a folder
+  (`dir/`, what tf.io.gfile.makedirs writes) are directories, a non-empty
+  one is refused. The same model and package rules as locally: a
+  `tfxe.header` is refused here, a file starting with the format's magic
+  when its first segment is read (before anything is published).
+  """
+  uri = uri.rstrip('/')
+  listing = storage.list_objects(uri)
+  if not listing:
+    if storage.exists(uri):
+      raise errors.UsageError(
+          f'{_text.printable(uri)} is an object, not a model directory; '
+          'pass the prefix that holds saved_model.pb')
+    raise errors.UsageError(
+        f'model directory {_text.printable(uri)} does not exist (no object '
+        'under it)')
+  files: List[_SourceFile] = []
+  dirs = set()
+  looks_like_model = False
+  for name in sorted(listing):
+    info = listing[name]
+    if name == '' or name.endswith('/'):
+      if info.size != 0:
+        raise errors.UnsafePathError(
+            f'object {_text.quoted(name)} under {_text.printable(uri)} is '
+            'named like a folder but holds data; refusing to read it')
+      if not name:
+        continue
+      paths_lib.check_relpath(name[:-1])
+      target = name[:-1]
+    else:
+      paths_lib.check_relpath(name)
+      target = None
+    for comp in name.rstrip('/').split('/'):
+      if _fsutil.is_temp_name(comp):
+        raise errors.UsageError(
+            f'{_text.printable(uri)} contains a tfx-encrypt temporary file '
+            f'{_text.quoted(name)}; refusing to encrypt it, even with '
+            '--any-dir')
+    parent = (target or name).rpartition('/')[0]
+    while parent and parent not in dirs:
+      dirs.add(parent)
+      parent = parent.rpartition('/')[0]
+    if target is not None:
+      dirs.add(target)
+      continue
+    base = name.rpartition('/')[2]
+    if base == HEADER_NAME:
+      raise _refuse_in_model(uri, name.rpartition('/')[0],
+                             'a tfx-encrypt package')
+    if base in MODEL_MARKER_NAMES or base.lower().endswith(
+        MODEL_MARKER_SUFFIXES):
+      looks_like_model = True
+    if info.size > header_lib.MAX_FILE_SIZE:
+      raise errors.UsageError(f'{_text.quoted(name)} is larger than 1 PiB')
+    files.append(_SourceFile(name, storage.join(uri, name), info.size,
+                             info.version))
+  if not files:
+    raise errors.EmptyModelError(
+        f'{_text.printable(uri)} contains no files; point at a SavedModel '
+        'directory (it should contain saved_model.pb)')
+  if len(files) > header_lib.MAX_FILES or len(dirs) > header_lib.MAX_DIRS:
+    raise errors.UsageError(
+        f'model has more than {header_lib.MAX_FILES} files or directories')
+  dirs = paths_lib.check_tree([f.path for f in files], dirs)
+  if not looks_like_model and not any_dir:
+    raise errors.UsageError(
+        f'{_text.printable(uri)} does not look like a model directory: no '
+        f'{", ".join(sorted(MODEL_MARKER_NAMES))} or '
+        f'{", ".join("*" + x for x in MODEL_MARKER_SUFFIXES)} object in it; '
+        'pass --any-dir (any_dir=True) to encrypt it anyway')
+  return files, dirs
+
+
+def check_remote_output(uri: str, *, force: bool,
+                        sources: Sequence[str] = ()) -> str:
+  """check_output for a `s3://` / `gs://` package: nothing may be there.
+
+  Objects are never replaced (there is no atomic replace on a store), so
+  `force` is refused; an output inside a remote source is refused too.
+  Zero-byte folder objects (`uri/`) do not count. Returns `uri` without a
+  trailing `/`.
+  """
+  uri = uri.rstrip('/')
+  _, bucket, key = storage.split(uri)
+  if not key:
+    raise errors.UsageError(f'{_text.printable(uri)} names a bucket, not a '
+                            'package: add a name (s3://BUCKET/NAME)')
+  for src in sources:
+    src = os.fspath(src)
+    if storage.is_remote(src):
+      ss, sb, sk = storage.split(src.rstrip('/'))
+      if (ss, sb) == storage.split(uri)[:2] and (
+          not sk or key == sk or key.startswith(sk.rstrip('/') + '/')):
+        raise errors.UnsafeOverwriteError(
+            f'the output {_text.printable(uri)} is inside the input '
+            f'{_text.printable(src)}; write it somewhere else')
+  taken = storage.exists(uri) or any(
+      not storage.is_dir_marker(n, sz)
+      for n, sz in storage.list_sizes(uri).items())
+  if taken:
+    if force:
+      raise errors.UnsafeOverwriteError(
+          f'--force will not replace {_text.printable(uri)}: objects on a '
+          's3:// or gs:// store are never replaced. Remove it yourself if '
+          'you mean to replace it, or choose another output')
+    raise errors.OutputExistsError(
+        f'{_text.printable(uri)} already exists; choose another output (on '
+        'object stores, tfx-encrypt never replaces anything)')
+  return uri
+
+
+def delete_objects(uris: Sequence[str]) -> List[str]:
+  """Remove objects this process wrote, last first (the commit object
+  before the payloads); returns those that could not be removed."""
+  left = []
+  for uri in reversed(list(uris)):
+    try:
+      storage.delete(uri)
+    except Exception:  # pylint: disable=broad-except
+      left.append(uri)
+  return left
+
+
+_VERSION_NAME_RE = re.compile(r'[0-9]{1,20}')
+_PAYLOAD_NAME_RE = re.compile(PAYLOAD_DIR + r'/[0-9]{8}')
+
+
+@dataclasses.dataclass
+class IncompletePackage:
+  """A version with payload objects but no header (a killed push)."""
+  uri: str
+  objects: int
+  age_s: float
+  removed: bool
+
+
+def clean_remote(uri: str, *, older_than_s: float = 3600.0,
+                 now: Optional[float] = None) -> List[IncompletePackage]:
+  """Remove what SIGKILLed pushes left under a `s3://` / `gs://` base.
+
+  The candidates are `uri` itself and its children named like a push
+  version (an integer). One is removed only if it looks exactly like an
+  incomplete tfx-encrypt package: nothing but `payload/NNNNNNNN` objects
+  (no `tfxe.header`, no bundle, nothing else; zero-byte folder objects
+  aside), each starting like a payload stream (its first byte is the
+  stream header's length, FORMAT.md §6), and none written in the last
+  `older_than_s` seconds (a push still running writes one at least that
+  often: there is no lock on a store). Just before removal the version is
+  listed again and must be unchanged. Anything else is never touched.
+
+  Returns every incomplete version found, removed or left (too recent).
+  """
+  uri = uri.rstrip('/')
+  now = time.time() if now is None else now
+  groups = {}
+  for name, info in storage.list_objects(uri).items():
+    if storage.is_dir_marker(name, info.size):
+      continue
+    first, _, rest = name.partition('/')
+    groups.setdefault(first, {})[rest] = info
+  candidates = []
+  if set(groups) == {PAYLOAD_DIR}:  # `uri` itself is an incomplete package
+    candidates.append((uri, {f'{PAYLOAD_DIR}/{r}': i
+                             for r, i in groups[PAYLOAD_DIR].items()}))
+  else:
+    candidates += [(storage.join(uri, v), objs) for v, objs in
+                   sorted(groups.items()) if _VERSION_NAME_RE.fullmatch(v)]
+  found = []
+  for where, objs in candidates:
+    if not objs or not all(_PAYLOAD_NAME_RE.fullmatch(n) for n in objs):
+      continue  # a package, a bundle, or not ours
+    if not all(_starts_like_a_stream(storage.join(where, n), i)
+               for n, i in sorted(objs.items())):
+      continue
+    age = now - max(i.mtime for i in objs.values())
+    if age < older_than_s:
+      found.append(IncompletePackage(where, len(objs), age, False))
+      continue
+    again = {n: i for n, i in storage.list_objects(where).items()
+             if not storage.is_dir_marker(n, i.size)}
+    if again != objs:
+      continue  # changed meanwhile: someone is writing there
+    left = delete_objects([storage.join(where, n) for n in sorted(objs)])
+    if left:
+      raise OSError(errno.EIO, f'could not remove {len(left)} objects',
+                    where)
+    found.append(IncompletePackage(where, len(objs), age, True))
+  return found
+
+
+def _starts_like_a_stream(uri: str, info) -> bool:
+  if info.size < streaming.HEADER_SIZE:
+    return False
+  try:
+    with storage.open_reader(uri, version=info.version) as r:
+      return r.read_range(0, 1) == bytes([streaming.HEADER_SIZE])
+  except (FileNotFoundError, storage.ObjectChangedError):
+    return False
 
 
 def _create(path: str, mode: int = 0o600) -> int:
@@ -353,7 +568,8 @@ class _RemoteSource(_Source):
         reader = storage.open_reader(self.path)
         self.bundle = True
       except FileNotFoundError:
-        left = storage.list_names(self.path)
+        left = [n for n, sz in storage.list_sizes(self.path).items()
+                if not storage.is_dir_marker(n, sz)]
         if left:
           raise errors.UnsupportedFormatError(
               f'{_text.printable(self.path)} is an incomplete package: '
@@ -382,7 +598,11 @@ class _RemoteSource(_Source):
     want = {HEADER_NAME: self.header_len}
     want.update({f'{PAYLOAD_DIR}/{payload_name(i)}': s
                  for i, s in enumerate(sizes)})
-    have = storage.list_sizes(self.path)
+    # Zero-byte "folder" objects (tf.io.gfile.makedirs, consoles) hold
+    # nothing: skipped, as a reader of the directory form skips nothing else.
+    have = {n: sz for n, sz in storage.list_sizes(self.path).items()
+            if not (storage.is_dir_marker(n, sz) and n in ('', PAYLOAD_DIR +
+                                                           '/'))}
     if set(have) != set(want):
       raise errors.TamperedPackageError(
           f'package {_text.printable(self.path)} does not match its header: '
@@ -435,18 +655,11 @@ def start_package(package: str, force: bool = False) -> str:
   return tmp
 
 
-def finish_package(env: Envelope, tmp: str, package: str, *,
-                   entries: Sequence[FileEntry], dirs: Sequence[str],
-                   payloads: Sequence[Tuple[int, str]],
-                   signer: Optional[KeyBackend], bundle: bool,
-                   force: bool = False, fsync: bool = False
-                   ) -> Tuple[Header, int]:
-  """Build, MAC and sign the header over the sealed payloads in `tmp`, then
-  publish the package atomically (directory form, or a bundle).
-
-  Returns (header, header length). On failure the caller removes `tmp`;
-  anything this function created besides it is removed here.
-  """
+def build_header(env: Envelope, *, entries: Sequence[FileEntry],
+                 dirs: Sequence[str], payloads: Sequence[Tuple[int, str]],
+                 signer: Optional[KeyBackend]) -> Tuple[Header, bytes]:
+  """The header over sealed payloads: file table, fingerprint, MAC,
+  signature. Returns (header, its bytes)."""
   h = Header(
       suite=env.suite, hash_alg=env.hash_alg, package_id=env.package_id,
       created=_now(), context=env.context, recipients=env.stanzas,
@@ -459,7 +672,23 @@ def finish_package(env: Envelope, tmp: str, package: str, *,
           header_lib.file_table_aad(env.package_id, env.ctx_digest),
           header_lib.encode_file_table(entries, dirs)))
   seal_header(h, env.keys.mac_key, signer)
-  hbytes = h.serialize()
+  return h, h.serialize()
+
+
+def finish_package(env: Envelope, tmp: str, package: str, *,
+                   entries: Sequence[FileEntry], dirs: Sequence[str],
+                   payloads: Sequence[Tuple[int, str]],
+                   signer: Optional[KeyBackend], bundle: bool,
+                   force: bool = False, fsync: bool = False
+                   ) -> Tuple[Header, int]:
+  """Build, MAC and sign the header over the sealed payloads in `tmp`, then
+  publish the package atomically (directory form, or a bundle).
+
+  Returns (header, header length). On failure the caller removes `tmp`;
+  anything this function created besides it is removed here.
+  """
+  h, hbytes = build_header(env, entries=entries, dirs=dirs,
+                           payloads=payloads, signer=signer)
   pdir = os.path.join(tmp, PAYLOAD_DIR)
   if bundle:
     out_tmp = _fsutil.temp_sibling(package)

@@ -8,6 +8,8 @@ on any error or signal (docs/SECURITY.md).
 
 import dataclasses
 import os
+import tempfile
+import threading
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from tfx_encrypt import _fsutil
@@ -15,6 +17,7 @@ from tfx_encrypt import _text
 from tfx_encrypt import _signals
 from tfx_encrypt import errors
 from tfx_encrypt import policy as policy_lib
+from tfx_encrypt import storage
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import streaming
@@ -27,12 +30,14 @@ from tfx_encrypt.package.envelope import (
     open_key_groups, prepare_envelope, resolve_signer, seal_header,
     share_context)
 from tfx_encrypt.package.layout import (
-    PAYLOAD_DIR, _Source, _create, _write_header_only, finish_package,
-    open_source, payload_name, scan_model, start_package)
+    HEADER_NAME, PAYLOAD_DIR, _Source, _create, _open_regular,
+    _write_header_only, build_header, check_remote_output, delete_objects,
+    finish_package, open_source, payload_name, scan_model, scan_remote_model,
+    start_package)
 from tfx_encrypt.package._streams import (
     Progress, _check_ciphertext, _decrypt_file_table, _decrypt_payload,
-    _file_reader, _open_source, _open_stream, _run_parallel, _seal_stream,
-    _segment_opener, default_workers)
+    _file_reader, _open_source, _open_stream, _remote_file_reader,
+    _run_parallel, _seal_stream, _segment_opener, default_workers)
 
 
 @dataclasses.dataclass
@@ -152,6 +157,12 @@ def verify_package(package, *, trusted: Sequence[KeyLike] = (),
   return _info(h, src.path, src.bundle, src.header_len, verified)
 
 
+#: At most this many files are encrypted at once from or to a `s3://` /
+#: `gs://` store: each holds a 4 MiB read chunk and a 4-5 MiB upload part,
+#: so memory stays bounded (docs/OBJECT_STORES.md) whatever the model.
+REMOTE_WORKERS = 4
+
+
 def encrypt_model(src_dir, package, *,
                   recipients: Optional[Sequence[KeyLike]] = None,
                   key_groups: Optional[Sequence[Sequence[KeyLike]]] = None,
@@ -175,53 +186,177 @@ def encrypt_model(src_dir, package, *,
   `src_dir` must look like a model (a saved_model.pb, *.keras, ... in it;
   see :func:`scan_model`) unless `any_dir`; a tree holding a tfx-encrypt
   package or temporary file is refused either way.
+
+  Object stores (docs/OBJECT_STORES.md): `src_dir` may be a `s3://` /
+  `gs://` prefix. It is listed once and every file is streamed segment by
+  segment through ranged reads pinned to the listed version: no plaintext
+  reaches the local disk, memory does not grow with the model, and a model
+  changed meanwhile fails the command. `package` may be a `s3://` /
+  `gs://` URI too (never replaced; `force` is refused): the payload
+  objects are streamed there create-only, then the header is written
+  create-only as the commit point; on any failure the objects written are
+  deleted. A remote bundle needs its header before its payloads, so its
+  ciphertext (never plaintext) is staged in a private temporary directory.
   """
-  package = os.path.abspath(os.fspath(package))
+  remote_src = storage.is_remote(os.fspath(src_dir))
+  remote_dst = storage.is_remote(os.fspath(package))
+  src_dir = os.fspath(src_dir)
   streaming.suite_for_cipher(cipher)
   digest_lib.new_hash(hash_alg)
   _check_user_context(context)
   sign_with = resolve_signer(signer)
-  package = _fsutil.check_output(package, force=force, sources=[src_dir])
-  files, dirs = scan_model(os.fspath(src_dir), any_dir=any_dir)
+  if remote_dst:
+    package = check_remote_output(os.fspath(package), force=force,
+                                  sources=[src_dir])
+  else:
+    package = os.path.abspath(os.fspath(package))
+    package = _fsutil.check_output(
+        package, force=force, sources=[] if remote_src else [src_dir])
+  if remote_src:
+    files, dirs = scan_remote_model(src_dir, any_dir=any_dir)
+  else:
+    files, dirs = scan_model(src_dir, any_dir=any_dir)
   env = prepare_envelope(recipients, context=context, cipher=cipher,
                          hash_alg=hash_alg, key_groups=key_groups,
                          threshold=threshold)
-  tmp = start_package(package, force)
-  try:
-    pdir = os.path.join(tmp, PAYLOAD_DIR)
-    results: Dict[int, Tuple[str, str, int]] = {}
+  workers = workers or default_workers()
+  if remote_src or remote_dst:
+    workers = min(workers, REMOTE_WORKERS)
+  order = sorted(range(len(files)), key=lambda i: -files[i].size)
+  results: Dict[int, Tuple[str, str, int]] = {}
 
-    def encrypt_one(i):
-      f = files[i]
-      fd = _open_source(f)
+  def seal_into(i, out):
+    f = files[i]
+    if remote_src:
       try:
-        out = _create(os.path.join(pdir, payload_name(i)), 0o644)
-        try:
-          read_segment, check_eof = _file_reader(fd, f.path, f.size)
+        with storage.open_reader(f.abspath, version=f.version) as reader:
+          read_segment, check_eof = _remote_file_reader(reader, f, src_dir)
           results[i] = _seal_stream(read_segment, f.size, env.new_stream(i),
                                     out, hash_alg, progress)
           check_eof()
-          if fsync:
-            os.fsync(out)
-        finally:
-          os.close(out)
-      finally:
-        os.close(fd)
+      except storage.ObjectChangedError:
+        raise errors.UsageError(
+            f'{_text.quoted(f.path)} in {_text.printable(src_dir)} was '
+            'replaced or removed while it was being encrypted; do not modify '
+            'the model during encryption') from None
+      return
+    fd = _open_source(f)
+    try:
+      read_segment, check_eof = _file_reader(fd, f.path, f.size)
+      results[i] = _seal_stream(read_segment, f.size, env.new_stream(i),
+                                out, hash_alg, progress)
+      check_eof()
+    finally:
+      os.close(fd)
 
-    order = sorted(range(len(files)), key=lambda i: -files[i].size)
-    _run_parallel(encrypt_one, order, workers or default_workers())
-    h, hlen = finish_package(
-        env, tmp, package,
+  def table():
+    return dict(
         entries=[FileEntry(f.path, f.size, results[i][0])
                  for i, f in enumerate(files)],
         dirs=dirs,
         payloads=[(results[i][2], results[i][1]) for i in range(len(files))],
-        signer=sign_with, bundle=bundle, force=force, fsync=fsync)
-  except BaseException:
-    _fsutil.remove_tree(tmp)
-    raise
+        signer=sign_with)
+
+  if remote_dst and not bundle:
+    h, hlen = _encrypt_to_store(package, files, seal_into, order, workers,
+                                lambda: build_header(env, **table()))
+  else:
+    if remote_dst:  # a remote bundle: ciphertext staged, then one object
+      tmp = tempfile.mkdtemp(prefix='tfxe-ciphertext-')
+      os.mkdir(os.path.join(tmp, PAYLOAD_DIR), 0o700)
+    else:
+      tmp = start_package(package, force)
+    try:
+      pdir = os.path.join(tmp, PAYLOAD_DIR)
+
+      def encrypt_one(i):
+        out = _create(os.path.join(pdir, payload_name(i)), 0o644)
+        try:
+          seal_into(i, out)
+          if fsync:
+            os.fsync(out)
+        finally:
+          os.close(out)
+
+      _run_parallel(encrypt_one, order, workers)
+      if remote_dst:
+        h, hbytes = build_header(env, **table())
+        _upload_bundle(package, hbytes, pdir, len(files))
+        hlen = len(hbytes)
+        _fsutil.remove_tree(tmp)
+      else:
+        h, hlen = finish_package(env, tmp, package, bundle=bundle,
+                                 force=force, fsync=fsync, **table())
+    except BaseException:
+      _fsutil.remove_tree(tmp)
+      raise
   return _info(h, package, bundle, hlen, verified=sign_with is not None,
                plaintext_bytes=sum(f.size for f in files))
+
+
+def _encrypt_to_store(package: str, files, seal_into, order, workers: int,
+                      make_header) -> Tuple[Header, int]:
+  """Directory form on a store: every payload object is streamed
+  create-only (nothing is visible before its upload completes), then the
+  header, create-only: the commit point (docs/OBJECT_STORES.md). On any
+  failure or signal the objects written are deleted."""
+  written: List[str] = []
+  lock = threading.Lock()
+
+  def encrypt_one(i):
+    uri = storage.join(package, PAYLOAD_DIR, payload_name(i))
+    w = storage.open_writer(uri, streaming.ciphertext_size(files[i].size))
+    try:
+      seal_into(i, w)
+      w.commit()
+    except BaseException:
+      w.abort()
+      raise
+    with lock:
+      written.append(uri)
+
+  try:
+    _run_parallel(encrypt_one, order, workers)
+    h, hbytes = make_header()
+    storage.put_create_only(storage.join(package, HEADER_NAME), hbytes)
+  except BaseException:
+    with lock:
+      done = sorted(written)
+    with _signals.deferred():
+      delete_objects(done)
+    raise
+  return h, len(hbytes)
+
+
+def _upload_bundle(package: str, hbytes: bytes, pdir: str, count: int
+                   ) -> None:
+  """Stream the header and the staged payload files into the one bundle
+  object, create-only (the commit point is the upload's completion)."""
+  sizes = [os.path.getsize(os.path.join(pdir, payload_name(i)))
+           for i in range(count)]
+  w = storage.open_writer(package, len(hbytes) + sum(sizes))
+  try:
+    w.write(hbytes)
+    buf = memoryview(bytearray(1 << 20))
+    for i in range(count):
+      fd, st = _open_regular(os.path.join(pdir, payload_name(i)),
+                             'payload file')
+      try:
+        off = 0
+        while off < st.st_size:
+          _signals.check()
+          n = _fsutil.read_into_exact(fd, buf[:min(len(buf),
+                                                  st.st_size - off)], off)
+          if n <= 0:
+            raise errors.UsageError('a staged payload file shrank')
+          w.write(buf[:n])
+          off += n
+      finally:
+        os.close(fd)
+    w.commit()
+  except BaseException:
+    w.abort()
+    raise
 
 
 def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],

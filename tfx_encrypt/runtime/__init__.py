@@ -1,14 +1,16 @@
 """Trusted runtime: verify, decrypt in memory, load with TensorFlow.
 
 `load_model` verifies the publisher, decrypts every file into an anonymous
-memory file (`memfd_create`; plaintext never touches a disk), hands
-TensorFlow a private directory of links to them, loads the SavedModel, then
-frees the memory. Needs TensorFlow (the `[tfx]` extra); the rest of
+memory file (`memfd_create`; plaintext never touches a disk) and the
+variables straight into their tensors where it can (`_restore`), hands
+TensorFlow a private directory of links to the files, loads the SavedModel,
+then frees the memory files. Needs TensorFlow (the `[tfx]` extra); the rest of
 tfx-encrypt does not.
 
 `serving.sync_serving` (`tfx-encrypt serve-sync`, no TensorFlow): TF Serving.
 """
 
+import logging
 import os
 import re
 import threading
@@ -16,10 +18,14 @@ import uuid
 from typing import Callable, List, Optional, Sequence
 
 from tfx_encrypt import _fsutil
+from tfx_encrypt import _text
 from tfx_encrypt import package as package_lib
 from tfx_encrypt.runtime import _memfiles
 from tfx_encrypt.package import KeyLike
 from tfx_encrypt.policy import Policy
+
+
+_LOG = logging.getLogger(__name__)
 
 
 def load_model(package, *, identities: Sequence[KeyLike],
@@ -42,15 +48,20 @@ def load_model(package, *, identities: Sequence[KeyLike],
   For an object-based (TF2) SavedModel the variables shards, which only the
   checkpoint restore reads, are decrypted while TensorFlow loads the graph
   from the other files, already verified (`LoadOptions(
-  experimental_skip_checkpoint=True)`); the variables are then restored from
-  the verified shards with `tf.train.Checkpoint(root=model).read`, which is
-  what `tf.saved_model.load` does itself. Should that restore not fit a
-  model, the whole model, verified by then, is loaded again the plain way.
+  experimental_skip_checkpoint=True)`). Where the checkpoint holds only
+  plain numeric variables (`_restore`), the shards are decrypted straight
+  into the variables' tensors and, once verified, assigned to the variables
+  matched as TensorFlow's restore matches them: no second copy. Otherwise
+  the shards go to memfds too and the variables are restored with
+  `tf.train.Checkpoint(root=model).read`, which is what
+  `tf.saved_model.load` does itself. Should that restore not fit a model,
+  the whole model, verified by then, is loaded again the plain way.
 
   Where memfds are unavailable (not Linux), it falls back to TensorFlow's
   `ram://` filesystem, which costs two more copies of the model.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.runtime import _restore  # pylint: disable=g-import-not-at-top  (numpy)
   src, h, keys, entries, dirs, _ = package_lib._open_authenticated(  # pylint: disable=protected-access
       package, identities, trusted, allow_unsigned, policy=policy)
   if not _memfiles.supported(len(entries)):
@@ -85,12 +96,53 @@ def load_model(package, *, identities: Sequence[KeyLike],
     others = [i for i in range(len(entries)) if i not in shards]
     run(others)
     options = _skip_checkpoint_options(tf, tree, tags) if shards else None
-    if options is not None:
-      tree.publish([entries[i].path for i in others])
+    if options is None:
+      run(shards)
+      return tf.saved_model.load(tree.publish(), tags=tags)
+    tree.publish([entries[i].path for i in others])
+    plan = _memory_plan(_restore, tree, [entries[i] for i in shards])
+    if plan is None:
       return _load_overlapped(tf, tree, lambda: run(shards), cancel, tags,
                               options)
-    run(shards)
-    return tf.saved_model.load(tree.publish(), tags=tags)
+
+    plan.allocate()
+
+    def decrypt_shard(i):  # straight into the variables' tensors
+      e = entries[i]
+      write = plan.writer(plan.shard_names.index(e.path))
+
+      def sink(mv):
+        if cancel.is_set():
+          raise _Cancelled()
+        write(mv)
+      package_lib._decrypt_payload(src, h, keys, i, e, sink)  # pylint: disable=protected-access
+
+    def decrypt_shards():
+      package_lib._run_parallel(  # pylint: disable=protected-access
+          decrypt_shard, sorted(shards, key=lambda i: -entries[i].size),
+          workers)
+
+    def restore(model):
+      try:
+        n = plan.restore(model)
+        _LOG.debug('load_model: %d variables restored in place', n)
+        return model
+      except _restore.NotRestorable as e:
+        _LOG.debug('load_model: variables restored by TensorFlow (%s)',
+                      _text.printable(str(e), 200))
+      for k, path in enumerate(plan.shard_names):  # the same verified bytes
+        fd = tree.create(path)
+        for piece in plan.shard_pieces(k):
+          _fsutil.write_all(fd, piece)
+        tree.done(path)
+      plan.release()
+      return _restore_from_files(tf, tree, model, tags)
+
+    try:
+      return _load_overlapped(tf, tree, decrypt_shards, cancel, tags,
+                              options, restore=restore)
+    finally:
+      plan.release()
 
 
 #: The files only the checkpoint restore reads (TensorFlow's naming).
@@ -124,13 +176,26 @@ def _skip_checkpoint_options(tf, tree, tags):
   return options
 
 
+def _memory_plan(_restore, tree, shard_entries):
+  """How to decrypt the variables shards straight into the variables'
+  memory (`_restore`), or None to restore them from memory files."""
+  try:
+    index = tree.read('variables/variables.index')
+  except (KeyError, RuntimeError, OSError):
+    return None
+  return _restore.plan(index, {e.path: e.size for e in shard_entries})
+
+
 def _load_overlapped(tf, tree, decrypt_shards: Callable[[], None],
-                     cancel: threading.Event, tags, options):
+                     cancel: threading.Event, tags, options,
+                     restore: Optional[Callable[[object], object]] = None):
   """Load the graph while the variables shards decrypt, then restore them.
 
   TensorFlow only ever sees verified files: the graph load gets the links
   the caller published (every file but the shards), the shards are linked
-  once every one of them passed its digests.
+  once every one of them passed its digests. With `restore`, the shards
+  were decrypted somewhere else (into the variables' memory) and
+  `restore(model)` finishes the load instead.
   """
   failures: List[BaseException] = []
 
@@ -160,7 +225,14 @@ def _load_overlapped(tf, tree, decrypt_shards: Callable[[], None],
   worker.join()
   if failures:
     raise failures[0]
-  tree.publish()
+  if restore is not None:
+    return restore(model)
+  return _restore_from_files(tf, tree, model, tags)
+
+
+def _restore_from_files(tf, tree, model, tags):
+  """Restore `model`'s variables from the (verified) memory files."""
+  root = tree.publish()
   prefix = os.path.join(root, 'variables', 'variables')
   try:
     with tf.init_scope():

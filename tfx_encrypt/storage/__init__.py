@@ -8,7 +8,11 @@ A few verbs, the same for every store (docs/OBJECT_STORES.md):
   while it is read is an error, never a mix of two versions. Memory is one
   chunk (:data:`CHUNK_SIZE`) per reader.
 * :func:`exists`, :func:`list_names` (every object under a prefix),
-  :func:`delete` (missing is fine).
+  :func:`list_objects` (the same, with each object's size, version and
+  change time), :func:`delete` (missing is fine).
+* :func:`open_writer` (`uri`, `size`) -> :class:`Writer`: a streamed
+  create-only upload (S3 multipart / GCS resumable) that exists only once
+  committed; memory is one part per writer.
 * :func:`put` (payload objects: may replace) and :func:`put_create_only`
   (the commit point: fails with :class:`ObjectExistsError` if the object
   exists; S3 `If-None-Match: *` on PutObject, GCS `ifGenerationMatch=0`, a
@@ -21,11 +25,12 @@ URI is used: the core stays free of TensorFlow and cloud SDKs
 """
 
 from tfx_encrypt.storage._base import (  # noqa: F401
-    CHUNK_SIZE, REMOTE_SCHEMES, Data, ObjectExistsError, Reader, ReaderFile,
-    is_remote, join, local_path, scheme_of, split)
+    CHUNK_SIZE, REMOTE_SCHEMES, Data, ObjectChangedError, ObjectExistsError,
+    ObjectInfo, Reader, ReaderFile, Writer, is_dir_marker, is_remote, join,
+    local_path, scheme_of, split)
 from tfx_encrypt.storage._verbs import (  # noqa: F401
-    delete, exists, list_names, list_sizes, open_reader, put, put_create_only,
-    reset_clients)
+    delete, exists, list_names, list_objects, list_sizes, open_reader,
+    open_writer, put, put_create_only, reset_clients)
 # The clients, for tests that prepare buckets on the emulators.
 from tfx_encrypt.storage._google import _gcs  # noqa: F401  pylint: disable=unused-import
 from tfx_encrypt.storage._aws import _s3  # noqa: F401  pylint: disable=unused-import

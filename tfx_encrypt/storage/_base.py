@@ -4,8 +4,9 @@ import errno
 import io
 import os
 import re
+import dataclasses
 import threading
-from typing import BinaryIO, Tuple, Union
+from typing import BinaryIO, Optional, Tuple, Union
 
 from tfx_encrypt import _text
 from tfx_encrypt import errors
@@ -25,6 +26,28 @@ Data = Union[bytes, bytearray, memoryview, BinaryIO]
 
 class ObjectExistsError(errors.OutputExistsError):
   """A create-only write found the object already there (another writer)."""
+
+
+class ObjectChangedError(errors.TamperedPackageError):
+  """An object was replaced or removed since it was listed or opened: a
+  pinned read refuses to mix two versions."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+  """One listed object: its size, the version it was listed at (S3 ETag,
+  GCS generation; None locally) and its last change (seconds since the
+  epoch; 0 if the store did not say)."""
+  size: int
+  version: Optional[str] = None
+  mtime: float = 0.0
+
+
+def is_dir_marker(name: str, size: int) -> bool:
+  """A zero-byte object named like a directory (`''` for the prefix
+  itself, or ending in `/`): what `tf.io.gfile.makedirs`, the consoles and
+  `gsutil` create for "folders". It holds nothing; readers skip it."""
+  return size == 0 and (name == '' or name.endswith('/'))
 
 
 def scheme_of(uri: str) -> str:
@@ -80,6 +103,10 @@ class Reader:
     n = self.read_into(buf, offset)
     return bytes(buf[:n])
 
+  def check_unchanged(self) -> None:
+    """Raise ObjectChangedError if the object is no longer the version
+    opened (where the store itself does not enforce the pin)."""
+
   def close(self) -> None:
     pass
 
@@ -88,6 +115,27 @@ class Reader:
 
   def __exit__(self, *exc):
     self.close()
+
+
+class Writer:
+  """A streamed upload of one object of a known size (create-only).
+
+  `write(data)` copies what it is given (callers reuse their buffers);
+  `commit()` publishes the object, refusing an existing one
+  (:class:`ObjectExistsError`); `abort()` drops it (nothing is published).
+  Memory: one part (S3) or chunk (GCS) per writer.
+  """
+
+  uri: str = ''
+
+  def write(self, data) -> None:
+    raise NotImplementedError
+
+  def commit(self) -> None:
+    raise NotImplementedError
+
+  def abort(self) -> None:
+    pass
 
 
 class ReaderFile(io.RawIOBase):
@@ -118,6 +166,41 @@ class ReaderFile(io.RawIOBase):
     return self._pos
 
 
+class _BufferFile(io.RawIOBase):
+  """A seekable read-only file over a memoryview (an upload body that is
+  not copied)."""
+
+  def __init__(self, view: memoryview):
+    super().__init__()
+    self._v, self._pos = view, 0
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    n = min(len(b), len(self._v) - self._pos)
+    if n <= 0:
+      return 0
+    memoryview(b).cast('B')[:n] = self._v[self._pos:self._pos + n]
+    self._pos += n
+    return n
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos,
+            io.SEEK_END: len(self._v)}[whence]
+    self._pos = base + offset
+    return self._pos
+
+  def tell(self) -> int:
+    return self._pos
+
+  def __len__(self) -> int:
+    return len(self._v)
+
+
 class _ChunkedReader(Reader):
   """A remote object read through ranged requests of CHUNK_SIZE bytes."""
 
@@ -125,11 +208,21 @@ class _ChunkedReader(Reader):
     self.uri, self.size = uri, size
     self._chunk_start = -1
     self._chunk = b''
+    self._buf = None  # one chunk, reused
     self._lock = threading.Lock()
 
   def _fetch(self, start: int, end: int) -> bytes:
     """Bytes [start, end) of the pinned object version."""
     raise NotImplementedError
+
+  def _fetch_into(self, start: int, end: int, out: memoryview) -> int:
+    """Bytes [start, end) into `out`; returns how many came. Stores that
+    can stream override it, so no chunk-sized object is allocated per
+    request (with threads, glibc keeps such blocks: RSS would grow)."""
+    data = self._fetch(start, end)
+    n = min(len(data), len(out))
+    out[:n] = data[:n]
+    return len(data)
 
   def read_into(self, buf, offset: int) -> int:
     mv = memoryview(buf).cast('B')
@@ -141,18 +234,23 @@ class _ChunkedReader(Reader):
                 self._chunk_start + len(self._chunk)):
           start = pos
           end = min(self.size, start + max(CHUNK_SIZE, 0))
+          if self._buf is None:
+            self._buf = bytearray(min(CHUNK_SIZE, self.size))
+          self._chunk_start, self._chunk = -1, b''
           try:
-            data = self._fetch(start, end)
+            came = self._fetch_into(start, end,
+                                    memoryview(self._buf)[:end - start])
           except Exception as e:  # pylint: disable=broad-except
             mapped = _as_os_error(e, self.uri)
             if mapped is e:
               raise
             raise mapped from e
-          if len(data) != end - start:
+          if came != end - start:
             raise errors.TamperedPackageError(
                 f'{_text.printable(self.uri)} changed or was truncated while '
                 'it was being read; fetch a fresh copy')
-          self._chunk_start, self._chunk = start, data
+          self._chunk_start = start
+          self._chunk = memoryview(self._buf)[:end - start]
         i = pos - self._chunk_start
         n = min(len(mv) - got, len(self._chunk) - i)
         mv[got:got + n] = self._chunk[i:i + n]
@@ -162,6 +260,7 @@ class _ChunkedReader(Reader):
   def close(self) -> None:
     self._chunk = b''
     self._chunk_start = -1
+    self._buf = None
 
 
 def _as_stream(data: Data) -> Tuple[BinaryIO, int]:
@@ -224,6 +323,22 @@ def _translating(fn):
       return fn(uri, *args, **kwargs)
     except Exception as e:  # pylint: disable=broad-except
       mapped = _as_os_error(e, os.fspath(uri))
+      if mapped is e:
+        raise
+      raise mapped from e
+  return wrapper
+
+
+def _translating_method(fn):
+  """The same for a method of an object with a `uri` (writers)."""
+  import functools  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(fn)
+  def wrapper(self, *args, **kwargs):
+    try:
+      return fn(self, *args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      mapped = _as_os_error(e, self.uri)
       if mapped is e:
         raise
       raise mapped from e

@@ -9,7 +9,7 @@ from typing import Dict
 from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.storage._base import (
-    CHUNK_SIZE, Data, ObjectExistsError, Reader, _as_stream)
+    CHUNK_SIZE, Data, ObjectExistsError, ObjectInfo, Reader, _as_stream)
 
 
 _READ_FLAGS = (os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
@@ -95,4 +95,17 @@ def _local_list(prefix: str) -> Dict[str, int]:
       p = os.path.join(dirpath, n)
       out[os.path.relpath(p, root).replace(os.sep, '/')] = os.lstat(
           p).st_size
+  return out
+
+
+def _local_list_info(prefix: str) -> Dict[str, ObjectInfo]:
+  root = prefix.rstrip('/')
+  if not os.path.isdir(root):
+    return {}
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for n in names:
+      st = os.lstat(os.path.join(dirpath, n))
+      out[os.path.relpath(os.path.join(dirpath, n), root).replace(
+          os.sep, '/')] = ObjectInfo(st.st_size, None, st.st_mtime)
   return out

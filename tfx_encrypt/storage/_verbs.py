@@ -1,18 +1,27 @@
 """The verbs, by scheme; SDK errors become one-line OSErrors."""
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
+from tfx_encrypt import errors
 from tfx_encrypt.storage._base import (
-    Data, Reader, _translating, is_remote, local_path, split)
-from tfx_encrypt.storage._local import _LocalReader, _local_list, _local_put
+    Data, ObjectInfo, Reader, Writer, _translating, is_remote, local_path,
+    split)
+from tfx_encrypt.storage._local import (
+    _LocalReader, _local_list, _local_list_info, _local_put)
 from tfx_encrypt.storage._aws import (
-    _S3Reader, _clients, _clients_lock, _s3, _s3_exists, _s3_list, _s3_put)
-from tfx_encrypt.storage._google import _GcsReader, _gcs, _gcs_put, _generation
+    _S3Reader, _S3Writer, _clients, _clients_lock, _s3, _s3_exists, _s3_list,
+    _s3_list_info, _s3_put)
+from tfx_encrypt.storage._google import (
+    _GcsReader, _GcsWriter, _gcs, _gcs_list_info, _gcs_put, _generation)
 
 
 @_translating
-def open_reader(uri: str) -> Reader:
+def open_reader(uri: str, version: Optional[str] = None) -> Reader:
   """Open an object (or a local regular file) for ranged reads.
+
+  `version` (from :func:`list_objects`) pins the reader to the version
+  that was listed: if the object was replaced or removed since, this (or a
+  later read) raises ObjectChangedError instead of reading the new one.
 
   Raises:
     FileNotFoundError: no such object or file.
@@ -23,8 +32,35 @@ def open_reader(uri: str) -> Reader:
     return _LocalReader(local_path(uri))
   s, bucket, key = split(uri)
   if s == 's3':
-    return _S3Reader(uri, bucket, key)
-  return _GcsReader(uri, bucket, key)
+    return _S3Reader(uri, bucket, key, version)
+  return _GcsReader(uri, bucket, key, version)
+
+
+@_translating
+def open_writer(uri: str, size: int) -> Writer:
+  """A create-only streamed upload of `size` bytes to a `s3://` / `gs://`
+  object (docs/OBJECT_STORES.md): nothing exists before `commit()`, which
+  raises ObjectExistsError if the object exists; `abort()` drops it."""
+  uri = os.fspath(uri)
+  if not is_remote(uri):
+    raise errors.UsageError('open_writer writes s3:// and gs:// objects only')
+  s, bucket, key = split(uri)
+  if s == 's3':
+    return _S3Writer(uri, bucket, key, size)
+  return _GcsWriter(uri, bucket, key, size)
+
+
+@_translating
+def list_objects(prefix_uri: str) -> Dict[str, ObjectInfo]:
+  """{name relative to `prefix_uri/`: ObjectInfo} of every object under it,
+  in one listing: sizes, versions (to pin readers to) and change times."""
+  if not is_remote(prefix_uri):
+    return _local_list_info(local_path(prefix_uri))
+  s, bucket, key = split(prefix_uri)
+  prefix = key.rstrip('/') + '/' if key.strip('/') else ''
+  if s == 's3':
+    return _s3_list_info(bucket, prefix)
+  return _gcs_list_info(bucket, prefix)
 
 
 @_translating

@@ -37,10 +37,12 @@ from absl import logging
 from tfx import types
 from tfx.components.pusher import executor as pusher_executor
 from tfx.types import artifact_utils
+from tfx.utils import path_utils
 
 from tfx_encrypt import _text
 from tfx_encrypt import audit
 from tfx_encrypt import mlmd_names
+from tfx_encrypt import storage
 from tfx_encrypt.components.encrypt_pusher import kfp_v2
 from tfx_encrypt.components.encrypt_pusher import params as params_lib
 from tfx_encrypt.components.encrypt_pusher import push
@@ -52,6 +54,25 @@ def _info_get(info: Any, name: str, default=None):
   if isinstance(info, Mapping):
     return info.get(name, default)
   return getattr(info, name, default)
+
+
+def _remote_serving_model_path(uri: str, is_old_artifact: bool) -> str:
+  """tfx.utils.path_utils.serving_model_path on a store: the serving model
+  directory, or the only export of an Estimator's `export/NAME/TS/`."""
+  model_dir = path_utils.serving_model_dir(uri.rstrip('/'), is_old_artifact)
+  export_dir = storage.join(model_dir, 'export')
+  names = [n for n in storage.list_names(export_dir) if n.strip('/')]
+  if not names:
+    return model_dir
+  for _ in range(2):  # export/<name>/<timestamp>/
+    firsts = sorted({n.split('/', 1)[0] for n in names})
+    if len(firsts) != 1:
+      raise RuntimeError(f'expected exactly one directory under '
+                         f'{_text.printable(export_dir)}, found '
+                         f'{len(firsts)}')
+    export_dir = storage.join(export_dir, firsts[0])
+    names = [n.split('/', 1)[1] for n in names if '/' in n]
+  return export_dir
 
 
 def _audited(do):
@@ -156,6 +177,18 @@ class Executor(pusher_executor.Executor):
       self._MarkPushed(artifact, pushed_destination=destination,
                        pushed_version=version)
 
+  def GetModelPath(self, input_dict: Dict[str, List[types.Artifact]]) -> str:
+    """The Pusher's model path; for a model on `gs://` / `s3://` found with
+    the object-store SDKs (tfx_encrypt.storage) instead of tf.io.gfile,
+    which may not reach that store (docs/OBJECT_STORES.md)."""
+    models = input_dict.get(spec.MODEL_KEY)
+    if models:
+      model = artifact_utils.get_single_instance(models)
+      if storage.is_remote(model.uri):
+        return _remote_serving_model_path(
+            model.uri, path_utils.is_old_model_artifact(model))
+    return super().GetModelPath(input_dict)
+
   # -- pieces a subclass (the Beam executor) can override ------------------
 
   def EncryptionContext(self, input_dict: Dict[str, List[types.Artifact]],
@@ -224,7 +257,8 @@ class Executor(pusher_executor.Executor):
   def EncryptModel(self, model_dir: str, package: str,
                    params: params_lib.Params,
                    context: Mapping[str, str]) -> Any:
-    """Encrypts the local SavedModel directory `model_dir` into `package`."""
+    """Encrypts the SavedModel directory `model_dir` (a local path, or a
+    `gs://` / `s3://` URI, streamed) into `package` (a path or URI)."""
     from tfx_encrypt import package as package_lib  # pylint: disable=g-import-not-at-top
     return package_lib.encrypt_model(model_dir, package, context=dict(context),
                                      **params.package_options())

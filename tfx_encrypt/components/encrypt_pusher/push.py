@@ -1,7 +1,9 @@
 """Where an EncryptPusher package goes: the artifact, then `<base>/<version>/`.
 
-`encrypt_to_artifact` stages the package next to the `EncryptedModel`
-artifact directory and publishes it there; `push_package` pushes it with the
+`encrypt_to_artifact` writes the package into the `EncryptedModel`
+artifact (staged next to a local one and renamed; streamed straight into
+one on `gs://` / `s3://`; a model on `gs://` / `s3://` is read from the
+store, never staged as plaintext); `push_package` pushes it with the
 TFX Pusher's versioning (a Unix timestamp, `str(int(time.time()))`) and
 tfx-encrypt's publication rules (docs/SECURITY.md):
 
@@ -143,6 +145,17 @@ def push_package(package_path: str,
       destination.
   """
   start = int(version) if version is not None else int(time.time())
+  if storage.is_remote(package_path) and not storage.is_remote(
+      base_directory):
+    # The package is on a store (a remote EncryptedModel artifact): its
+    # ciphertext is copied into the local or tf.io.gfile destination.
+    staging = tempfile.mkdtemp(prefix='tfx-encrypt-ciphertext-')
+    try:
+      local = os.path.join(staging, 'package')
+      _download_package(package_path, local)
+      return push_package(local, base_directory, version=str(start))
+    finally:
+      _fsutil.remove_tree(staging)
   if is_local_path(base_directory):
     _, v = _push_local(package_path, local_path(base_directory), start)
     return os.path.join(base_directory, v), v  # as the user spelled it
@@ -221,9 +234,12 @@ def _push_remote(package_path: str, base: str, start: int
 
 
 def _package_objects(package_path: str
-                     ) -> Tuple[list, Tuple[str, str]]:
-  """The objects of a local package, in push order: ([(local file, object
-  name), ...] of the payloads, (local file, name) of the commit object)."""
+                     ) -> Tuple[list, Tuple[Any, str]]:
+  """The objects of a package, in push order: ([(source, object name), ...]
+  of the payloads, (source, name) of the commit object). A source is a
+  local file path, or (URI, listed version) for a package on a store."""
+  if storage.is_remote(package_path):
+    return _remote_package_objects(package_path.rstrip('/'))
   header = os.path.join(package_path, 'tfxe.header')
   if os.path.isfile(header):
     pdir = os.path.join(package_path, 'payload')
@@ -240,6 +256,71 @@ def _package_objects(package_path: str
   raise errors.UsageError(
       f'{_text.printable(package_path)} holds neither a package nor a '
       f'{spec.BUNDLE_FILE_NAME}')
+
+
+def _remote_package_objects(uri: str) -> Tuple[list, Tuple[Any, str]]:
+  listing = {n: i for n, i in storage.list_objects(uri).items()
+             if not storage.is_dir_marker(n, i.size)}
+  names = sorted(listing)
+  src = lambda n: (storage.join(uri, n), listing[n].version)  # pylint: disable=unnecessary-lambda-assignment
+  if names == [spec.BUNDLE_FILE_NAME]:
+    return [], (src(spec.BUNDLE_FILE_NAME), spec.BUNDLE_FILE_NAME)
+  payloads = [n for n in names if _PAYLOAD_OBJECT_RE.fullmatch(n)]
+  if 'tfxe.header' not in names or not payloads or len(payloads) + 1 != len(
+      names):
+    raise errors.UsageError(
+        f'{_text.printable(uri)} holds neither a package nor a '
+        f'{spec.BUNDLE_FILE_NAME}')
+  return [(src(n), n) for n in payloads], (src('tfxe.header'), 'tfxe.header')
+
+
+def _put_create_only_from(source, uri: str) -> None:
+  """Write the object `uri` create-only from a local file, or by a
+  streamed copy of an object pinned to its listed version (no staging;
+  memory: one read chunk and one upload part)."""
+  if isinstance(source, str):
+    with open(source, 'rb') as f:
+      storage.put_create_only(uri, f)
+    return
+  src_uri, version = source
+  with storage.open_reader(src_uri, version=version) as r:
+    w = storage.open_writer(uri, r.size)
+    try:
+      buf = memoryview(bytearray(storage.CHUNK_SIZE))
+      off = 0
+      while off < r.size:
+        n = r.read_into(buf[:min(len(buf), r.size - off)], off)
+        if n <= 0:
+          raise errors.TamperedPackageError(
+              f'{_text.printable(src_uri)} was truncated while it was copied')
+        w.write(buf[:n])
+        off += n
+      r.check_unchanged()
+      w.commit()
+    except BaseException:
+      w.abort()
+      raise
+
+
+def _download_package(uri: str, dst: str) -> None:
+  """Copy a package on a store (its ciphertext) into the new local `dst`."""
+  payloads, commit = _package_objects(uri)
+  os.mkdir(dst, 0o700)
+  for (src_uri, version), name in payloads + [commit]:
+    path = os.path.join(dst, *name.split('/'))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with storage.open_reader(src_uri, version=version) as r, open(
+        path, 'xb') as f:
+      buf = memoryview(bytearray(storage.CHUNK_SIZE))
+      off = 0
+      while off < r.size:
+        n = r.read_into(buf[:min(len(buf), r.size - off)], off)
+        if n <= 0:
+          raise errors.TamperedPackageError(
+              f'{_text.printable(src_uri)} was truncated while it was copied')
+        f.write(buf[:n])
+        off += n
+      r.check_unchanged()
 
 
 def _push_object_store(package_path: str, base: str, start: int
@@ -264,10 +345,9 @@ def _push_object_store(package_path: str, base: str, start: int
       continue
     written = []
     try:
-      for local, name in payloads + [commit]:
+      for source, name in payloads + [commit]:
         uri = storage.join(target, name)
-        with open(local, 'rb') as f:
-          storage.put_create_only(uri, f)
+        _put_create_only_from(source, uri)
         written.append(uri)
     except storage.ObjectExistsError:
       _delete_objects(written)
@@ -304,30 +384,37 @@ def _store_holds_package_or_debris(uri: str, names) -> bool:
     return r.read_range(0, len(header.MAGIC)) == header.MAGIC
 
 
-def _publish_artifact_to_store(pkg_root: str, uri: str) -> None:
-  """Write the EncryptedModel artifact's package to `gs://` / `s3://`.
+def _clear_artifact_on_store(uri: str) -> None:
+  """Make the EncryptedModel artifact URI on `gs://` / `s3://` ready.
 
   TFX gives each execution its own artifact URI; an earlier attempt of this
   execution may have left a package (or its payloads) there, which is
-  replaced: header first, so it stops being a package before its payloads
-  go. Anything else there is refused. Then the payload objects and the
-  header (or bundle) are written create-only, as a push does; on failure
-  the objects written are deleted.
+  removed: header first, so it stops being a package before its payloads
+  go. Zero-byte folder objects (`uri/`, what tf.io.gfile.makedirs writes
+  when TFX creates the output directory) hold nothing and stay. Anything
+  else there is refused before a byte is written.
   """
-  names = storage.list_names(uri)
+  names = [n for n, size in storage.list_sizes(uri).items()
+           if not storage.is_dir_marker(n, size)]
   if names:
-    if not _store_holds_package_or_debris(uri, names):
+    if not _store_holds_package_or_debris(uri, sorted(names)):
       raise errors.OutputExistsError(
           f'the EncryptedModel artifact {_text.printable(uri)} already has '
           'content; tfx-encrypt never replaces what it did not write')
     _delete_objects([storage.join(uri, n) for n in sorted(
         names, key=lambda n: n in ('tfxe.header', spec.BUNDLE_FILE_NAME))])
+
+
+def _publish_artifact_to_store(pkg_root: str, uri: str) -> None:
+  """Write a locally staged package (ciphertext) into the EncryptedModel
+  artifact on `gs://` / `s3://`, create-only, as a push does; on failure
+  the objects written are deleted."""
+  _clear_artifact_on_store(uri)
   payloads, commit = _package_objects(pkg_root)
   written = []
   try:
-    for local, name in payloads + [commit]:
-      with open(local, 'rb') as f:
-        storage.put_create_only(storage.join(uri, name), f)
+    for source, name in payloads + [commit]:
+      _put_create_only_from(source, storage.join(uri, name))
       written.append(storage.join(uri, name))
   except BaseException:
     _delete_objects(written)
@@ -348,32 +435,52 @@ def _delete_objects(uris) -> None:
 def encrypt_to_artifact(model_path: str, artifact_uri: str, bundle: bool,
                         encrypt: Callable[[str, str], Any]
                         ) -> Iterator[Tuple[Any, str]]:
-  """Runs `encrypt(model_dir, package)`; `artifact_uri` then holds the package.
+  """Runs `encrypt(model, package)`; `artifact_uri` then holds the package.
 
-  The package is written into a temporary sibling of the artifact directory
-  and renamed into place (or, for a remote pipeline root, staged locally
-  and copied; to `gs://` / `s3://` create-only, header last, see
-  `_publish_artifact_to_store`), so a failed run never leaves a partial
-  package. A remote
-  model is fetched into the private (0700) staging directory first, since
-  the package API reads a local directory, and deleted right after.
+  No plaintext is staged for a model on `gs://` / `s3://`: `encrypt` gets
+  its URI and `package.encrypt_model` streams it (ranged reads pinned to
+  the listed versions; docs/OBJECT_STORES.md). Where the package goes:
+
+  * a local artifact: into a temporary sibling of the artifact directory,
+    renamed into place, so a failed run never leaves a partial package;
+  * an artifact on `gs://` / `s3://`: straight into it, payload objects
+    then the header (or the bundle object) create-only, deleted again on
+    failure (what an earlier attempt of this execution left is removed
+    first, anything else refused: `_clear_artifact_on_store`). A bundle's
+    ciphertext is staged locally by `encrypt_model` (its header comes
+    first in the object); plaintext never is;
+  * another tf.io.gfile scheme: staged locally (ciphertext), then copied.
+
+  A model on another tf.io.gfile scheme (not `gs://`, `s3://`, a path)
+  is still copied into a private (0700) staging directory first and
+  deleted right after: the package API reads those schemes only locally.
 
   Args:
-    model_path: the model directory, local or any tf.io.gfile scheme.
+    model_path: the model directory: a path, `gs://`, `s3://`, or any
+      tf.io.gfile scheme.
     artifact_uri: the EncryptedModel artifact directory.
     bundle: write `spec.BUNDLE_FILE_NAME` inside the artifact directory
       instead of a directory package.
-    encrypt: called once with a local model directory and the package path
-      to create; its result is yielded.
+    encrypt: called once with the model (a local directory or a `gs://` /
+      `s3://` URI) and the package path or URI to create; its result is
+      yielded.
 
   Yields:
-    (what `encrypt` returned, path of a local copy of the package to push
-    from); the local staging is removed when the context exits.
+    (what `encrypt` returned, the package to push from: a local path, or
+    the artifact's `gs://` / `s3://` URI).
 
   Raises:
     OutputExistsError: a remote artifact directory holds something that is
       neither empty nor a package.
   """
+  if storage.is_remote(artifact_uri):  # gs://, s3://: streamed, create-only
+    uri = artifact_uri.rstrip('/')
+    _clear_artifact_on_store(uri)
+    package = storage.join(uri, spec.BUNDLE_FILE_NAME) if bundle else uri
+    with _model_source(model_path) as src:
+      info = encrypt(src, package)
+    yield info, uri
+    return
   local_artifact = is_local_path(artifact_uri)
   if local_artifact:
     uri = local_path(artifact_uri).rstrip('/')
@@ -384,30 +491,19 @@ def encrypt_to_artifact(model_path: str, artifact_uri: str, bundle: bool,
   else:
     staging_root = tempfile.mkdtemp(prefix='tfx-encrypt-staging-')
   try:
-    if is_local_path(model_path):
-      src = local_path(model_path)
-    else:
-      src = os.path.join(staging_root, 'plaintext-model')
-      io_utils.copy_dir(model_path, src)
     pkg_root = os.path.join(staging_root, 'package')
     if bundle:
       os.makedirs(pkg_root)
       package = os.path.join(pkg_root, spec.BUNDLE_FILE_NAME)
     else:
       package = pkg_root
-    try:
+    with _model_source(model_path) as src:
       info = encrypt(src, package)
-    finally:
-      if src.startswith(staging_root + os.sep):
-        _fsutil.remove_tree(src)
     if local_artifact:
       if os.path.isdir(uri) and not os.listdir(uri):
         os.rmdir(uri)  # TFX pre-creates output dirs; replace the empty one.
       rename_noreplace(pkg_root, uri)
       yield info, uri
-    elif storage.is_remote(artifact_uri):  # gs://, s3://: create-only
-      _publish_artifact_to_store(pkg_root, artifact_uri)
-      yield info, pkg_root
     else:
       if fileio.exists(artifact_uri):
         # TFX creates the output directory: replace it only empty, or
@@ -422,3 +518,24 @@ def encrypt_to_artifact(model_path: str, artifact_uri: str, bundle: bool,
       yield info, pkg_root
   finally:
     _fsutil.remove_tree(staging_root)
+
+
+@contextlib.contextmanager
+def _model_source(model_path: str) -> Iterator[str]:
+  """The model as `package.encrypt_model` reads it: a local path or a
+  `gs://` / `s3://` URI as it is (streamed, never staged); another
+  tf.io.gfile scheme copied into a private (0700) directory, removed on
+  exit."""
+  if is_local_path(model_path):
+    yield local_path(model_path)
+    return
+  if storage.is_remote(model_path):
+    yield model_path
+    return
+  staging = tempfile.mkdtemp(prefix='tfx-encrypt-model-')
+  try:
+    src = os.path.join(staging, 'plaintext-model')
+    io_utils.copy_dir(model_path, src)
+    yield src
+  finally:
+    _fsutil.remove_tree(staging)
