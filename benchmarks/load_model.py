@@ -23,7 +23,11 @@ Modes:
   plain        tf.saved_model.load(dir) + first prediction (the baseline)
   load_model   runtime.load_model(package) + first prediction (default hash)
   sha256       the same, package made with --hash sha256
-  ram_v1       the previous design, kept for the profile: iter_decrypted_files
+  memfd_v2     the second design, kept for the profile: every file, the
+               variables shard too, decrypted into memfds, then TensorFlow's
+               own restore reads the shard from there (load_model with the
+               in-place restore switched off)
+  ram_v1       the first design, kept for the profile: iter_decrypted_files
                into TensorFlow's ram:// filesystem, then tf.saved_model.load
   decrypt_only for the profile: verify, unwrap, decrypt and check both
                digests of every file (load_model's threads), into no sink
@@ -44,8 +48,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODES = ('plain', 'load_model', 'sha256', 'ram_v1', 'decrypt_only',
-         'memfd_only')
+MODES = ('plain', 'load_model', 'sha256', 'memfd_v2', 'ram_v1',
+         'decrypt_only', 'memfd_only')
 MODELS = ('keras', 'chain')
 
 _MAKE_KERAS = r'''
@@ -122,10 +126,17 @@ else:
   inputs = {'x': tf.random.stateless_normal([8, 4096], seed=[1, 2])}
 x = tf.random.stateless_normal([8, 4096], seed=[1, 2])
 tf.matmul(x, tf.ones([4096, 1]))  # the TF runtime warmed up for every mode
-if mode in ('load_model', 'sha256'):
+if mode == 'memfd_v2':
+  from tfx_encrypt.runtime import _restore
+  _restore.plan = lambda *args, **kwargs: None
+if mode in ('load_model', 'sha256', 'memfd_v2'):
+  from tfx_encrypt.runtime import _restore
   timed(package_lib, '_open_authenticated', 'verify+unwrap')
   timed(package_lib, '_run_parallel', 'decrypt+check')
-  timed(tf.saved_model, 'load', 'tf.saved_model.load')
+  timed(tf.saved_model, 'load', 'tf.saved_model.load (graph)')
+  timed(tf.train.Checkpoint, 'read', 'TensorFlow restore')
+  timed(_restore.Plan, 'allocate', 'allocate variables')
+  timed(_restore.Plan, 'restore', 'restore in place')
 base = status('VmRSS')
 t0 = time.perf_counter()
 if mode == 'plain':
@@ -211,7 +222,7 @@ def prepare(out, model_kind):
     p = f'{model}.{mode}.pkg'
     te.encrypt_model(model, p, recipients=[pub], force=True, **kw)
     pkgs[mode] = p
-  for mode in ('ram_v1', 'decrypt_only', 'memfd_only'):
+  for mode in ('memfd_v2', 'ram_v1', 'decrypt_only', 'memfd_only'):
     pkgs[mode] = pkgs['load_model']
   pkgs['plain'] = model
   for p in set(pkgs.values()):  # warm page cache for every input alike
