@@ -14,7 +14,7 @@ import os
 import queue
 import stat
 import threading
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from tfx_encrypt import _fsutil
 from tfx_encrypt import _text
@@ -63,6 +63,17 @@ _PIPELINE_DEPTH = 3
 _OPEN_PIPELINES = threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // 2))
 
 
+def pipelines_help(sizes: Iterable[int]) -> bool:
+  """Whether large files should each be spread over a pipeline of threads:
+  only while there are fewer large files than cores. With as many large
+  files as cores, the files alone keep every core busy and a pipeline's
+  thread hand-offs only add cost (decrypting 4 x 256 MiB on 2 cores: 1.18 x
+  `cp -r` with pipelines, 1.05 x without, docs/BENCHMARKS.md)."""
+  large = sum(1 for s in sizes
+              if streaming.num_segments(s) >= PIPELINE_MIN_SEGMENTS)
+  return large < (os.cpu_count() or 1)
+
+
 def _sink_of(out) -> Callable[[memoryview], None]:
   """A write(mv) for a file descriptor, or a storage.Writer (which copies)."""
   if isinstance(out, int):
@@ -72,7 +83,8 @@ def _sink_of(out) -> Callable[[memoryview], None]:
 
 def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
                  sc: streaming.StreamCipher, out_fd, hash_alg: str,
-                 progress: Progress) -> Tuple[str, str, int]:
+                 progress: Progress, pipeline: bool = True
+                 ) -> Tuple[str, str, int]:
   """Encrypt one stream into `out_fd` (a file descriptor, or a
   storage.Writer for a payload object). Returns (plaintext digest,
   ciphertext digest, size)."""
@@ -84,7 +96,7 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
   ch.update(sc.header)
   write(sc.header)
   total = len(sc.header)
-  if n < PIPELINE_MIN_SEGMENTS:
+  if n < PIPELINE_MIN_SEGMENTS or not pipeline:
     cipher = memoryview(_BUFS.cipher)
     for i in range(n):
       _signals.check()
@@ -267,7 +279,7 @@ def _open_stream(src: _Source, h: Header, keys: header_lib.DerivedKeys,
 def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
                      index: int, entry: FileEntry,
                      sink: Callable[[memoryview], None],
-                     progress: Progress = None) -> None:
+                     progress: Progress = None, pipeline: bool = True) -> None:
   """Open payload `index` segment by segment into `sink`, then check its
   plaintext digest. `sink` gets a reused buffer: copy it if you keep it."""
   ct_size = h.payloads[index][0]
@@ -293,7 +305,8 @@ def _decrypt_payload(src: _Source, h: Header, keys: header_lib.DerivedKeys,
       if progress:
         progress(len(mv))
 
-    if n >= PIPELINE_MIN_SEGMENTS and _OPEN_PIPELINES.acquire(blocking=False):
+    if (pipeline and n >= PIPELINE_MIN_SEGMENTS and
+        _OPEN_PIPELINES.acquire(blocking=False)):
       try:
         _open_pipelined(n, open_segment, [ph.update, deliver])
       finally:

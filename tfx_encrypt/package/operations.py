@@ -37,6 +37,7 @@ from tfx_encrypt.package.layout import (
 from tfx_encrypt.package._streams import (
     Progress, _check_ciphertext, _decrypt_file_table, _decrypt_payload,
     _file_reader, _open_source, _open_stream, _remote_file_reader,
+    pipelines_help,
     _run_parallel, _seal_stream, _segment_opener, default_workers)
 
 
@@ -224,6 +225,7 @@ def encrypt_model(src_dir, package, *,
     workers = min(workers, REMOTE_WORKERS)
   order = sorted(range(len(files)), key=lambda i: -files[i].size)
   results: Dict[int, Tuple[str, str, int]] = {}
+  pipeline = pipelines_help(f.size for f in files)
 
   def seal_into(i, out):
     f = files[i]
@@ -232,7 +234,7 @@ def encrypt_model(src_dir, package, *,
         with storage.open_reader(f.abspath, version=f.version) as reader:
           read_segment, check_eof = _remote_file_reader(reader, f, src_dir)
           results[i] = _seal_stream(read_segment, f.size, env.new_stream(i),
-                                    out, hash_alg, progress)
+                                    out, hash_alg, progress, pipeline)
           check_eof()
       except storage.ObjectChangedError:
         raise errors.UsageError(
@@ -244,7 +246,7 @@ def encrypt_model(src_dir, package, *,
     try:
       read_segment, check_eof = _file_reader(fd, f.path, f.size)
       results[i] = _seal_stream(read_segment, f.size, env.new_stream(i),
-                                out, hash_alg, progress)
+                                out, hash_alg, progress, pipeline)
       check_eof()
     finally:
       os.close(fd)
@@ -387,6 +389,7 @@ def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
       os.mkdir(os.path.join(tmp, *d.split('/')), 0o700)
 
     files = _fsutil.UnlinkedFiles(len(entries))
+    pipeline = pipelines_help(e.size for e in entries)
 
     def decrypt_one(i):
       e = entries[i]
@@ -394,7 +397,8 @@ def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
       out = files.create(path, 0o600)
       try:
         _decrypt_payload(src, h, keys, i, e,
-                         lambda mv: _fsutil.write_all(out, mv), progress)
+                         lambda mv: _fsutil.write_all(out, mv), progress,
+                         pipeline)
         if fsync:
           os.fsync(out)
       except OSError as err:
@@ -646,6 +650,7 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
   try:
     pdir = os.path.join(tmp, PAYLOAD_DIR)
     results = {}
+    pipeline = pipelines_help(e.size for e in entries)
 
     def rotate_one(i):
       e = entries[i]
@@ -656,7 +661,7 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
         outfd = _create(os.path.join(pdir, payload_name(i)), 0o644)
         try:
           results[i] = _seal_stream(read_segment, e.size, env.new_stream(i),
-                                    outfd, h.hash_alg, progress)
+                                    outfd, h.hash_alg, progress, pipeline)
         finally:
           os.close(outfd)
       finally:
