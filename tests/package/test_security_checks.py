@@ -767,3 +767,20 @@ def test_oci_pull_compares_config_facts_with_package(keys, model, tmp_path,
         oci.pull_package(registry.ref(f'models/facts:edit{n}'), out,
                          trusted=[keys.pub('ed')], insecure=True)
       _assert_nothing_at(out)
+
+
+def test_pipelines_only_while_fewer_large_files_than_cores(monkeypatch):
+  """Large files get a pipeline of threads only while fewer of them than
+  cores run at once; small files and files far smaller than the largest
+  do not count (docs/BENCHMARKS.md)."""
+  from tfx_encrypt.package import _streams
+  monkeypatch.setattr(_streams.os, 'cpu_count', lambda: 2)
+  mib = 1 << 20
+  help_ = _streams.pipelines_help
+  assert help_([1024 * mib], 4)  # one big shard: use both cores
+  assert help_([1024 * mib, 10 * mib], 4)  # plus a small asset
+  assert help_([1024 * mib] + [mib] * 100, 4)  # plus many small files
+  assert not help_([256 * mib] * 4, 4)  # the files fill the cores
+  assert not help_([256 * mib] * 2, 4)
+  assert help_([256 * mib] * 4, 1)  # one at a time: pipeline each
+  assert help_([], 4) and help_([mib], 4)

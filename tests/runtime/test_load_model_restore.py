@@ -119,6 +119,7 @@ class _WithTable(tf.Module):
   def __init__(self):
     super().__init__()
     self.w = tf.Variable(tf.range(1000, dtype=tf.float32))
+    self.empty = tf.Variable(tf.zeros([0, 4]))  # written back as no bytes
     self.table = tf.lookup.experimental.MutableHashTable(
         tf.int64, tf.int64, default_value=-1)
     self.table.insert(tf.constant([3, 4], tf.int64),
@@ -173,13 +174,19 @@ def test_tampered_shard_is_refused_before_any_variable_is_assigned(
   data = bytearray(shard.read_bytes())
   data[-100] ^= 1  # the last segment: everything before it decrypts fine
   shard.write_bytes(bytes(data))
-  restored = []
+  restored, allocated = [], []
+  real_allocate = _restore.Plan.allocate
+
+  def allocate(self):  # proves the in-place path was the one taken
+    allocated.append(self)
+    real_allocate(self)
+  monkeypatch.setattr(_restore.Plan, 'allocate', allocate)
   monkeypatch.setattr(_restore.Plan, 'restore',
                       lambda self, root: restored.append(root))
   with pytest.raises(errors.TamperedPackageError):
     runtime.load_model(pkg, identities=[keys.priv('x')],
                        trusted=[keys.pub('ed')])
-  assert restored == []
+  assert len(allocated) == 1 and restored == []
 
 
 def test_index_reader_agrees_with_tensorflow(tmp_path):

@@ -63,15 +63,20 @@ _PIPELINE_DEPTH = 3
 _OPEN_PIPELINES = threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // 2))
 
 
-def pipelines_help(sizes: Iterable[int]) -> bool:
+def pipelines_help(sizes: Iterable[int], workers: int) -> bool:
   """Whether large files should each be spread over a pipeline of threads:
-  only while there are fewer large files than cores. With as many large
-  files as cores, the files alone keep every core busy and a pipeline's
-  thread hand-offs only add cost (decrypting 4 x 256 MiB on 2 cores: 1.18 x
-  `cp -r` with pipelines, 1.05 x without, docs/BENCHMARKS.md)."""
-  large = sum(1 for s in sizes
-              if streaming.num_segments(s) >= PIPELINE_MIN_SEGMENTS)
-  return large < (os.cpu_count() or 1)
+  only while fewer large files than cores run at once. With as many large
+  files as cores in flight, the files alone keep every core busy and a
+  pipeline's thread hand-offs only add cost (encrypting / decrypting
+  4 x 256 MiB on 2 cores: 1.32 / 1.27 x `cp -r` with pipelines, 1.12 /
+  1.15 x without, docs/BENCHMARKS.md). Files under a quarter of the largest
+  one do not count: they finish early and leave it alone on the cores."""
+  sizes = [s for s in sizes
+           if streaming.num_segments(s) >= PIPELINE_MIN_SEGMENTS]
+  if not sizes:
+    return True
+  large = sum(1 for s in sizes if 4 * s >= max(sizes))
+  return min(large, max(1, workers)) < (os.cpu_count() or 1)
 
 
 def _sink_of(out) -> Callable[[memoryview], None]:

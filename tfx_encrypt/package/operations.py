@@ -225,7 +225,7 @@ def encrypt_model(src_dir, package, *,
     workers = min(workers, REMOTE_WORKERS)
   order = sorted(range(len(files)), key=lambda i: -files[i].size)
   results: Dict[int, Tuple[str, str, int]] = {}
-  pipeline = pipelines_help(f.size for f in files)
+  pipeline = pipelines_help((f.size for f in files), workers)
 
   def seal_into(i, out):
     f = files[i]
@@ -389,7 +389,8 @@ def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
       os.mkdir(os.path.join(tmp, *d.split('/')), 0o700)
 
     files = _fsutil.UnlinkedFiles(len(entries))
-    pipeline = pipelines_help(e.size for e in entries)
+    pipeline = pipelines_help((e.size for e in entries),
+                              workers or default_workers())
 
     def decrypt_one(i):
       e = entries[i]
@@ -650,7 +651,8 @@ def rotate_package(package, out, *, identities: Sequence[KeyLike],
   try:
     pdir = os.path.join(tmp, PAYLOAD_DIR)
     results = {}
-    pipeline = pipelines_help(e.size for e in entries)
+    pipeline = pipelines_help((e.size for e in entries),
+                              workers or default_workers())
 
     def rotate_one(i):
       e = entries[i]

@@ -37,6 +37,7 @@ TensorFlow never uses a byte of a shard before the whole shard passed its
 digests, exactly as with its own restore.
 """
 
+import collections
 import ctypes
 import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -49,6 +50,10 @@ _TABLE_MAGIC = 0xdb4775248b80fb57
 _FOOTER_SIZE = 48
 _BLOCK_TRAILER = 5
 _DT_STRING = 7
+#: Tensor names longer than this are not restored from memory (TensorFlow's
+#: own keys are object paths: far shorter); with the data blocks required
+#: in order and disjoint, reading an index is linear in its size.
+_MAX_KEY = 4096
 #: DataType enum values restored from memory: numeric types numpy and
 #: DLPack share (bool, bfloat16, quantized and string types are not).
 _NUMERIC = {
@@ -96,7 +101,8 @@ def _entries(block: memoryview):
     shared, pos = _varint(block, pos, limit)
     unshared, pos = _varint(block, pos, limit)
     vlen, pos = _varint(block, pos, limit)
-    if shared > len(key) or pos + unshared + vlen > limit:
+    if (shared > len(key) or pos + unshared + vlen > limit or
+        shared + unshared > _MAX_KEY):
       raise NotRestorable('bad entry in the variables index')
     key = key[:shared] + bytes(block[pos:pos + unshared])
     pos += unshared
@@ -116,9 +122,13 @@ def read_index(data: bytes) -> Tuple[object, Dict[str, object]]:
   index_off, pos = _varint(data, pos, len(data) - 8)
   index_size, pos = _varint(data, pos, len(data) - 8)
   header, entries = None, {}
+  next_block = 0  # data blocks: in order, disjoint, before the index block
   for _, handle in _entries(_block(data, index_off, index_size)):
     off, p = _varint(handle, 0, len(handle))
     size, _ = _varint(handle, p, len(handle))
+    if off < next_block or off + size + _BLOCK_TRAILER > index_off:
+      raise NotRestorable('data blocks out of order in the variables index')
+    next_block = off + size + _BLOCK_TRAILER
     for key, value in _entries(_block(data, off, size)):
       try:
         if key == b'':
@@ -180,6 +190,7 @@ class Plan:
     self._tensors: Dict[str, object] = {}
     self._graph = bytearray(entries[OBJECT_GRAPH_KEY].size)
     self._spans: Dict[int, List[Tuple[int, int, int]]] = {}
+    self._written: Dict[int, List[int]] = {}
 
   def allocate(self) -> None:
     """Allocate every variable's tensor, uninitialized (TensorFlow's own
@@ -205,9 +216,15 @@ class Plan:
     """The plaintext sink of shard `shard`: its bytes, in order, into the
     tensors (and the object graph) they belong to."""
     spans = self._spans[shard]
+    # The closure holds the tensors it writes into: whatever happens to the
+    # plan, no write can reach freed memory while a decryption runs.
+    held = [self._tensors[key] for _, key in self._layout[shard]
+            if key != OBJECT_GRAPH_KEY]
     state = [0, 0]  # shard offset reached, current span
+    self._written[shard] = state
 
     def write(mv: memoryview) -> None:
+      assert held is not None
       pos, k = state
       while len(mv):
         while k < len(spans) and pos >= spans[k][0] + spans[k][1]:
@@ -226,8 +243,9 @@ class Plan:
     for _, key in self._layout[shard]:
       if key == OBJECT_GRAPH_KEY:
         yield memoryview(self._graph)
-      else:
-        yield memoryview(self._tensors[key].numpy()).cast('B')
+      elif self._entries[key].size:
+        yield memoryview(self._tensors[key].numpy().reshape(-1).view(
+            np.uint8))
 
   def release(self) -> None:
     self._tensors.clear()
@@ -255,10 +273,10 @@ class Plan:
     graph = self._object_graph()
     nodes = graph.nodes
     objects = {0: root}
-    queue = [0]
-    out, seen_keys = [], set()
+    queue = collections.deque([0])
+    out, seen_keys, seen_vars = [], set(), set()
     while queue:
-      nid = queue.pop(0)
+      nid = queue.popleft()
       obj, node = objects[nid], nodes[nid]
       if node.slot_variables or node.HasField('registered_saver'):
         raise NotRestorable('slot variables or a registered saver')
@@ -289,14 +307,33 @@ class Plan:
             tuple(obj.shape.as_list() if obj.shape.rank is not None else ())
             != tuple(d.size for d in entry.shape.dim)):
           raise NotRestorable('dtype or shape differs from the checkpoint')
+        if id(obj) in seen_vars:  # TensorFlow would restore it once
+          raise NotRestorable('one variable, two checkpoint values')
         seen_keys.add(attr.checkpoint_key)
+        seen_vars.add(id(obj))
         out.append((obj, attr.checkpoint_key))
+    # As `assert_existing_objects_matched` after TensorFlow's restore: every
+    # variable of the loaded model gets a value, or TensorFlow restores it
+    # (and raises as it would).
+    try:
+      from tensorflow.python.checkpoint import trackable_view  # pylint: disable=g-import-not-at-top
+      every = trackable_view.TrackableView(root).descendants()
+    except Exception as e:  # pylint: disable=broad-except
+      raise NotRestorable(f'cannot list the model\'s objects: {e}') from None
+    for obj in every:
+      if (isinstance(obj, resource_variable_ops.BaseResourceVariable) and
+          id(obj) not in seen_vars):
+        raise NotRestorable('a variable of the model has no checkpoint value')
     return out
 
   def restore(self, root) -> int:
     """Assign every matched variable its tensor; the number assigned.
     Call once the shards are decrypted and verified."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    for shard, spans in self._spans.items():  # every byte written
+      total = sum(size for _, size, _ in spans)
+      if self._written.get(shard, [None])[0] != total:
+        raise NotRestorable('a shard was not decrypted completely')
     pairs = self.match(root)
     with tf.init_scope():
       for var, key in pairs:
@@ -315,6 +352,14 @@ def plan(index_bytes: bytes, shard_sizes: Dict[str, int],
   if struct.pack('=H', 1) != struct.pack('<H', 1):
     return None  # bundles are restored from memory on little-endian hosts
   try:
+    return _plan(index_bytes, shard_sizes, prefix)
+  except Exception:  # pylint: disable=broad-except
+    return None  # anything unexpected: TensorFlow's own restore decides
+
+
+def _plan(index_bytes: bytes, shard_sizes: Dict[str, int],
+          prefix: str) -> Optional[Plan]:
+  try:
     header, entries = read_index(index_bytes)
   except NotRestorable:
     return None
@@ -329,10 +374,11 @@ def plan(index_bytes: bytes, shard_sizes: Dict[str, int],
   layout: Dict[int, List[Tuple[int, str]]] = {i: [] for i in range(
       header.num_shards)}
   for key, e in entries.items():
-    if e.slices or not 0 <= e.shard_id < header.num_shards:
+    if (e.slices or not 0 <= e.shard_id < header.num_shards or e.size < 0 or
+        e.offset < 0):
       return None
     if key == OBJECT_GRAPH_KEY:
-      if e.dtype != _DT_STRING or e.shape.dim:
+      if e.dtype != _DT_STRING or e.shape.dim or e.size < 5:
         return None
     else:
       dtype = _NUMERIC.get(e.dtype)
