@@ -35,10 +35,10 @@ from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import paths as paths_lib
 from tfx_encrypt.format import streaming
-from tfx_encrypt.format.header import FileEntry, Header
+from tfx_encrypt.format.header import FileEntry
 from tfx_encrypt.keys.base import KeyBackend
 from tfx_encrypt.package import layout as layout_lib
-from tfx_encrypt.package.envelope import Envelope, seal_header
+from tfx_encrypt.package.envelope import Envelope
 from tfx_encrypt.storage import _assemble
 
 
@@ -318,17 +318,5 @@ def build_header(env: Envelope, *, entries: Sequence[FileEntry],
                  dirs: Sequence[str], payloads: Sequence[Tuple[int, str]],
                  signer: Optional[KeyBackend]) -> bytes:
   """The sealed header bytes, as `layout.finish_package` builds them."""
-  h = Header(
-      suite=env.suite, hash_alg=env.hash_alg, package_id=env.package_id,
-      created=layout_lib._now(),  # pylint: disable=protected-access
-      context=env.context, recipients=env.stanzas,
-      threshold=env.threshold, commitment=env.keys.commitment,
-      fingerprint=digest_lib.root_digest(env.hash_alg,
-                                         (e.digest for e in entries)),
-      payloads=list(payloads),
-      file_table=streaming.encrypt_bytes(
-          env.suite, env.keys.stream_key,
-          header_lib.file_table_aad(env.package_id, env.ctx_digest),
-          header_lib.encode_file_table(entries, dirs)))
-  seal_header(h, env.keys.mac_key, signer)
-  return h.serialize()
+  return layout_lib.build_header(env, entries=entries, dirs=dirs,
+                                 payloads=payloads, signer=signer)[1]

@@ -286,16 +286,7 @@ def _put_create_only_from(source, uri: str) -> None:
   with storage.open_reader(src_uri, version=version) as r:
     w = storage.open_writer(uri, r.size)
     try:
-      buf = memoryview(bytearray(storage.CHUNK_SIZE))
-      off = 0
-      while off < r.size:
-        n = r.read_into(buf[:min(len(buf), r.size - off)], off)
-        if n <= 0:
-          raise errors.TamperedPackageError(
-              f'{_text.printable(src_uri)} was truncated while it was copied')
-        w.write(buf[:n])
-        off += n
-      r.check_unchanged()
+      _copy_reader(r, src_uri, w.write)
       w.commit()
     except BaseException:
       w.abort()
@@ -311,16 +302,22 @@ def _download_package(uri: str, dst: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with storage.open_reader(src_uri, version=version) as r, open(
         path, 'xb') as f:
-      buf = memoryview(bytearray(storage.CHUNK_SIZE))
-      off = 0
-      while off < r.size:
-        n = r.read_into(buf[:min(len(buf), r.size - off)], off)
-        if n <= 0:
-          raise errors.TamperedPackageError(
-              f'{_text.printable(src_uri)} was truncated while it was copied')
-        f.write(buf[:n])
-        off += n
-      r.check_unchanged()
+      _copy_reader(r, src_uri, f.write)
+
+
+def _copy_reader(r, src_uri: str, write) -> None:
+  """Copy the whole object `r` (pinned to its version) into `write`, one
+  chunk at a time; then check the object did not change meanwhile."""
+  buf = memoryview(bytearray(storage.CHUNK_SIZE))
+  off = 0
+  while off < r.size:
+    n = r.read_into(buf[:min(len(buf), r.size - off)], off)
+    if n <= 0:
+      raise errors.TamperedPackageError(
+          f'{_text.printable(src_uri)} was truncated while it was copied')
+    write(buf[:n])
+    off += n
+  r.check_unchanged()
 
 
 def _push_object_store(package_path: str, base: str, start: int
