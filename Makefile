@@ -43,6 +43,7 @@ bench: system-packages-bench setup
 	$(VENV_PY) benchmarks/run.py
 	$(VENV_PY) benchmarks/load_model.py
 	$(VENV_PY) benchmarks/scale.py
+	$(VENV_PY) benchmarks/object_store.py
 
 # The release files: sdist and wheel in dist/, checked with twine check
 # (scripts/build_dist.sh; the images: scripts/build_images.sh, needs Docker).

@@ -9,13 +9,20 @@ fresh subprocess (so peak RSS is the operation's own):
 
   upload     the SDK's own upload of every file of the model
              (boto3 `upload_file`, google-cloud-storage
-             `upload_from_filename`: their multipart / resumable paths)
+             `upload_from_filename`: their multipart / resumable paths,
+             with their default part / chunk sizes)
+  upload_chunked  the same, with the part / chunk size tfx-encrypt's
+             streamed writers use to keep the memory bound
+             (`storage._aws.S3_WRITE_PART_SIZE` as boto3's
+             `multipart_chunksize`, `storage._google.GCS_WRITE_CHUNK_SIZE`
+             as the blob's `chunk_size`): the same requests, same memory
   encrypt    `tfx_encrypt.encrypt_model(model, STORE/pkg)` (default settings)
   download   the SDK's own download of every object of the plain upload
              (boto3 `download_file`, `download_to_filename`) into /dev/shm
   decrypt    `tfx_encrypt.decrypt_model(STORE/pkg, /dev/shm/...)`
 
-and reports encrypt / upload and decrypt / download per round, median and
+and reports encrypt / upload, encrypt / upload_chunked and decrypt /
+download per round, median and
 min-max, plus peak RSS over the child's baseline (VmHWM - VmRSS before the
 operation). The model is SavedModel-shaped (benchmarks/run.py's
 `make_model`), read once so it sits in the page cache.
@@ -40,7 +47,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import run as bench  # noqa: E402  pylint: disable=g-import-not-at-top
 
-OPS = ('upload', 'encrypt', 'download', 'decrypt')
+OPS = ('upload', 'upload_chunked', 'encrypt', 'download', 'decrypt')
 
 _CHILD = r'''
 import json, os, sys, time
@@ -67,7 +74,7 @@ def files_of(top):
       p = os.path.join(r, n)
       yield p, os.path.relpath(p, top)
 
-if op in ('upload', 'download'):
+if op in ('upload', 'upload_chunked', 'download'):
   scheme = split(src if op == 'download' else dst)[0]
   if scheme == 's3':
     import boto3
@@ -83,14 +90,21 @@ else:  # the SDK imported and its client made before the clock, as above
     storage._gcs()  # pylint: disable=protected-access
 base = status('VmRSS')
 t = time.perf_counter()
-if op == 'upload':
+if op in ('upload', 'upload_chunked'):
   scheme, bucket, prefix = split(dst)
+  cfg, chunk = None, None
+  if op == 'upload_chunked':
+    from tfx_encrypt.storage import _aws, _google
+    from boto3.s3.transfer import TransferConfig
+    cfg = TransferConfig(multipart_chunksize=_aws.S3_WRITE_PART_SIZE)
+    chunk = _google.GCS_WRITE_CHUNK_SIZE
   for path, rel in files_of(src):
     name = f'{prefix}/{rel}'
     if scheme == 's3':
-      client.upload_file(path, bucket, name)
+      client.upload_file(path, bucket, name, Config=cfg)
     else:
-      client.bucket(bucket).blob(name).upload_from_filename(path)
+      client.bucket(bucket).blob(name, chunk_size=chunk).upload_from_filename(
+          path)
 elif op == 'download':
   scheme, bucket, prefix = split(src)
   if scheme == 's3':
@@ -158,6 +172,8 @@ def run(model, key_pub, key, store_names, rounds, scratch, log=sys.stderr):
             bench.warm(model)
             raw['upload'].append(child('upload', model, f'{base}/plain',
                                        '-', env))
+            raw['upload_chunked'].append(child(
+                'upload_chunked', model, f'{base}/plain-chunked', '-', env))
             raw['encrypt'].append(child('encrypt', model, f'{base}/pkg',
                                         key_pub, env))
             raw['download'].append(child('download', f'{base}/plain', dl,
@@ -172,6 +188,8 @@ def run(model, key_pub, key, store_names, rounds, scratch, log=sys.stderr):
           'seconds': {op: _spread(secs[op]) for op in OPS},
           'encrypt_ratio': _spread([a / b for a, b in zip(
               secs['encrypt'], secs['upload'])]),
+          'encrypt_chunked_ratio': _spread([a / b for a, b in zip(
+              secs['encrypt'], secs['upload_chunked'])]),
           'decrypt_ratio': _spread([a / b for a, b in zip(
               secs['decrypt'], secs['download'])]),
           'peak_mib': {op: _spread([(x['peak_kib'] - x['base_kib']) / 1024
@@ -187,16 +205,20 @@ def table(res, size_mib, rounds) -> str:
   lines = [
       f'{size_mib} MiB model, {rounds} interleaved rounds; ratios per round, '
       'median [min-max]; peak RSS over the child\'s baseline (median).', '',
-      '| store | upload s | encrypt s | **encrypt / upload** | download s '
-      '| decrypt s | **decrypt / download** | peak RSS MiB: upload, encrypt, '
-      'download, decrypt |',
-      '|---|---:|---:|---:|---:|---:|---:|---|']
+      '| store | upload s | upload at the writer\'s chunk s | encrypt s '
+      '| **encrypt / upload** | encrypt / upload at the same chunk '
+      '| download s | decrypt s | **decrypt / download** | peak RSS MiB: '
+      'upload, upload at the chunk, encrypt, download, decrypt |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for name, v in res.items():
     s, e, d, m = v['seconds'], v['encrypt_ratio'], v['decrypt_ratio'], \
         v['peak_mib']
+    c = v['encrypt_chunked_ratio']
     lines.append(
-        f'| `{name}://` | {s["upload"][0]:.2f} | {s["encrypt"][0]:.2f} | '
-        f'**{e[0]:.2f}** [{e[1]:.2f}–{e[2]:.2f}] | {s["download"][0]:.2f} | '
+        f'| `{name}://` | {s["upload"][0]:.2f} | '
+        f'{s["upload_chunked"][0]:.2f} | {s["encrypt"][0]:.2f} | '
+        f'**{e[0]:.2f}** [{e[1]:.2f}–{e[2]:.2f}] | '
+        f'{c[0]:.2f} [{c[1]:.2f}–{c[2]:.2f}] | {s["download"][0]:.2f} | '
         f'{s["decrypt"][0]:.2f} | **{d[0]:.2f}** [{d[1]:.2f}–{d[2]:.2f}] | '
         + ', '.join(f'{m[op][0]:.0f}' for op in OPS) + ' |')
   return '\n'.join(lines)

@@ -190,6 +190,19 @@ class _DriverIO:
     monkeypatch.setattr(storage, 'put_create_only', put_create_only)
 
 
+def _recording(monkeypatch, owner, name):
+  """Wrap `owner.name` (a function): the list of what it returned."""
+  out = []
+  real = getattr(owner, name)
+
+  def wrapper(*a, **kw):
+    out.append(real(*a, **kw))
+    return out[-1]
+
+  monkeypatch.setattr(owner, name, wrapper)
+  return out
+
+
 def _secrets(env, pkg, identity):
   """The DEK (unwrapped again from the package) and the derived keys; the
   key commitment is public (it is in the header)."""
@@ -225,14 +238,7 @@ def test_s3_workers_share_no_directory_with_the_driver(
     return out
 
   monkeypatch.setattr(dill, 'dumps', recording_dumps)
-  envs = []
-  real_prepare = package_lib.prepare_envelope
-
-  def prepare(*a, **kw):
-    envs.append(real_prepare(*a, **kw))
-    return envs[-1]
-
-  monkeypatch.setattr(package_lib, 'prepare_envelope', prepare)
+  envs = _recording(monkeypatch, package_lib, 'prepare_envelope')
   io = _DriverIO(monkeypatch)
   driver_tmp = tmp_path / 'driver-tmp'
   driver_tmp.mkdir()
@@ -259,8 +265,9 @@ def test_s3_workers_share_no_directory_with_the_driver(
   # The driver read no payload or part byte and wrote only the header;
   # it left nothing on its disk, and nothing under the staging prefix.
   assert not [u for u in io.opened if '/parts/' in u or '/payload/' in u]
-  assert [u for u, _ in io.put] == [f'{pkg}/tfxe.header']
-  assert io.put[0][1] == info.header_bytes
+  assert [u for u, _ in io.put] == [
+      f'{stats.staging}/tfxe-beam-staging.json', f'{pkg}/tfxe.header']
+  assert io.put[0][1] < 1000 and io.put[1][1] == info.header_bytes
   written = [os.path.join(d, f) for d, _, fs in os.walk(driver_tmp)
              for f in fs]
   assert written == []  # (Beam's own empty temp directories aside)
@@ -289,15 +296,19 @@ def _fixed_stream_new(cls, suite, ikm, aad):
   return cls(suite, ikm, aad, h, hashlib.sha256(h).digest()[:7])
 
 
-@pytest.mark.parametrize('store', ['s3', 'gs'])
+@pytest.mark.parametrize('store,bundle', [('s3', False), ('gs', False),
+                                          ('s3', True), ('gs', True)])
 def test_byte_identical_to_encrypt_model_with_key_groups(
-    store, request, tmp_path, keys, monkeypatch):
+    store, bundle, request, tmp_path, keys, monkeypatch):
   """Same envelope (DEK, package id, stanzas), same stream headers and
-  time: the Beam package's objects equal encrypt_model's files byte for
-  byte, with key groups (2 of 2), a signature and a BLAKE3 hash."""
+  time: the Beam package's objects (or bundle object) equal encrypt_model's
+  files (bundle file) byte for byte, with key groups (2 of 2), a signature
+  and a BLAKE3 hash. The S3 bundle is a multipart upload of copied ranges
+  and driver-joined pieces (here: a 23 MiB shard in 5 MiB parts)."""
   st = request.getfixturevalue(f'{store}_store')
   base = st.new_base()
-  local = _write_model(str(tmp_path / 'model'), 7 * MIB + 99)
+  local = _write_model(str(tmp_path / 'model'),
+                       (23 if bundle else 7) * MIB + 99)
   _upload(local, f'{base}/model')
   env = package_lib.prepare_envelope(
       None, key_groups=[[keys.recipient], [keys.other]], threshold=2,
@@ -309,26 +320,41 @@ def test_byte_identical_to_encrypt_model_with_key_groups(
   monkeypatch.setattr(streaming.StreamCipher, 'new',
                       classmethod(_fixed_stream_new))
   monkeypatch.setattr(layout_lib, '_now', lambda: '2026-12-02T09:00:00Z')
+  plans = _recording(monkeypatch, _assemble, 'plan_multipart')
   groups = [[keys.recipient], [keys.other]]
+  single_path = str(tmp_path / ('single.tfxe' if bundle else 'single'))
   single = package_lib.encrypt_model(
-      local, str(tmp_path / 'single'), key_groups=groups, threshold=2,
-      signer=keys.signer, context={'team': 'ml'})
-  pkg = f'{base}/beam'
+      local, single_path, key_groups=groups, threshold=2,
+      signer=keys.signer, context={'team': 'ml'}, bundle=bundle)
+  pkg = f'{base}/beam' + ('.tfxe' if bundle else '')
   stats = beam_executor.BeamStats()
   info = beam_executor.encrypt_model_with_beam(
       f'{base}/model', pkg, key_groups=groups, threshold=2,
       worker_identity=[keys.recipient_key, keys.other_key],
       signer=keys.signer, context={'team': 'ml'}, segment_bytes=MIB,
-      stats=stats, make_pipeline=beam.Pipeline)
+      stats=stats, make_pipeline=beam.Pipeline, bundle=bundle)
   monkeypatch.undo()
   assert stats.parts >= 6 and stats.files == 5
   assert info.threshold == single.threshold and info.threshold['k'] == 2
-  names = storage.list_names(pkg)
-  assert names == [f'payload/{i:08d}' for i in range(5)] + ['tfxe.header']
-  for name in names:
-    with open(os.path.join(str(tmp_path / 'single'), *name.split('/')),
-              'rb') as f:
-      assert _read(storage.join(pkg, name)) == f.read(), name
+  assert info.bundle == bundle
+  assert storage.list_names(stats.staging) == []
+  if bundle:
+    assert [n for n in storage.list_names(base)
+            if not n.startswith('model/')] == ['beam.tfxe']
+    with open(single_path, 'rb') as f:
+      assert _read(pkg) == f.read()
+    if store == 's3':  # the last plan is the bundle's
+      copied = [p for p in plans[-1] if p.copy]
+      fetched = sum(x.size for p in plans[-1] for x in p.join
+                    if x.source != 0)
+      assert len(copied) >= 3 and fetched < 10 * MIB
+      assert all(p.size < 10 * MIB for p in plans[-1] if p.join)
+  else:
+    names = storage.list_names(pkg)
+    assert names == [f'payload/{i:08d}' for i in range(5)] + ['tfxe.header']
+    for name in names:
+      with open(os.path.join(single_path, *name.split('/')), 'rb') as f:
+        assert _read(storage.join(pkg, name)) == f.read(), name
   # And it decrypts with keys of both groups only.
   out = str(tmp_path / 'out')
   package_lib.decrypt_model(pkg, out,
@@ -477,22 +503,90 @@ def test_model_changed_after_listing_is_refused(gs_store, tmp_path, keys,
   assert storage.list_names(stats.staging) == []
 
 
-def test_mixed_local_and_remote_and_s3_bundle_refused(s3_store, tmp_path,
-                                                      keys):
+def test_mixed_local_and_remote_refused(s3_store, tmp_path, keys):
   base = s3_store.new_base()
   local = _write_model(str(tmp_path / 'model'), 1000)
   with pytest.raises(errors.UsageError, match='both on an object store'):
     beam_executor.encrypt_model_with_beam(
         local, f'{base}/pkg', recipients=[keys.recipient],
         worker_identity=keys.recipient_key, make_pipeline=beam.Pipeline)
+  assert storage.list_names(base) == []
+
+
+def test_s3_bundle_taken_meanwhile_cleans_up(s3_store, tmp_path, keys,
+                                             monkeypatch):
+  """An S3 bundle is created only if absent (CompleteMultipartUpload with
+  If-None-Match: *): another writer's object at the bundle's key stops
+  the commit; it is left alone and this run leaves nothing."""
+  base = s3_store.new_base()
+  local = _write_model(str(tmp_path / 'model'), 6 * MIB)
   _upload(local, f'{base}/model')
-  with pytest.raises(errors.UsageError, match='5 MiB'):
+  pkg = f'{base}/serving/1/model.tfxe'
+  real = beam_executor._run  # pylint: disable=protected-access
+
+  def run_then_race(*a, **kw):
+    real(*a, **kw)
+    storage.put(pkg, b'not ours')
+
+  monkeypatch.setattr(beam_executor, '_run', run_then_race)
+  stats = beam_executor.BeamStats()
+  with pytest.raises(errors.OutputExistsError):
     beam_executor.encrypt_model_with_beam(
-        f'{base}/model', f'{base}/x.tfxe', recipients=[keys.recipient],
-        worker_identity=keys.recipient_key, bundle=True,
+        f'{base}/model', pkg, recipients=[keys.recipient], bundle=True,
+        worker_identity=keys.recipient_key, segment_bytes=MIB, stats=stats,
         make_pipeline=beam.Pipeline)
-  assert [n for n in storage.list_names(base)
-          if not n.startswith('model/')] == []
+  assert _read(pkg) == b'not ours'
+  assert storage.list_names(f'{base}/serving') == ['1/model.tfxe']
+  assert stats.staging and storage.list_names(stats.staging) == []
+  _, bucket, _ = storage.split(base)
+  assert not storage._s3().list_multipart_uploads(  # pylint: disable=protected-access
+      Bucket=bucket).get('Uploads')
+
+
+def test_s3_assembly_with_a_head(s3_store, monkeypatch):
+  """`assemble(head=...)`: the head and short parts joined by this
+  process, long ranges copied; create-only; a part replaced after it was
+  looked at fails the assembly (copies and fetches are pinned to its
+  ETag) and leaves nothing."""
+  base = s3_store.new_base()
+  parts = {'a': os.urandom(100), 'b': os.urandom(6 * MIB + 7),
+           'c': os.urandom(5 * MIB), 'd': os.urandom(3)}
+  for name, data in parts.items():
+    storage.put(f'{base}/p/{name}', data)
+  head = os.urandom(3000)
+  uris = [f'{base}/p/{n}' for n in parts]
+  _assemble.assemble(f'{base}/out', uris, scratch=f'{base}/s', head=head)
+  assert _read(f'{base}/out') == head + b''.join(parts.values())
+  with pytest.raises(storage.ObjectExistsError):
+    _assemble.assemble(f'{base}/out', uris, scratch=f'{base}/s', head=b'x')
+  assert _read(f'{base}/out') == head + b''.join(parts.values())
+  # Without a head, short parts are refused before anything is written
+  # (the directory form: no byte through the driver).
+  with pytest.raises(errors.UsageError, match='5 MiB'):
+    _assemble.assemble(f'{base}/out2', uris, scratch=f'{base}/s')
+  real = _assemble.plan_multipart
+  for name in ('c', 'b'):  # one copied, one fetched and joined
+    plan = real([3000] + [len(d) for d in parts.values()], local={0})
+    [kind] = {('copy' if p.copy else 'join') for p in plan
+              for x in ([p.copy] if p.copy else p.join)
+              if x.source == 1 + list(parts).index(name)}
+    assert kind == {'c': 'copy', 'b': 'join'}[name]
+
+    def plan_then_replace(*a, name=name, **kw):
+      out = real(*a, **kw)
+      storage.put(f'{base}/p/{name}', os.urandom(len(parts[name])))
+      return out
+
+    monkeypatch.setattr(_assemble, 'plan_multipart', plan_then_replace)
+    with pytest.raises(Exception, match='replaced|PreconditionFailed|412'):
+      _assemble.assemble(f'{base}/out3', uris, scratch=f'{base}/s',
+                         head=head)
+    monkeypatch.undo()
+    assert not storage.exists(f'{base}/out3')
+    storage.put(f'{base}/p/{name}', parts[name])
+  _, bucket, _ = storage.split(base)
+  assert not storage._s3().list_multipart_uploads(  # pylint: disable=protected-access
+      Bucket=bucket).get('Uploads')
 
 
 def test_plan_ranges_respects_store_limits():
@@ -537,11 +631,12 @@ def test_s3_assembly_keeps_s3_part_limits_and_create_only(s3_store):
                        scratch=f'{base}/scratch')
 
 
-@pytest.mark.parametrize('store', ['s3', 'gs'])
+@pytest.mark.parametrize('store,bundle', [('s3', 0), ('gs', 0), ('s3', 1)])
 def test_beam_executor_with_model_artifact_and_push_on_the_store(
-    store, request, tmp_path, model_uri, keys, monkeypatch):
+    store, bundle, request, tmp_path, model_uri, keys, monkeypatch):
   """The TFX Beam executor: model, EncryptedModel artifact and push
-  destination on the store; Beam seals the parts, nothing is staged."""
+  destination on the store; Beam seals the parts, nothing is staged. An
+  S3 bundle goes through Beam too (no in-process fallback any more)."""
   from tfx.dsl.components.base import base_beam_executor  # pylint: disable=g-import-not-at-top
   from tfx.utils import io_utils  # pylint: disable=g-import-not-at-top
   from tests.components import test_encrypt_pusher_executor as ext  # pylint: disable=g-import-not-at-top
@@ -554,7 +649,7 @@ def test_beam_executor_with_model_artifact_and_push_on_the_store(
   pushed.uri = storage.join(root, 'EncryptPusher', 'pushed_model', '7')
   props = ext._props(keys, storage.join(root, 'serving'),  # pylint: disable=protected-access
                      beam_worker_identity=keys.recipient_key,
-                     beam_segment_bytes=MIB)
+                     beam_segment_bytes=MIB, bundle=bundle)
 
   def no_staging(*a, **k):
     raise AssertionError(f'the model was staged locally: copy_dir{a}')
@@ -570,8 +665,15 @@ def test_beam_executor_with_model_artifact_and_push_on_the_store(
   assert encrypted.get_int_custom_property('pushed') == 1
   dest = pushed.get_string_custom_property('pushed_destination')
   assert dest.startswith(storage.join(root, 'serving') + '/')
+  if bundle:  # a bundle is `model.tfxe` in the artifact and the version
+    artifact_pkg = storage.join(encrypted.uri, 'model.tfxe')
+    assert storage.list_names(dest) == ['model.tfxe']
+    dest = storage.join(dest, 'model.tfxe')
+  else:
+    artifact_pkg = encrypted.uri
+  assert package_lib.inspect_package(dest).bundle == bool(bundle)
   assert package_lib.inspect_package(dest).payload_digest == (
-      package_lib.inspect_package(encrypted.uri).payload_digest)
+      package_lib.inspect_package(artifact_pkg).payload_digest)
   out = str(tmp_path / 'decrypted')
   package_lib.decrypt_model(dest, out, identities=[keys.recipient_key],
                             trusted=[keys.signer_pub])
@@ -605,3 +707,67 @@ def test_gs_key_groups_bundle_with_isolated_workers(
                             identities=[keys.recipient_key, keys.other_key],
                             trusted=[keys.signer_pub])
   assert _tree(out) == _tree(local)
+
+
+def test_staging_marker_is_refreshed_while_the_run_lasts(
+    s3_store, tmp_path, keys, monkeypatch):
+  """The driver writes its staging marker first and rewrites it while the
+  run lasts (so `clean`'s age rule never takes a running job for a dead
+  one); after the run nothing is left, and nothing is rewritten."""
+  import time  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.package import _parts  # pylint: disable=g-import-not-at-top
+  base = s3_store.new_base()
+  _upload(_write_model(str(tmp_path / 'model'), 2 * MIB), f'{base}/model')
+  monkeypatch.setattr(_parts, 'STAGING_HEARTBEAT_S', 0.2)
+  stats = beam_executor.BeamStats()
+  versions = []
+  real = beam_executor._run  # pylint: disable=protected-access
+
+  def marker_version():
+    listed = storage.list_objects(stats.staging)
+    assert _parts.is_our_staging(stats.staging, listed)
+    return listed[_parts.STAGING_MARKER].version
+
+  def slow_run(*a, **kw):
+    versions.append(marker_version())
+    real(*a, **kw)
+    time.sleep(1.5)  # the marker holds the time in seconds
+    versions.append(marker_version())
+
+  monkeypatch.setattr(beam_executor, '_run', slow_run)
+  beam_executor.encrypt_model_with_beam(
+      f'{base}/model', f'{base}/pkg', recipients=[keys.recipient],
+      worker_identity=keys.recipient_key, segment_bytes=MIB, stats=stats,
+      make_pipeline=beam.Pipeline)
+  assert len(versions) == 2 and versions[0] != versions[1]
+  time.sleep(0.5)
+  assert storage.list_names(stats.staging) == []
+
+
+@pytest.mark.parametrize('store', ['s3', 'gs'])
+def test_beam_scan_keeps_the_checks_of_both_scans(store, request, tmp_path,
+                                                  keys):
+  """`_parts.scan_remote_model` is `layout.scan_remote_model` (object
+  names are package paths, as `encrypt` from a store checks them) plus the
+  magic checked up front (workers never see a file's first bytes with the
+  decision to publish): both refused before any Beam work, nothing
+  written."""
+  base = request.getfixturevalue(f'{store}_store').new_base()
+  local = _write_model(str(tmp_path / 'model'), 1000)
+  for extra, data, match in (
+      ('assets/inner.tfxe', header_lib.MAGIC + os.urandom(200),
+       'tfx-encrypt bundle'),
+      ('assets//x', b'data', 'empty component'),
+      ('assets/bad\\name', b'data', 'backslash')):
+    model = f'{base}/m-{len(data)}-{match[:5]}'
+    _upload(local, model)
+    storage.put(f'{model}/{extra}', data)
+    stats = beam_executor.BeamStats()
+    with pytest.raises(errors.TfxEncryptError, match=match):
+      beam_executor.encrypt_model_with_beam(
+          model, f'{base}/pkg', recipients=[keys.recipient],
+          worker_identity=keys.recipient_key, stats=stats,
+          make_pipeline=beam.Pipeline)
+    assert not stats.staging  # refused before a staging prefix was named
+    assert not [n for n in storage.list_names(base)
+                if not n.startswith('m-')]

@@ -14,9 +14,8 @@ saving a SavedModel with tf.saved_model.save into its Model artifact on
 gs://); EncryptPusher encrypts it from the store and pushes to gs://; the
 pushed package decrypts to the model's objects byte for byte, and loads.
 
-s3:// cannot run this way: TF 2.16 has no S3 filesystem without
-tensorflow-io, which .venv does not have
-(tests/components/test_tf_gfile_on_emulators.py measures it).
+The same pipeline on s3:// (TF through tensorflow-io) is
+tests/components/test_encrypt_pusher_s3_pipeline.py.
 """
 
 import json

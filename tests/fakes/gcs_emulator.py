@@ -2,14 +2,18 @@
 
 TEST-ONLY. The real emulator (PyPI `gcp-storage-emulator`, the real
 google-cloud-storage client talks to it through STORAGE_EMULATOR_HOST)
-IGNORES `ifGenerationMatch=0`: a second create-only upload of an object
-succeeds and overwrites it (tests/storage/test_storage.py measures this). Real GCS
-answers 412 Precondition Failed. Run with `--enforce-preconditions`, this
-launcher patches the emulator in its own process so that an upload whose
-query says `ifGenerationMatch=0` (media, multipart, or the final PUT of a
-resumable upload, whose URL keeps the initiating query) of an object that
-exists gets 412, atomically (one lock around check-and-create). Nothing
-else changes. Used as
+IGNORES `ifGenerationMatch`: a second create-only upload
+(`ifGenerationMatch=0`) of an object succeeds and overwrites it, and so
+does a conditional replacement (`ifGenerationMatch=N`) of an object that
+is no longer generation N (tests/storage/test_storage.py measures both).
+Real GCS answers 412 Precondition Failed. Run with
+`--enforce-preconditions`, this launcher patches the emulator in its own
+process so that an upload whose query says `ifGenerationMatch=G` (media,
+multipart, or the final PUT of a resumable upload, whose URL keeps the
+initiating query) gets 412 when the object's live generation is not G:
+for G = 0, when the object exists; for G > 0, when it is missing or
+another generation. Atomically (one lock around check-and-create).
+Nothing else changes. Used as
 
   python -m tests.fakes.gcs_emulator PORT [--enforce-preconditions]
 """
@@ -45,8 +49,12 @@ def _patch_preconditions():
       if 'ifGenerationMatch' in q:
         want = q['ifGenerationMatch'][0]
     with lock:
-      if want == '0' and file_name in self.objects.get(bucket_name, {}):
+      live = self.objects.get(bucket_name, {}).get(file_name)
+      if want == '0' and live is not None:
         raise _Exists(file_name)
+      if want is not None and want != '0' and (
+          live is None or str(live.get('generation')) != want):
+        raise _Exists(file_name)  # another generation, or none: 412 too
       return create_file(self, bucket_name, file_name, *args, **kwargs)
 
   class TrackedRequest(srv.Request):

@@ -150,11 +150,12 @@ def test_remote_tampering_is_caught(tmp_path, keys, store):
     te.inspect_package(uri)
 
 
-def test_writers_of_local_packages_refuse_remote_ones(tmp_path, keys, store):
-  _, pkg, _ = _package(tmp_path, keys, False)
-  uri = storage.join(store.new_base(), '1')
+def test_rewrap_refuses_a_remote_bundle(tmp_path, keys, store):
+  # A directory form is rewrapped in place (tests/package/test_remote_rewrap.py).
+  _, pkg, _ = _package(tmp_path, keys, True)
+  uri = storage.join(store.new_base(), '1.tfxe')
   upload(pkg, uri)
-  with pytest.raises(errors.UsageError, match='local packages only'):
+  with pytest.raises(errors.UsageError, match='is a bundle'):
     te.rewrap_package(uri, identities=[keys.priv('x')],
                       add_recipients=[keys.pub('x2')],
                       trusted=[keys.pub('ed')], signer=keys.priv('ed'))

@@ -276,20 +276,25 @@ def clean(directory, older_than):
 
   DIRECTORY may be a `s3://` or `gs://` push base (or package URI): then
   the incomplete versions that SIGKILLed pushes or encrypts left (payload
-  objects without a header, under an integer version name) are removed,
-  and nothing else (docs/OBJECT_STORES.md).
+  objects without a header, under an integer version name), and the
+  `.NAME.tfxe-beam-TOKEN/` prefixes of SIGKILLed BeamEncryptPusher runs
+  (holding their marker and nothing but what such a run writes), are
+  removed, and nothing else (docs/OBJECT_STORES.md).
   """
   if storage.is_remote(directory):
     from tfx_encrypt.package import layout  # pylint: disable=g-import-not-at-top
     found = layout.clean_remote(directory, older_than_s=older_than)
     for f in found:
+      beam = f.kind == 'beam-staging'
+      what = (f"a Beam run's temporary objects: {f.objects} objects" if beam
+              else f'incomplete: {f.objects} payload objects, no header')
       if f.removed:
-        click.echo(f'removed {_text.printable(f.uri)} (incomplete: '
-                   f'{f.objects} payload objects, no header)')
+        click.echo(f'removed {_text.printable(f.uri)} ({what})')
       else:
-        click.echo(f'left {_text.printable(f.uri)}: incomplete, but written '
-                   f'{int(f.age_s)} s ago (--older-than {older_than}); a '
-                   'push may still be running')
+        click.echo(f'left {_text.printable(f.uri)}: '
+                   f'{"a Beam run" if beam else "incomplete"}, but written '
+                   f'{int(f.age_s)} s ago (--older-than {older_than}); '
+                   f'{"the run" if beam else "a push"} may still be running')
     if not any(f.removed for f in found):
       click.echo(f'nothing to clean in {_text.printable(directory)}')
     return

@@ -6,7 +6,8 @@ The same bytes as :func:`tfx_encrypt.package.encrypt_model` writes
 (FORMAT.md §2, §6, §9), cut differently:
 
 * the model is a prefix of objects (:func:`scan_remote_model`: the checks
-  of `scan_model`, on object names), each pinned to the version scanned;
+  of `layout.scan_remote_model`, plus the magic of each file up front),
+  each pinned to the version listed;
 * payload stream `i` is sealed in segment ranges `[first, end)`, each by
   any process, into a *part object* (:class:`SealedRange`: the ciphertext
   of those segments at their stream offsets, with the stream header in
@@ -24,8 +25,13 @@ Envelope the caller passes in.
 
 import dataclasses
 import io
-import unicodedata
-from typing import List, Optional, Sequence, Tuple
+import json
+import logging
+import os
+import re
+import threading
+import time
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from tfx_encrypt import _fsutil
 from tfx_encrypt import _text
@@ -33,13 +39,147 @@ from tfx_encrypt import errors
 from tfx_encrypt import storage
 from tfx_encrypt.format import digest as digest_lib
 from tfx_encrypt.format import header as header_lib
-from tfx_encrypt.format import paths as paths_lib
 from tfx_encrypt.format import streaming
 from tfx_encrypt.format.header import FileEntry
 from tfx_encrypt.keys.base import KeyBackend
 from tfx_encrypt.package import layout as layout_lib
 from tfx_encrypt.package.envelope import Envelope
 from tfx_encrypt.storage import _assemble
+
+
+# --------------------------------------------------------------------------
+# The staging prefix: `PARENT/.NAME.tfxe-beam-TOKEN/`, one per run.
+# --------------------------------------------------------------------------
+
+#: The kind in a staging prefix's name (`.NAME.tfxe-beam-TOKEN`).
+STAGING_KIND = 'beam'
+
+#: The object a run writes first under its staging prefix: what tells
+#: `tfx-encrypt clean` that the prefix is one of ours (with its name and
+#: the names of everything else under it).
+STAGING_MARKER = 'tfxe-beam-staging.json'
+
+_STAGING_TAG = 'tfx-encrypt beam staging prefix'
+_MARKER_MAX_BYTES = 4096
+# What a run writes under its prefix: part objects, digest results, the
+# GCS bundle's header object and composition intermediates.
+_STAGED_NAME_RE = re.compile(
+    r'parts/[0-9]{8}/[0-9]{10}|results/[0-9]{8}\.json|'
+    r'compose/(?:[0-9]{8}|bundle)/(?:head|compose-[0-9]{2}-[0-9]{6})')
+
+
+def staging_prefix(package: str) -> str:
+  """A fresh prefix next to `package`, named as tfx-encrypt's temporary
+  siblings are (`.NAME.tfxe-beam-TOKEN`): everything under it is one
+  run's, deleted when the run ends (a SIGKILLed run's: `clean`)."""
+  parent, _, name = package.rstrip('/').rpartition('/')
+  return f'{parent}/.{name[:120]}.tfxe-{STAGING_KIND}-{os.urandom(8).hex()}'
+
+
+#: How often a running driver rewrites its marker (seconds): `clean`'s age
+#: rule (`--older-than`, default 3600) then never takes a running Beam
+#: job's prefix for a dead one, even while no worker writes there.
+STAGING_HEARTBEAT_S = 600.0
+
+
+def _marker_bytes(stage: str, package: str) -> bytes:
+  return json.dumps({'tag': _STAGING_TAG, 'staging': stage.rpartition('/')[2],
+                     'package': package, 'written': int(time.time()),
+                     'pid': os.getpid()}, sort_keys=True).encode()
+
+
+def write_staging_marker(stage: str, package: str) -> None:
+  """Claim `stage` (create-only), before anything else is written there."""
+  storage.put_create_only(storage.join(stage, STAGING_MARKER),
+                          _marker_bytes(stage, package))
+
+
+class StagingHeartbeat:
+  """Rewrites the marker of `stage` every :data:`STAGING_HEARTBEAT_S`
+  seconds from a thread, between `start()` and `stop()` (which waits for
+  the thread: nothing is written after it returns). A failed rewrite is
+  logged, not raised: the run does not depend on it."""
+
+  def __init__(self, stage: str, package: str):
+    self._stage, self._package = stage, package
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+
+  def start(self) -> None:
+    self._thread = threading.Thread(target=self._loop, daemon=True,
+                                    name='tfxe-beam-staging-heartbeat')
+    self._thread.start()
+
+  def _loop(self) -> None:
+    while not self._stop.wait(STAGING_HEARTBEAT_S):
+      try:
+        storage.put(storage.join(self._stage, STAGING_MARKER),
+                    _marker_bytes(self._stage, self._package))
+      except Exception:  # pylint: disable=broad-except
+        logging.warning('Could not refresh %s', _text.printable(self._stage),
+                        exc_info=True)
+
+  def stop(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+
+
+def is_staging_name(name: str) -> bool:
+  """`.NAME.tfxe-beam-TOKEN` (not its `.lock`: stores have no locks)."""
+  m = _fsutil.TEMP_NAME_RE.match(name)
+  return bool(m) and m.group('kind') == STAGING_KIND and not m.group('lock')
+
+
+def is_our_staging(stage: str, objects: Mapping[str, Any]) -> bool:
+  """True only if the objects under `stage` (name -> storage.ObjectInfo,
+  folder objects left out) are unmistakably what a Beam run writes: the
+  prefix is named `.NAME.tfxe-beam-TOKEN`; it holds our marker, naming this
+  very prefix; every other object is named as a run names them (parts,
+  results, bundle header, compose intermediates); every part starting a
+  payload stream starts like one (its first byte is the stream header's
+  length, FORMAT.md §6); every result is a digest record of its file."""
+  name = stage.rstrip('/').rpartition('/')[2]
+  info = objects.get(STAGING_MARKER)
+  if not is_staging_name(name) or info is None or not (
+      0 < info.size <= _MARKER_MAX_BYTES):
+    return False
+  if not all(_STAGED_NAME_RE.fullmatch(n) for n in objects
+             if n != STAGING_MARKER):
+    return False
+  try:
+    marker = json.loads(_read_small(storage.join(stage, STAGING_MARKER),
+                                    info))
+    if not (isinstance(marker, dict) and marker.get('tag') == _STAGING_TAG
+            and marker.get('staging') == name):
+      return False
+    for n, i in objects.items():
+      if n.startswith('parts/') and n.endswith('/0000000000'):
+        if i.size < streaming.HEADER_SIZE or _read_small(
+            storage.join(stage, n), i, 1) != bytes([streaming.HEADER_SIZE]):
+          return False
+      elif n.startswith('results/'):
+        if not 0 < i.size <= _MARKER_MAX_BYTES:
+          return False
+        rec = json.loads(_read_small(storage.join(stage, n), i))
+        if not (isinstance(rec, dict) and
+                rec.get('index') == int(n[len('results/'):-len('.json')]) and
+                {'plain_digest', 'cipher_digest', 'ct_size'} <= set(rec)):
+          return False
+  except (ValueError, FileNotFoundError, storage.ObjectChangedError):
+    return False  # not JSON, not UTF-8, or changed meanwhile: not ours
+  return True
+
+
+def _read_small(uri: str, info, length: Optional[int] = None) -> bytes:
+  with storage.open_reader(uri, version=info.version) as r:
+    return r.read_range(0, r.size if length is None else length)
+
+
+# --------------------------------------------------------------------------
+# The model, its ranges, their part objects.
+# --------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -53,79 +193,36 @@ class RemoteFile:
 
 def scan_remote_model(model_uri: str, any_dir: bool = False
                       ) -> Tuple[List[RemoteFile], List[str]]:
-  """`layout.scan_model` for a model under a `gs://` / `s3://` prefix.
+  """`layout.scan_remote_model`, then every file opened once, up front.
 
-  Objects are files; names ending in `/` (the empty-directory placeholders
-  gsutil and tf.io.gfile write) are directories. The same refusals: unsafe
-  or non-NFC names, a tfx-encrypt package or temporary name inside, no
-  model marker (unless `any_dir`), too many files. Each file's version is
-  recorded here; every later read of it is pinned to that version.
+  All the checks of `layout.scan_remote_model` (one listing; each object
+  name a package path, no temporary name, no `tfxe.header`, folder objects
+  empty, a model marker unless `any_dir`, the size limits), and the version
+  each object was listed at, to which every later read is pinned. Then,
+  because Beam workers seal ranges far from the start of a file and never
+  see its first bytes together with the decision to publish, each file is
+  opened here, pinned to its listed version (a file replaced since the
+  listing is refused), and one starting with the format's magic (a bundle
+  inside the model) is refused before any work is handed out. `encrypt_model`
+  does that last check when it reads a file's first segment instead.
   """
   _assemble.check_remote(model_uri, 'model')
-  sizes = storage.list_sizes(model_uri)
-  files: List[RemoteFile] = []
-  dirs = set()
-  looks_like_model = False
-  for name, size in sorted(sizes.items()):
-    rel = name.rstrip('/')
-    if not rel:
-      continue
-    for comp in rel.split('/'):
-      if unicodedata.normalize('NFC', comp) != comp:
-        raise errors.UnsafePathError(
-            f'object name {name!r} is not NFC-normalised Unicode; rename it')
-      if _fsutil.is_temp_name(comp):
-        raise errors.UsageError(
-            f'{_text.printable(model_uri)} holds a tfx-encrypt temporary '
-            f'object {_text.quoted(name)}; refusing to encrypt it')
-    comps = rel.split('/')
-    for k in range(1, len(comps)):
-      dirs.add('/'.join(comps[:k]))
-    if name.endswith('/'):  # a directory placeholder
-      if size:
-        raise errors.UnsafePathError(
-            f'object {name!r} ends with "/" but is not empty')
-      dirs.add(rel)
-      continue
-    base = comps[-1]
-    if base == layout_lib.HEADER_NAME:
-      raise errors.UsageError(
-          f'{_text.printable(model_uri)} contains a tfx-encrypt package at '
-          f'{_text.quoted(name)}; refusing to encrypt it')
-    if base in layout_lib.MODEL_MARKER_NAMES or base.lower().endswith(
-        layout_lib.MODEL_MARKER_SUFFIXES):
-      looks_like_model = True
-    files.append(RemoteFile(rel, storage.join(model_uri, rel), size, ''))
-  if not files:
-    raise errors.EmptyModelError(
-        f'{_text.printable(model_uri)} holds no objects; point at a '
-        'SavedModel prefix (it should hold saved_model.pb)')
-  if (len(files) > header_lib.MAX_FILES or
-      len(dirs) > header_lib.MAX_DIRS):
-    raise errors.UsageError(
-        f'model has more than {header_lib.MAX_FILES} files or directories')
+  model_uri = model_uri.rstrip('/')
+  listed, dirs = layout_lib.scan_remote_model(model_uri, any_dir=any_dir)
+  files = [RemoteFile(f.path, f.abspath, f.size, f.version or '')
+           for f in listed]
   for f in files:
-    if f.size > header_lib.MAX_FILE_SIZE:
-      raise errors.UsageError(f'{f.path} is larger than 1 PiB')
-  files.sort(key=lambda f: f.path)
-  out_dirs = paths_lib.check_tree([f.path for f in files], sorted(dirs))
-  if not looks_like_model and not any_dir:
-    raise errors.UsageError(
-        f'{_text.printable(model_uri)} does not look like a model: no '
-        f'{", ".join(sorted(layout_lib.MODEL_MARKER_NAMES))} or '
-        f'{", ".join("*" + x for x in layout_lib.MODEL_MARKER_SUFFIXES)} '
-        'object under it; pass any_dir=True to encrypt it anyway')
-  for f in files:  # pin each version; refuse a bundle inside
-    with storage.open_reader(f.uri) as r:
-      f.version = _assemble.object_version(r)
-      if r.size != f.size:
-        raise _changed(f)
-      if f.size >= header_lib.PREFIX_SIZE and r.read_range(0, 6) == (
-          header_lib.MAGIC[:6]):
-        raise errors.UsageError(
-            f'{_text.printable(model_uri)} contains a tfx-encrypt bundle at '
-            f'{_text.quoted(f.path)}; refusing to encrypt it')
-  return files, out_dirs
+    if not f.version:
+      raise errors.UsageError(
+          f'{_text.printable(f.uri)}: the store named no version for it; '
+          'its reads cannot be pinned')
+    if f.size < header_lib.PREFIX_SIZE:
+      continue
+    with open_model_file(f) as r:
+      if r.read_range(0, 6) == header_lib.MAGIC[:6]:
+        raise layout_lib._refuse_in_model(  # pylint: disable=protected-access
+            model_uri, f.path, 'a tfx-encrypt bundle')
+  return files, dirs
 
 
 def _changed(f: RemoteFile) -> errors.UsageError:
@@ -137,10 +234,10 @@ def _changed(f: RemoteFile) -> errors.UsageError:
 def open_model_file(f: RemoteFile) -> storage.Reader:
   """A reader of `f` pinned to the version scanned (else UsageError)."""
   try:
-    r = storage.open_reader(f.uri)
-  except FileNotFoundError:
+    r = storage.open_reader(f.uri, version=f.version)
+  except (FileNotFoundError, storage.ObjectChangedError):
     raise _changed(f) from None
-  if r.size != f.size or _assemble.object_version(r) != f.version:
+  if r.size != f.size:
     r.close()
     raise _changed(f)
   return r

@@ -197,7 +197,8 @@ def scan_remote_model(uri: str, any_dir: bool = False
   (`dir/`, what tf.io.gfile.makedirs writes) are directories, a non-empty
   one is refused. The same model and package rules as locally: a
   `tfxe.header` is refused here, a file starting with the format's magic
-  when its first segment is read (before anything is published).
+  when its first segment is read (before anything is published), or, for
+  Beam, by `package._parts.scan_remote_model` (which calls this) up front.
   """
   uri = uri.rstrip('/')
   listing = storage.list_objects(uri)
@@ -323,65 +324,96 @@ _PAYLOAD_NAME_RE = re.compile(PAYLOAD_DIR + r'/[0-9]{8}')
 
 @dataclasses.dataclass
 class IncompletePackage:
-  """A version with payload objects but no header (a killed push)."""
+  """What a killed run left: a version with payload objects but no header
+  (a push or an encrypt; kind 'version'), or a BeamEncryptPusher run's
+  temporary prefix (kind 'beam-staging')."""
   uri: str
   objects: int
   age_s: float
   removed: bool
+  kind: str = 'version'
 
 
 def clean_remote(uri: str, *, older_than_s: float = 3600.0,
                  now: Optional[float] = None) -> List[IncompletePackage]:
-  """Remove what SIGKILLed pushes left under a `s3://` / `gs://` base.
+  """Remove what SIGKILLed pushes and Beam runs left under a `s3://` /
+  `gs://` base.
 
   The candidates are `uri` itself and its children named like a push
-  version (an integer). One is removed only if it looks exactly like an
-  incomplete tfx-encrypt package: nothing but `payload/NNNNNNNN` objects
-  (no `tfxe.header`, no bundle, nothing else; zero-byte folder objects
-  aside), each starting like a payload stream (its first byte is the
-  stream header's length, FORMAT.md §6), and none written in the last
-  `older_than_s` seconds (a push still running writes one at least that
-  often: there is no lock on a store). Just before removal the version is
-  listed again and must be unchanged. Anything else is never touched.
+  version (an integer) or like a Beam run's staging prefix
+  (`.NAME.tfxe-beam-TOKEN`). A version is removed only if it looks exactly
+  like an incomplete tfx-encrypt package: nothing but `payload/NNNNNNNN`
+  objects (no `tfxe.header`, no bundle, nothing else; zero-byte folder
+  objects aside), each starting like a payload stream (its first byte is
+  the stream header's length, FORMAT.md §6). A staging prefix only if its
+  content is unmistakably a Beam run's (`_parts.is_our_staging`: the
+  marker the run writes first, naming this prefix, and nothing but the
+  objects a run writes). Either only when none of its objects was written
+  in the last `older_than_s` seconds (a running push or Beam run writes one
+  at least that often: there is no lock on a store). Just before removal
+  it is listed again and must be unchanged. Anything else is never touched.
 
-  Returns every incomplete version found, removed or left (too recent).
+  Returns everything found, removed or left (too recent).
   """
+  from tfx_encrypt.package import _parts  # pylint: disable=g-import-not-at-top
   uri = uri.rstrip('/')
   now = time.time() if now is None else now
+  listing = {n: i for n, i in storage.list_objects(uri).items()
+             if not storage.is_dir_marker(n, i.size)}
   groups = {}
-  for name, info in storage.list_objects(uri).items():
-    if storage.is_dir_marker(name, info.size):
-      continue
+  for name, info in listing.items():
     first, _, rest = name.partition('/')
     groups.setdefault(first, {})[rest] = info
-  candidates = []
-  if set(groups) == {PAYLOAD_DIR}:  # `uri` itself is an incomplete package
-    candidates.append((uri, {f'{PAYLOAD_DIR}/{r}': i
-                             for r, i in groups[PAYLOAD_DIR].items()}))
+  versions, stages = [], []
+  if _parts.is_staging_name(uri.rpartition('/')[2]):  # `uri` is one
+    stages.append((uri, listing))
+  elif set(groups) == {PAYLOAD_DIR}:  # `uri` is an incomplete package
+    versions.append((uri, listing))
   else:
-    candidates += [(storage.join(uri, v), objs) for v, objs in
-                   sorted(groups.items()) if _VERSION_NAME_RE.fullmatch(v)]
+    for name, objs in sorted(groups.items()):
+      if _VERSION_NAME_RE.fullmatch(name):
+        versions.append((storage.join(uri, name), objs))
+      elif _parts.is_staging_name(name):
+        stages.append((storage.join(uri, name), objs))
   found = []
-  for where, objs in candidates:
+  for where, objs in versions:
     if not objs or not all(_PAYLOAD_NAME_RE.fullmatch(n) for n in objs):
       continue  # a package, a bundle, or not ours
     if not all(_starts_like_a_stream(storage.join(where, n), i)
                for n, i in sorted(objs.items())):
       continue
-    age = now - max(i.mtime for i in objs.values())
-    if age < older_than_s:
-      found.append(IncompletePackage(where, len(objs), age, False))
-      continue
-    again = {n: i for n, i in storage.list_objects(where).items()
-             if not storage.is_dir_marker(n, i.size)}
-    if again != objs:
-      continue  # changed meanwhile: someone is writing there
-    left = delete_objects([storage.join(where, n) for n in sorted(objs)])
-    if left:
-      raise OSError(errno.EIO, f'could not remove {len(left)} objects',
-                    where)
-    found.append(IncompletePackage(where, len(objs), age, True))
+    found += _remove_if_old(where, objs, 'version', sorted(objs), now,
+                            older_than_s)
+  for where, objs in stages:
+    if not _parts.is_our_staging(where, objs):
+      continue  # named like ours, but not unmistakably ours
+    found += _remove_if_old(
+        where, objs, 'beam-staging', [_parts.STAGING_MARKER] + sorted(
+            n for n in objs if n != _parts.STAGING_MARKER), now,
+        older_than_s)
   return found
+
+
+def _remove_if_old(where: str, objs, kind: str, written: Sequence[str],
+                   now: float, older_than_s: float
+                   ) -> List[IncompletePackage]:
+  """Delete the objects `written` (names under `where`, in the order they
+  were written) last first, if none was written in the last
+  `older_than_s` seconds and a second listing shows exactly `objs` again:
+  the first one (payload 0, the Beam marker) goes last, so a clean that
+  fails half-way leaves what is left recognisable. The report of what was
+  found."""
+  age = now - max(i.mtime for i in objs.values())
+  if age < older_than_s:
+    return [IncompletePackage(where, len(objs), age, False, kind)]
+  again = {n: i for n, i in storage.list_objects(where).items()
+           if not storage.is_dir_marker(n, i.size)}
+  if again != objs:
+    return []  # changed meanwhile: someone is writing there
+  left = delete_objects([storage.join(where, n) for n in written])
+  if left:
+    raise OSError(errno.EIO, f'could not remove {len(left)} objects', where)
+  return [IncompletePackage(where, len(objs), age, True, kind)]
 
 
 def _starts_like_a_stream(uri: str, info) -> bool:
@@ -442,8 +474,8 @@ class _Source:
     if storage.is_remote(path):  # open_source reads those (_RemoteSource)
       raise errors.UsageError(
           f'{_text.printable(path)}: this command reads local packages only '
-          '(inspect, verify and decrypt also read s3:// and gs://); copy the '
-          'package to a local path first')
+          '(inspect, verify, decrypt, rotate and rewrap also take s3:// and '
+          'gs://); copy the package to a local path first')
     self.path = path
     try:
       st = os.stat(path)
@@ -580,6 +612,9 @@ class _RemoteSource(_Source):
     with reader:
       self.header, self.header_len = Header.read(storage.ReaderFile(reader))
       self._hfile_size = reader.size
+      # The version these header bytes were read from (S3 ETag, GCS
+      # generation): rewrap replaces the header only if it still is.
+      self.header_version = reader.version
     sizes = [s for s, _ in self.header.payloads]
     if self.bundle:
       if self._hfile_size != self.header_len + sum(sizes):
@@ -640,6 +675,27 @@ def open_source(path: str) -> _Source:
   if storage.is_remote(path):
     return _RemoteSource(path)
   return _Source(path)
+
+
+def open_for_rewrap(path: str) -> _Source:
+  """The package `rewrap` changes in place: a local one (directory or
+  bundle), or a directory-form package on s3:// / gs://, whose header
+  object rewrap replaces only if it is still the version read here
+  (`header_version`; docs/OBJECT_STORES.md, "rewrap in place")."""
+  if not storage.is_remote(path):
+    return _Source(path)
+  src = _RemoteSource(path)
+  if src.bundle:
+    raise errors.UsageError(
+        f'{_text.printable(src.path)} is a bundle: rewrap in place on s3:// '
+        'and gs:// needs a directory-form package (a bundle is one object, '
+        'header and payloads, so a new header means uploading the whole '
+        'package again); rewrap a local copy, or use a directory form')
+  if not src.header_version:
+    raise errors.UsageError(
+        f'{_text.printable(src.path)}: the store named no version for '
+        f'{HEADER_NAME}, so it cannot be replaced only if unchanged')
+  return src
 
 
 def start_package(package: str, force: bool = False) -> str:

@@ -8,7 +8,6 @@ on any error or signal (docs/SECURITY.md).
 
 import dataclasses
 import os
-import tempfile
 import threading
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -23,6 +22,7 @@ from tfx_encrypt.format import header as header_lib
 from tfx_encrypt.format import streaming
 from tfx_encrypt.format.header import FileEntry, Header, KeyGroups
 from tfx_encrypt.keys import shamir
+from tfx_encrypt.storage import _bundle as bundle_lib
 from tfx_encrypt.keys.base import KeyBackend, WrapContext
 from tfx_encrypt.package.envelope import (
     KeyLike, _backend, _backends, _check_resign, _check_user_context,
@@ -30,10 +30,10 @@ from tfx_encrypt.package.envelope import (
     open_key_groups, prepare_envelope, resolve_signer, seal_header,
     share_context)
 from tfx_encrypt.package.layout import (
-    HEADER_NAME, PAYLOAD_DIR, _Source, _create, _open_regular,
+    HEADER_NAME, PAYLOAD_DIR, _Source, _create,
     _write_header_only, build_header, check_remote_output, delete_objects,
-    finish_package, open_source, payload_name, scan_model, scan_remote_model,
-    start_package)
+    finish_package, open_for_rewrap, open_source, payload_name, scan_model,
+    scan_remote_model, start_package)
 from tfx_encrypt.package._streams import (
     Progress, _check_ciphertext, _decrypt_file_table, _decrypt_payload,
     _file_reader, _open_source, _open_stream, _remote_file_reader,
@@ -196,8 +196,9 @@ def encrypt_model(src_dir, package, *,
   `gs://` URI too (never replaced; `force` is refused): the payload
   objects are streamed there create-only, then the header is written
   create-only as the commit point; on any failure the objects written are
-  deleted. A remote bundle needs its header before its payloads, so its
-  ciphertext (never plaintext) is staged in a private temporary directory.
+  deleted. A remote bundle (its header comes first but is known last) is
+  streamed too, into one create-only upload completed with the header
+  (`storage._bundle`): nothing is staged on the local disk.
   """
   remote_src = storage.is_remote(os.fspath(src_dir))
   remote_dst = storage.is_remote(os.fspath(package))
@@ -225,7 +226,10 @@ def encrypt_model(src_dir, package, *,
     workers = min(workers, REMOTE_WORKERS)
   order = sorted(range(len(files)), key=lambda i: -files[i].size)
   results: Dict[int, Tuple[str, str, int]] = {}
-  pipeline = pipelines_help((f.size for f in files), workers)
+  # A remote bundle seals one file at a time (its order): let large files
+  # spread over two threads.
+  pipeline = (remote_dst and bundle) or pipelines_help(
+      (f.size for f in files), workers)
 
   def seal_into(i, out):
     f = files[i]
@@ -262,12 +266,11 @@ def encrypt_model(src_dir, package, *,
   if remote_dst and not bundle:
     h, hlen = _encrypt_to_store(package, files, seal_into, order, workers,
                                 lambda: build_header(env, **table()))
+  elif remote_dst:  # a remote bundle: streamed, nothing staged locally
+    h, hlen = _encrypt_to_store_bundle(package, files, seal_into,
+                                       lambda: build_header(env, **table()))
   else:
-    if remote_dst:  # a remote bundle: ciphertext staged, then one object
-      tmp = tempfile.mkdtemp(prefix='tfxe-ciphertext-')
-      os.mkdir(os.path.join(tmp, PAYLOAD_DIR), 0o700)
-    else:
-      tmp = start_package(package, force)
+    tmp = start_package(package, force)
     try:
       pdir = os.path.join(tmp, PAYLOAD_DIR)
 
@@ -281,14 +284,8 @@ def encrypt_model(src_dir, package, *,
           os.close(out)
 
       _run_parallel(encrypt_one, order, workers)
-      if remote_dst:
-        h, hbytes = build_header(env, **table())
-        _upload_bundle(package, hbytes, pdir, len(files))
-        hlen = len(hbytes)
-        _fsutil.remove_tree(tmp)
-      else:
-        h, hlen = finish_package(env, tmp, package, bundle=bundle,
-                                 force=force, fsync=fsync, **table())
+      h, hlen = finish_package(env, tmp, package, bundle=bundle,
+                               force=force, fsync=fsync, **table())
     except BaseException:
       _fsutil.remove_tree(tmp)
       raise
@@ -330,35 +327,27 @@ def _encrypt_to_store(package: str, files, seal_into, order, workers: int,
   return h, len(hbytes)
 
 
-def _upload_bundle(package: str, hbytes: bytes, pdir: str, count: int
-                   ) -> None:
-  """Stream the header and the staged payload files into the one bundle
-  object, create-only (the commit point is the upload's completion)."""
-  sizes = [os.path.getsize(os.path.join(pdir, payload_name(i)))
-           for i in range(count)]
-  w = storage.open_writer(package, len(hbytes) + sum(sizes))
+def _encrypt_to_store_bundle(package: str, files, seal_into, make_header
+                             ) -> Tuple[Header, int]:
+  """A bundle on a store, streamed with bounded memory and nothing on the
+  local disk (docs/OBJECT_STORES.md): the payload streams are sealed in
+  index order, the bundle's order, into `storage._bundle`'s writer, which
+  uploads them as they come; the header, known only once the last one is
+  sealed, goes in last, and the create-only completion of the one object
+  is the commit point. On any failure or signal the upload is aborted and
+  its temporaries deleted: nothing is left at `package`."""
+  total = sum(streaming.ciphertext_size(f.size) for f in files)
+  w = bundle_lib.open_bundle_writer(package, total)
   try:
-    w.write(hbytes)
-    buf = memoryview(bytearray(1 << 20))
-    for i in range(count):
-      fd, st = _open_regular(os.path.join(pdir, payload_name(i)),
-                             'payload file')
-      try:
-        off = 0
-        while off < st.st_size:
-          _signals.check()
-          n = _fsutil.read_into_exact(fd, buf[:min(len(buf),
-                                                  st.st_size - off)], off)
-          if n <= 0:
-            raise errors.UsageError('a staged payload file shrank')
-          w.write(buf[:n])
-          off += n
-      finally:
-        os.close(fd)
-    w.commit()
+    for i in range(len(files)):
+      seal_into(i, w)
+    h, hbytes = make_header()
+    w.commit(hbytes)
   except BaseException:
-    w.abort()
+    with _signals.deferred():
+      w.abort()
     raise
+  return h, len(hbytes)
 
 
 def decrypt_model(package, out_dir, *, identities: Sequence[KeyLike],
@@ -465,6 +454,13 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   Removing a recipient does not revoke a DEK it has already seen; use
   :func:`rotate_package` after a suspected leak.
 
+  `package` may also be a directory-form package on `s3://` / `gs://`:
+  the same checks, then its header object is replaced only if it is still
+  the version that was read and verified (S3 `If-Match`, GCS
+  `ifGenerationMatch`); if it changed meanwhile, nothing is replaced
+  (ObjectChangedError). The payload objects are not touched. A bundle on
+  a store is refused (UsageError).
+
   The current signature is checked first, before any key call: pass the
   publisher's keys in `trusted`, or `allow_unsigned=True` to accept an
   unsigned package. A package signed by a key not in `trusted` is refused
@@ -482,7 +478,7 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   identities = _backends(identities, 'identity')
   sign_with = _backend(signer, 'signer') if signer is not None else None
   adds = _backends(add_recipients, 'recipient', '--add-recipient')
-  src = _Source(os.fspath(package))
+  src = open_for_rewrap(os.fspath(package))  # a path, or s3:// / gs://
   h = src.header
   verified = _verify_signature(h, trust, allow_unsigned)
   if h.signer is not None and sign_with is None:
@@ -538,7 +534,7 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   del dek
   h.recipients = recipients
   seal_header(h, keys.mac_key, sign_with)
-  _write_header_only(src, h)
+  _replace_header(src, h)
   return _info(h, src.path, src.bundle, len(h.serialize()),
                verified=sign_with is not None)
 
@@ -602,9 +598,33 @@ def _rewrap_groups(src: '_Source', h: Header, identities: List[KeyBackend],
   h.recipients = stanzas
   h.threshold = KeyGroups(kg.k, indices)
   seal_header(h, keys.mac_key, sign_with)
-  _write_header_only(src, h)
+  _replace_header(src, h)
   return _info(h, src.path, src.bundle, len(h.serialize()),
                verified=sign_with is not None)
+
+
+def _replace_header(src: _Source, h: Header) -> None:
+  """Publish rewrap's new header (the payloads stay as they are).
+
+  Locally: the header (or bundle) is replaced atomically
+  (`layout._write_header_only`). On `s3://` / `gs://` the header object is
+  the commit point, replaced only if it is still the version `src` read
+  and verified (docs/OBJECT_STORES.md, "rewrap in place"); if another
+  writer changed or removed it meanwhile, nothing is replaced.
+  """
+  if not storage.is_remote(src.path):
+    _write_header_only(src, h)
+    return
+  hpath = storage.join(src.path, HEADER_NAME)
+  try:
+    with _signals.deferred():  # one request: done, or not at all
+      storage.put_if_unchanged(hpath, h.serialize(), src.header_version)
+      _signals.mark_committed()
+  except storage.ObjectChangedError:
+    raise storage.ObjectChangedError(
+        f'{_text.printable(hpath)} changed after rewrap read and verified '
+        'it (another rewrap or writer); nothing was replaced: run rewrap '
+        'again') from None
 
 
 def rotate_package(package, out, *, identities: Sequence[KeyLike],

@@ -17,6 +17,10 @@ A few verbs, the same for every store (docs/OBJECT_STORES.md):
   (the commit point: fails with :class:`ObjectExistsError` if the object
   exists; S3 `If-None-Match: *` on PutObject, GCS `ifGenerationMatch=0`, a
   local `link(2)` of a complete temporary file).
+* :func:`put_if_unchanged` (`uri`, `data`, `version`): replace an object
+  only if it is still the version that was read (a Reader's `version`;
+  S3 `If-Match: <etag>`, GCS `ifGenerationMatch=<generation>`), else
+  :class:`ObjectChangedError` and nothing is written: rewrap's commit.
 
 The cloud SDKs are the official ones (boto3 in the `[aws]` extra,
 google-cloud-storage in `[gcp]`), imported only when a `s3://` or `gs://`
@@ -30,7 +34,7 @@ from tfx_encrypt.storage._base import (  # noqa: F401
     local_path, scheme_of, split)
 from tfx_encrypt.storage._verbs import (  # noqa: F401
     delete, exists, list_names, list_objects, list_sizes, open_reader,
-    open_writer, put, put_create_only, reset_clients)
+    open_writer, put, put_create_only, put_if_unchanged, reset_clients)
 # The clients, for tests that prepare buckets on the emulators.
 from tfx_encrypt.storage._google import _gcs  # noqa: F401  pylint: disable=unused-import
 from tfx_encrypt.storage._aws import _s3  # noqa: F401  pylint: disable=unused-import

@@ -54,6 +54,7 @@ class _S3Reader(_ChunkedReader):
         raise FileNotFoundError(errno.ENOENT, 'no such object', uri) from None
       raise
     self._etag = head['ETag']
+    self.version = self._etag
     if version and self._etag != version:  # a store that ignores If-Match
       raise ObjectChangedError(f'{_text.printable(uri)} was replaced after '
                                'it was listed')
@@ -221,12 +222,16 @@ class _S3Writer(Writer):
     if self._written > self._size:
       raise errors.UsageError(f'{_text.printable(self.uri)}: more bytes '
                               'than announced')
+    copied = self._written - len(mv)  # object offset of mv[0]
     while len(mv):
       take = min(len(mv), len(self._buf) - self._fill)
       self._buf[self._fill:self._fill + take] = mv[:take]
       self._fill += take
+      copied += take
       mv = mv[take:]
-      if self._fill == len(self._buf) and self._written < self._size:
+      # Full, and more bytes to come (in this write or a later one): a
+      # part. The last part is sent by commit.
+      if self._fill == len(self._buf) and copied < self._size:
         self._flush()
 
   @_translating_method
@@ -277,3 +282,35 @@ def _s3_exists(bucket: str, key: str) -> bool:
     if _s3_code(e) in ('404', 'NoSuchKey', 'NotFound'):
       return False
     raise
+
+
+#: PutObject's limit; a conditional replacement is one PutObject.
+_S3_PUT_LIMIT = 5 << 30
+
+
+def _s3_put_if_match(bucket: str, key: str, data: Data, etag: str,
+                     uri: str) -> str:
+  """Replace an object only if its ETag is still `etag`: PutObject with
+  `If-Match` (S3 conditional writes). Returns the new ETag.
+
+  Raises:
+    ObjectChangedError: the object was replaced (412), removed (404), or
+      another conditional write of it is in progress (409); nothing was
+      written.
+  """
+  import botocore.exceptions  # pylint: disable=g-import-not-at-top
+  stream, size = _as_stream(data)
+  if size > _S3_PUT_LIMIT:
+    raise errors.UsageError(f'{_text.printable(uri)}: a conditional '
+                            'replacement is one PutObject (at most 5 GiB)')
+  try:
+    r = _s3().put_object(Bucket=bucket, Key=key, Body=stream,
+                         ContentLength=size, IfMatch=etag)
+  except botocore.exceptions.ClientError as e:
+    if _s3_code(e) in ('PreconditionFailed', '412', 'NoSuchKey', '404',
+                       'NotFound', 'ConditionalRequestConflict', '409'):
+      raise ObjectChangedError(
+          f'{_text.printable(uri)} was replaced or removed since it was '
+          'read; it was not overwritten') from None
+    raise
+  return r.get('ETag')

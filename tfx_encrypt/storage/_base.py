@@ -93,6 +93,10 @@ class Reader:
 
   size: int = 0
   uri: str = ''
+  #: The version opened (S3 ETag, GCS generation; locally the file's
+  #: identity `dev:ino:size:mtime_ns`): what :func:`put_if_unchanged`
+  #: takes to replace exactly what was read.
+  version: Optional[str] = None
 
   def read_into(self, buf, offset: int) -> int:
     """Fill `buf` from `offset`; fewer bytes only at the end of the object."""

@@ -8,7 +8,7 @@ from typing import Dict, Optional
 from tfx_encrypt import _text
 from tfx_encrypt.storage._base import (
     Data, ObjectChangedError, ObjectExistsError, ObjectInfo, Writer,
-    _ChunkedReader, _as_stream, _sdk_missing, _translating_method)
+    _BufferFile, _ChunkedReader, _as_stream, _sdk_missing, _translating_method)
 
 
 _per_thread = threading.local()
@@ -58,6 +58,7 @@ class _GcsReader(_ChunkedReader):
                                'it was listed')
     # Pinned to the generation that was opened.
     self._generation = b.generation
+    self.version = str(b.generation)
     self._blob = _gcs().bucket(bucket).blob(key, generation=b.generation)
     super().__init__(uri, int(b.size))
 
@@ -107,30 +108,91 @@ def _gcs_list_info(bucket: str, prefix: str) -> Dict[str, ObjectInfo]:
   return out
 
 
-#: Chunk of streamed uploads (a multiple of 256 KiB): the memory one
-#: writer holds.
-GCS_WRITE_CHUNK_SIZE = 4 << 20
+#: Chunk of streamed uploads (a multiple of 256 KiB, as GCS requires of
+#: every chunk but the last): the memory one writer holds, sent without a
+#: copy. Objects of at most one chunk go in one request at commit.
+GCS_WRITE_CHUNK_SIZE = 8 << 20
 
 
 class _GcsWriter(Writer):
-  """A create-only streamed upload: a resumable upload with
-  `ifGenerationMatch=0`, finalised by `commit`. Until then no object
-  exists; `abort` leaves the session unfinished (GCS drops it after a
-  week) and can never finalise it."""
+  """A create-only streamed upload: a resumable-upload session opened with
+  `ifGenerationMatch=0`, fed one chunk at a time from one reused buffer.
+
+  GCS finalises the object when its last byte arrives, and then only if
+  no live object has the name (412 otherwise); the last chunk is sent only
+  by `commit`, so no object can appear before it. `abort` cancels the
+  session. An object of at most one chunk is one multipart request at
+  commit, with the same precondition.
+  """
 
   def __init__(self, uri: str, bucket: str, key: str, size: int):
     self.uri, self._bucket, self._key, self._size = uri, bucket, key, size
-    self._w = None
+    self._buf = bytearray(min(GCS_WRITE_CHUNK_SIZE, size))
+    self._fill = 0
+    self._base = 0  # object offset of the buffer's first byte
+    self._sent = 0  # bytes the session has persisted
+    self._session = None
     self._written = 0
 
-  def _writer(self):
-    if self._w is None:
-      # The client of the thread that writes (see _gcs).
+  def _exists(self) -> ObjectExistsError:
+    return ObjectExistsError(f'{_text.printable(self.uri)} already exists '
+                             '(another writer created it)')
+
+  def _http(self):
+    import requests  # pylint: disable=g-import-not-at-top
+    # The session URL is itself the credential for the upload: a plain
+    # session, one per writer (requests sessions are per thread).
+    if self._session is None:
+      from google.api_core import exceptions as gexc  # pylint: disable=g-import-not-at-top
       blob = _gcs().bucket(self._bucket).blob(self._key)
-      self._w = _blob_writer_class()(
-          blob, chunk_size=GCS_WRITE_CHUNK_SIZE, ignore_flush=True,
-          if_generation_match=0)
-    return self._w
+      try:
+        url = blob.create_resumable_upload_session(
+            content_type='application/octet-stream', size=self._size,
+            if_generation_match=0)
+      except gexc.PreconditionFailed:
+        raise self._exists() from None
+      self._session = (url, requests.Session())
+    return self._session
+
+  def _send(self, last: bool) -> None:
+    """Send the buffer from `_sent` on; GCS may persist less than it was
+    sent (it answers 308 with the Range it kept): resend the rest."""
+    import requests  # pylint: disable=g-import-not-at-top
+    url, http = self._http()
+    view = memoryview(self._buf)[:self._fill]
+    start = self._base
+    for _ in range(16):
+      off = self._sent - start
+      body = _BufferFile(view[off:])
+      end = self._sent + len(body)
+      total = str(self._size) if last else '*'
+      try:
+        r = http.put(url, data=body, timeout=(60, 600), headers={
+            'Content-Range': (f'bytes {self._sent}-{end - 1}/{total}'
+                              if len(body) else f'bytes */{total}')})
+      except requests.RequestException as e:
+        # Not the SDK's message: it names the session URL, a credential.
+        raise ConnectionError(errno.ECONNABORTED, 'object store unreachable '
+                              f'({type(e).__name__})', self.uri) from None
+      if r.status_code in (200, 201):
+        if not last:
+          raise OSError(errno.EIO, 'the store finalised the object before '
+                        'its last chunk', self.uri)
+        self._sent = end
+        return
+      if r.status_code == 412:
+        raise self._exists()
+      if r.status_code != 308:
+        raise OSError(errno.EIO, f'upload failed: HTTP {r.status_code} '
+                      f'{_text.printable(r.text[:200])}', self.uri)
+      kept = r.headers.get('Range')  # "bytes=0-N": what it persisted
+      self._sent = int(kept.rsplit('-', 1)[1]) + 1 if kept else 0
+      if self._sent < start or self._sent > end:
+        raise OSError(errno.EIO, 'the store kept bytes outside the chunk '
+                      'sent', self.uri)
+      if self._sent == end and not last:
+        return
+    raise OSError(errno.EIO, 'the store keeps refusing the chunk', self.uri)
 
   @_translating_method
   def write(self, data) -> None:
@@ -138,64 +200,43 @@ class _GcsWriter(Writer):
     self._written += len(mv)
     if self._written > self._size:
       raise OSError(errno.EFBIG, 'more bytes than announced', self.uri)
-    self._writer().write(bytes(mv))
+    while len(mv):
+      take = min(len(mv), len(self._buf) - self._fill)
+      self._buf[self._fill:self._fill + take] = mv[:take]
+      self._fill += take
+      mv = mv[take:]
+      if self._fill == len(self._buf) and (
+          self._base + self._fill < self._size):
+        # Full, and more to come: never the last chunk.
+        self._send(last=False)
+        self._base += self._fill
+        self._fill = 0
 
   @_translating_method
   def commit(self) -> None:
-    from google.api_core import exceptions as gexc  # pylint: disable=g-import-not-at-top
     if self._written != self._size:
       raise OSError(errno.EIO, f'{self._written} bytes written, {self._size} '
                     'announced', self.uri)
-    from google.resumable_media import common  # pylint: disable=g-import-not-at-top
-    exists = ObjectExistsError(f'{_text.printable(self.uri)} already exists '
-                               '(another writer created it)')
     try:
-      w = self._writer()
-      w.finalize = True
-      w.close()
-    except gexc.PreconditionFailed:
-      raise exists from None
-    except common.InvalidResponse as e:  # the resumable upload's final PUT
-      if getattr(getattr(e, 'response', None), 'status_code', None) == 412:
-        raise exists from None
-      raise
+      if self._session is None:  # one chunk at most: one request
+        _gcs_put(self._bucket, self._key,
+                 bytes(memoryview(self._buf)[:self._fill]), True, self.uri)
+      else:
+        self._send(last=True)
+        self._session = None  # finalised: nothing to cancel
     finally:
       self.abort()
 
   def abort(self) -> None:
-    w, self._w = self._w, None
-    if w is not None and not w.closed:
-      w.finalize = False
-      try:
-        w.close()
+    self._buf, self._fill = bytearray(), 0
+    session, self._session = self._session, None
+    if session is not None:
+      url, http = session
+      try:  # cancel the session (GCS answers 499)
+        http.delete(url, timeout=30)
       except Exception:  # pylint: disable=broad-except
-        pass
-
-
-_BLOB_WRITER = []
-
-
-def _blob_writer_class():
-  """BlobWriter that finalises the upload only when told to.
-
-  BlobWriter.close() uploads what is buffered and FINALISES the object,
-  and io.IOBase runs close() when the writer is garbage-collected: a
-  writer dropped after an error would publish a truncated object. This
-  one closes its buffer first unless `finalize` was set by commit.
-  """
-  if not _BLOB_WRITER:
-    from google.cloud.storage import fileio  # pylint: disable=g-import-not-at-top
-
-    class _CommitOnlyBlobWriter(fileio.BlobWriter):
-      finalize = False
-
-      def close(self):
-        if not self.finalize:
-          self._buffer.close()  # close() then uploads nothing
-        super().close()
-
-    _BLOB_WRITER.append(_CommitOnlyBlobWriter)
-  return _BLOB_WRITER[0]
+        pass  # GCS drops unfinished sessions after a week
+      http.close()
 
 
 def _gcs_put(bucket: str, key: str, data: Data, create_only: bool,
@@ -209,3 +250,28 @@ def _gcs_put(bucket: str, key: str, data: Data, create_only: bool,
   except gexc.PreconditionFailed:
     raise ObjectExistsError(f'{_text.printable(uri)} already exists '
                             '(another writer created it)') from None
+
+
+def _gcs_put_if_generation(bucket: str, key: str, data: Data,
+                           generation: str, uri: str) -> str:
+  """Replace an object only if it is still generation `generation`: an
+  upload with `ifGenerationMatch=<generation>`. Returns the new generation.
+
+  Raises:
+    ObjectChangedError: the object is another generation or was removed
+      (412); nothing was written.
+  """
+  from google.api_core import exceptions as gexc  # pylint: disable=g-import-not-at-top
+  gen = int(generation)
+  if gen <= 0:  # 0 would mean "create only if absent"
+    raise ValueError(f'not an object generation: {generation!r}')
+  blob = _gcs().bucket(bucket).blob(key, chunk_size=8 << 20)
+  stream, size = _as_stream(data)
+  try:
+    blob.upload_from_file(stream, size=size, rewind=False,
+                          if_generation_match=gen)
+  except gexc.PreconditionFailed:
+    raise ObjectChangedError(
+        f'{_text.printable(uri)} was replaced or removed since it was read; '
+        'it was not overwritten') from None
+  return None if blob.generation is None else str(blob.generation)

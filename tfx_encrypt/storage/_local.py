@@ -36,6 +36,7 @@ class _LocalReader(Reader):
           'files are read')
     os.set_blocking(self._fd, True)
     self.size = st.st_size
+    self.version = _local_version(st)
 
   def read_into(self, buf, offset: int) -> int:
     mv = memoryview(buf).cast('B')
@@ -109,3 +110,69 @@ def _local_list_info(prefix: str) -> Dict[str, ObjectInfo]:
       out[os.path.relpath(os.path.join(dirpath, n), root).replace(
           os.sep, '/')] = ObjectInfo(st.st_size, None, st.st_mtime)
   return out
+
+
+def _local_version(st: os.stat_result) -> str:
+  """A local file's version: which file (a replacement by rename is a new
+  inode) and its size and change time (an in-place write)."""
+  return f'{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}'
+
+
+def _local_put_if_unchanged(path: str, data: Data, version: str) -> str:
+  """Replace a file only if it is still `version` (from its reader).
+
+  A filesystem has no compare-and-swap: the complete new file is swapped
+  in atomically (renameat2 RENAME_EXCHANGE) and the file it displaced is
+  checked; if that was not `version`, it is swapped back and
+  ObjectChangedError raised (a reader may have seen the new file in
+  between). Without renameat2: checked, then renamed (a small race).
+  Returns the new file's version.
+  """
+  from tfx_encrypt._fsutil import _publish  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.storage._base import ObjectChangedError  # pylint: disable=g-import-not-at-top
+  changed = ObjectChangedError(f'{_text.printable(path)} was replaced or '
+                               'removed since it was read; it was not '
+                               'overwritten')
+  parent = os.path.dirname(os.path.abspath(path))
+  tmp = os.path.join(parent, f'.{os.path.basename(path)}.tfxe-put-'
+                     f'{os.getpid()}-{threading.get_ident()}')
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+               getattr(os, 'O_CLOEXEC', 0), 0o644)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      src, _ = _as_stream(data)
+      while True:
+        b = src.read(CHUNK_SIZE)
+        if not b:
+          break
+        f.write(b)
+      f.flush()
+      os.fsync(f.fileno())
+      new_version = _local_version(os.fstat(f.fileno()))
+    try:
+      if _local_version(os.lstat(path)) != version:
+        raise changed
+    except FileNotFoundError:
+      raise changed from None
+    try:
+      swapped = _publish._call_renameat2(tmp, path,  # pylint: disable=protected-access
+                                         _publish._RENAME_EXCHANGE)  # pylint: disable=protected-access
+    except FileNotFoundError:  # removed since the check
+      raise changed from None
+    if not swapped:
+      os.replace(tmp, path)
+      return new_version
+    if _local_version(os.lstat(tmp)) != version:  # replaced since the check
+      try:
+        _publish._call_renameat2(tmp, path, _publish._RENAME_EXCHANGE)  # pylint: disable=protected-access
+      except BaseException:
+        tmp = None  # it holds the other writer's file: leave it
+        raise
+      raise changed
+    return new_version
+  finally:
+    if tmp is not None:
+      try:
+        os.unlink(tmp)
+      except FileNotFoundError:
+        pass

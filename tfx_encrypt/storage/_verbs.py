@@ -7,12 +7,14 @@ from tfx_encrypt.storage._base import (
     Data, ObjectInfo, Reader, Writer, _translating, is_remote, local_path,
     split)
 from tfx_encrypt.storage._local import (
-    _LocalReader, _local_list, _local_list_info, _local_put)
+    _LocalReader, _local_list, _local_list_info, _local_put,
+    _local_put_if_unchanged)
 from tfx_encrypt.storage._aws import (
     _S3Reader, _S3Writer, _clients, _clients_lock, _s3, _s3_exists, _s3_list,
-    _s3_list_info, _s3_put)
+    _s3_list_info, _s3_put, _s3_put_if_match)
 from tfx_encrypt.storage._google import (
-    _GcsReader, _GcsWriter, _gcs, _gcs_list_info, _gcs_put, _generation)
+    _GcsReader, _GcsWriter, _gcs, _gcs_list_info, _gcs_put, _generation,
+    _gcs_put_if_generation)
 
 
 @_translating
@@ -107,6 +109,35 @@ def put_create_only(uri: str, data: Data) -> None:
       nothing was changed.
   """
   _put(uri, data, create_only=True)
+
+
+@_translating
+def put_if_unchanged(uri: str, data: Data, version: str) -> Optional[str]:
+  """Replace an object only if it is still `version`: a commit point that
+  replaces (rewrap's header; docs/OBJECT_STORES.md).
+
+  `version` is what was read: a :class:`Reader`'s `version` (or, on a
+  store, :func:`list_objects`'). S3: PutObject with `If-Match: <ETag>`;
+  GCS: an upload with `ifGenerationMatch=<generation>`; both atomic on the
+  store. Locally: the complete new file is swapped in (RENAME_EXCHANGE)
+  and swapped back if the one it displaced was not `version`. Returns the
+  new version (None if the store did not say).
+
+  Raises:
+    ObjectChangedError: the object was replaced or removed since (or
+      another conditional write of it is in progress); it was not
+      overwritten.
+  """
+  uri = os.fspath(uri)
+  if not version:
+    raise errors.UsageError(f'put_if_unchanged({uri!r}): no version given '
+                            '(it never replaces unconditionally)')
+  if not is_remote(uri):
+    return _local_put_if_unchanged(local_path(uri), data, version)
+  s, bucket, key = split(uri)
+  if s == 's3':
+    return _s3_put_if_match(bucket, key, data, version, uri)
+  return _gcs_put_if_generation(bucket, key, data, version, uri)
 
 
 def _put(uri: str, data: Data, create_only: bool) -> None:

@@ -34,8 +34,11 @@ Two ways to run, chosen by where the model and the package are:
   next to the package; the driver then has the store concatenate the parts
   into the payload objects server-side (S3 UploadPartCopy, GCS compose:
   `tfx_encrypt.storage._assemble`) and writes the header create-only as the
-  commit point. No payload byte passes through the driver; the temporary
-  objects are deleted on success and on failure (`package._parts`,
+  commit point. No payload byte passes through the driver (but for a
+  bundle on S3: the header and the short pieces it must join to reach S3's
+  5 MiB part minimum, less than 10 MiB at a time); the temporary objects
+  are deleted on success and on failure; a SIGKILLed run's are recognised
+  by `tfx-encrypt clean` through the marker it writes first (`package._parts`,
   docs/OBJECT_STORES.md "Beam without a shared filesystem").
 * **Shared filesystem** (both local paths): workers read the model and
   write the payload files in place (positioned writes), so the model
@@ -577,14 +580,6 @@ def _fill_stats(stats, files, items, records):
   stats.worker_pids = sorted({p for r in records.values() for p in r['pids']})
 
 
-def _staging_prefix(package: str) -> str:
-  """A fresh prefix next to `package`, named as tfx-encrypt's temporary
-  siblings are (`.NAME.tfxe-beam-TOKEN`): everything under it is this
-  run's, and is deleted when the run ends."""
-  parent, _, name = package.rstrip('/').rpartition('/')
-  return f'{parent}/.{name[:120]}.tfxe-beam-{os.urandom(8).hex()}'
-
-
 def _encrypt_remote(src_dir, package, *, recipients, key_groups, threshold,
                     make_pipeline, worker_identity, explicit, signer, context,
                     cipher, hash_alg, bundle, segment_bytes, any_dir, stats):
@@ -601,12 +596,6 @@ def _encrypt_remote(src_dir, package, *, recipients, key_groups, threshold,
   if not key:
     raise errors.UsageError(f'{_text.printable(package)}: name a package '
                             'under the bucket, not the bucket itself')
-  if bundle and scheme == 's3':
-    raise errors.UsageError(
-        'a bundle on s3:// cannot be assembled from parts server-side (S3 '
-        'parts other than the last must be at least 5 MiB, and the small '
-        'header comes first): write the directory form (bundle=False), or '
-        'a bundle on gs://')
   if src_dir == package or package.startswith(src_dir + '/') or (
       src_dir.startswith(package + '/')):
     raise errors.UsageError('the package must not be inside the model, nor '
@@ -623,7 +612,7 @@ def _encrypt_remote(src_dir, package, *, recipients, key_groups, threshold,
                                worker_identity, explicit, context, cipher,
                                hash_alg, stats)
   limits = _assemble.part_limits(package)
-  stage = _staging_prefix(package)
+  stage = _parts.staging_prefix(package)
   stats.staging = stage
   segs_per_item = _segments_per_item(segment_bytes)
   items, file_specs = [], {}
@@ -643,9 +632,20 @@ def _encrypt_remote(src_dir, package, *, recipients, key_groups, threshold,
                'filesystem: parts under %s); workers unwrap the data key '
                'with %s.', len(files), len(items), _text.printable(stage),
                stats.worker_identity)
+  if bundle and scheme == 's3':  # fail before the job, not after it
+    _assemble.plan_multipart(
+        [1] + [n for i in range(len(files))
+               for n in file_specs[i]['part_sizes']], local={0})
   written: List[str] = []
   committed = False
+  heartbeat = _parts.StagingHeartbeat(stage, package)
   try:
+    # First: the marker that makes a SIGKILLed run's prefix recognisably
+    # ours to `tfx-encrypt clean` (nothing else is there yet); refreshed
+    # while the run lasts, so that clean's age rule never takes it for a
+    # dead run's.
+    _parts.write_staging_marker(stage, package)
+    heartbeat.start()
     results = storage.join(stage, 'results')
     _run(make_pipeline, items, job, file_specs, hash_alg, results, stats)
     records = {}
@@ -661,13 +661,12 @@ def _encrypt_remote(src_dir, package, *, recipients, key_groups, threshold,
                       for i, f in enumerate(files)],
         dirs=dirs, payloads=payloads, signer=sign_with)
     stats.parts = len(items)
-    if bundle:  # gs:// only: header object + every part, one compose
-      hobj = storage.join(stage, 'header')
-      storage.put(hobj, hbytes)
+    if bundle:  # the header, then every part: one create-only object
       _assemble.assemble(
-          package, [hobj] + [p for i in range(len(files))
-                             for p in file_specs[i]['parts']],
-          scratch=storage.join(stage, 'compose', 'bundle'), create_only=True)
+          package, [p for i in range(len(files))
+                    for p in file_specs[i]['parts']],
+          scratch=storage.join(stage, 'compose', 'bundle'), create_only=True,
+          head=hbytes)
       written.append(package)
       with storage.open_reader(package) as r:
         if r.size != len(hbytes) + sum(s for s, _ in payloads):
@@ -706,6 +705,7 @@ def _encrypt_remote(src_dir, package, *, recipients, key_groups, threshold,
                         'package %s', len(left), _text.printable(package))
     raise
   finally:
+    heartbeat.stop()
     _remove_staging(stage)
   info = package_lib.inspect_package(package)
   return dataclasses.replace(info, plaintext_bytes=sum(f.size for f in files),
@@ -776,16 +776,12 @@ def _make_executor_class():
         logging.info('Model is %d bytes (< beam_min_bytes=%d): encrypting '
                      'in-process.', size, params.beam_min_bytes)
         return super().EncryptModel(model_dir, package, params, context)
-      if remote[0] != remote[1] or (
-          all(remote) and params.bundle and
-          storage.scheme_of(package) == 's3'):
-        # Workers that share no filesystem need both on a store; and an S3
-        # bundle cannot be assembled from parts (see _encrypt_remote).
+      if remote[0] != remote[1]:
+        # Workers that share no filesystem need both on a store.
         logging.warning(
             'Encrypting in-process, not with Beam: the model (%s) and the '
-            'package (%s) must both be on gs:// or s3:// (directory form on '
-            's3://), or both local.', _text.printable(model_dir),
-            _text.printable(package))
+            'package (%s) must both be on gs:// or s3://, or both local.',
+            _text.printable(model_dir), _text.printable(package))
         return super().EncryptModel(model_dir, package, params, context)
       stats = BeamStats()
       info = encrypt_model_with_beam(

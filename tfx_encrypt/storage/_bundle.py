@@ -1,0 +1,380 @@
+"""A bundle streamed onto a store, with no local staging.
+
+A bundle is its header followed by the payload streams (FORMAT.md §2), but
+the header (digests, MAC, signature) is known only once every payload is
+sealed. :func:`open_bundle_writer` takes the payload bytes as they are
+sealed, in order, and the header at the end (`commit(header)`), and writes
+the one object `uri` create-only, holding a bounded amount in memory and
+nothing on the local disk (docs/OBJECT_STORES.md, "Encrypting from and to
+a store"):
+
+* `s3://`: one multipart upload. Parts 2..n are the payload bytes after
+  the first :data:`S3_HELD_BACK` (5 MiB, S3's minimum for a part other
+  than the last), uploaded as they fill (one part uploading in the
+  background while the next fills); those first bytes are held in memory,
+  and at commit part 1 is header + them, so every part but the last is at
+  least 5 MiB. `CompleteMultipartUpload` with `If-None-Match: *` is the
+  commit point. A bundle of at most 5 MiB of payload is one PutObject with
+  `If-None-Match: *`. Any failure aborts the upload: nothing was visible.
+* `gs://`: the payload bytes stream into the temporary object
+  `URI/payload/00000000` (a create-only resumable upload: an incomplete
+  package, which `tfx-encrypt clean URI` recognises and removes if a
+  SIGKILL leaves it), the header into a hidden temporary sibling
+  `PARENT/.NAME.tfxe-bundle-TOKEN`; then `URI` is composed from the two
+  with `ifGenerationMatch=0` (`_assemble.assemble`): the commit point.
+  The temporaries are deleted after it, or on any failure.
+"""
+
+import concurrent.futures
+import io
+import logging
+import os
+import threading
+from typing import List, Optional, Sequence
+
+from tfx_encrypt import _signals
+from tfx_encrypt import _text
+from tfx_encrypt import errors
+from tfx_encrypt.storage import _assemble
+from tfx_encrypt.storage._base import (
+    ObjectExistsError, _BufferFile, _translating_method, join, split)
+
+
+#: S3: payload bytes held back in memory for part 1 (header + them): S3's
+#: minimum size of a part that is not the last.
+S3_HELD_BACK = _assemble.S3_MIN_PART
+
+
+_MIB = 1 << 20
+
+
+class BundleWriter:
+  """The payload bytes of a bundle, in order (`write`), then its header
+  (`commit`): the object `uri` is created, create-only, by `commit`
+  (:class:`ObjectExistsError` if it exists). `abort` leaves nothing."""
+
+  uri: str = ''
+
+  def write(self, data) -> None:
+    raise NotImplementedError
+
+  def commit(self, header: bytes) -> None:
+    raise NotImplementedError
+
+  def abort(self) -> None:
+    raise NotImplementedError
+
+
+def open_bundle_writer(uri: str, payload_size: int) -> BundleWriter:
+  """A create-only bundle upload to `uri` (s3:// or gs://) whose payload
+  streams total `payload_size` bytes."""
+  s, bucket, key = split(uri)
+  if not key:
+    raise errors.UsageError(f'{_text.printable(uri)} names no object')
+  if s == 's3':
+    return _S3BundleWriter(uri, bucket, key, payload_size)
+  return _GcsBundleWriter(uri, payload_size)
+
+
+def _exists(uri: str) -> ObjectExistsError:
+  return ObjectExistsError(f'{_text.printable(uri)} already exists '
+                           '(another writer created it)')
+
+
+class _Chain(io.RawIOBase):
+  """A seekable read-only file over memoryviews, one after the other (part
+  1: the header, then the held-back payload bytes; nothing copied)."""
+
+  def __init__(self, views: Sequence[memoryview]):
+    super().__init__()
+    self._views = [v for v in views if len(v)]
+    self._len = sum(len(v) for v in self._views)
+    self._pos = 0
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    out = memoryview(b).cast('B')
+    got, base = 0, 0
+    for v in self._views:
+      if got == len(out):
+        break
+      end = base + len(v)
+      if self._pos < end:
+        i = self._pos - base
+        k = min(len(out) - got, len(v) - i)
+        out[got:got + k] = v[i:i + k]
+        got += k
+        self._pos += k
+      base = end
+    return got
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos,
+            io.SEEK_END: self._len}[whence]
+    self._pos = base + offset
+    return self._pos
+
+  def tell(self) -> int:
+    return self._pos
+
+  def __len__(self) -> int:
+    return self._len
+
+
+def s3_part_size(payload_size: int) -> int:
+  """Size of parts 2..n for a bundle with `payload_size` payload bytes:
+  the streamed writers' part size (`_aws.S3_WRITE_PART_SIZE`), larger (in
+  whole MiB) when S3's 10,000 parts would not suffice."""
+  from tfx_encrypt.storage._aws import S3_WRITE_PART_SIZE  # pylint: disable=g-import-not-at-top
+  rest = max(0, payload_size - S3_HELD_BACK)
+  need = -(-rest // (_assemble.S3_MAX_PARTS - 1))
+  return max(S3_WRITE_PART_SIZE, S3_HELD_BACK, -(-need // _MIB) * _MIB)
+
+
+class _S3BundleWriter(BundleWriter):
+  """One multipart upload; part 1 (header + the first S3_HELD_BACK payload
+  bytes) is uploaded last, then CompleteMultipartUpload with
+  `If-None-Match: *`. Memory: the held-back bytes and two part buffers
+  (one filling, one uploading)."""
+
+  def __init__(self, uri: str, bucket: str, key: str, payload_size: int):
+    self.uri, self._bucket, self._key = uri, bucket, key
+    self._size = payload_size
+    self._held = bytearray(min(S3_HELD_BACK, payload_size))
+    self._held_fill = 0
+    self._part = s3_part_size(payload_size)
+    self._bufs: List[bytearray] = []  # at most two, made when needed
+    self._cur = 0  # index of the buffer filling
+    self._fill = 0
+    self._parts = []  # {'PartNumber', 'ETag'} of parts 2..n, in order
+    self._parts_lock = threading.Lock()
+    self._upload_id: Optional[str] = None
+    self._pending: Optional[concurrent.futures.Future] = None
+    self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+    self._written = 0
+    self._closed = False
+
+  def _client(self):
+    from tfx_encrypt.storage._aws import _s3  # pylint: disable=g-import-not-at-top
+    return _s3()
+
+  def _upload(self, number: int, view: memoryview) -> dict:
+    r = self._client().upload_part(
+        Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+        PartNumber=number, Body=_BufferFile(view), ContentLength=len(view))
+    return {'PartNumber': number, 'ETag': r['ETag']}
+
+  def _wait(self) -> None:
+    fut, self._pending = self._pending, None
+    if fut is not None:
+      part = fut.result()
+      with self._parts_lock:
+        self._parts.append(part)
+
+  def _flush(self) -> None:
+    """Hand the filled buffer to the upload thread (after the previous
+    upload, which used the other buffer, has finished)."""
+    if self._upload_id is None:
+      self._upload_id = self._client().create_multipart_upload(
+          Bucket=self._bucket, Key=self._key)['UploadId']
+      self._pool = concurrent.futures.ThreadPoolExecutor(
+          1, thread_name_prefix='tfxe-bundle-upload')
+    self._wait()
+    number = 2 + len(self._parts)
+    view = memoryview(self._bufs[self._cur])[:self._fill]
+    self._pending = self._pool.submit(self._upload, number, view)
+    self._cur, self._fill = 1 - self._cur, 0
+
+  @_translating_method
+  def write(self, data) -> None:
+    if self._closed:
+      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
+                              'over')
+    mv = memoryview(data).cast('B')
+    if self._written + len(mv) > self._size:
+      raise errors.UsageError(f'{_text.printable(self.uri)}: more bytes '
+                              'than announced')
+    self._written += len(mv)
+    if self._held_fill < len(self._held):
+      take = min(len(mv), len(self._held) - self._held_fill)
+      self._held[self._held_fill:self._held_fill + take] = mv[:take]
+      self._held_fill += take
+      mv = mv[take:]
+    while len(mv):
+      if not self._bufs:
+        self._bufs = [bytearray(min(self._part, self._size - S3_HELD_BACK))
+                      for _ in range(2)]
+      buf = self._bufs[self._cur]
+      take = min(len(mv), len(buf) - self._fill)
+      buf[self._fill:self._fill + take] = mv[:take]
+      self._fill += take
+      mv = mv[take:]
+      # Full, and more bytes follow (here or in a later write): upload it.
+      # A full buffer holding the very last bytes is the last part, which
+      # commit uploads.
+      if self._fill == len(buf) and (len(mv) or self._written < self._size):
+        self._flush()
+
+  @_translating_method
+  def commit(self, header: bytes) -> None:
+    import botocore.exceptions  # pylint: disable=g-import-not-at-top
+    if self._written != self._size:
+      raise errors.UsageError(f'{_text.printable(self.uri)}: '
+                              f'{self._written} payload bytes written, '
+                              f'{self._size} announced')
+    if self._closed:
+      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
+                              'over')
+    held = memoryview(self._held)[:self._held_fill]
+    if self._upload_id is None and not self._fill:
+      # All of it fits one part: one create-only PutObject.
+      from tfx_encrypt.storage._verbs import put_create_only  # pylint: disable=g-import-not-at-top
+      try:
+        with _signals.deferred():  # the commit point: done, or not at all
+          put_create_only(self.uri, _Chain([memoryview(header), held]))
+          _signals.mark_committed()
+      finally:
+        self._release()
+      return
+    try:
+      if self._fill:
+        self._flush()  # the last part: any size
+      self._wait()
+      first = self._client().upload_part(
+          Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+          PartNumber=1, Body=_Chain([memoryview(header), held]),
+          ContentLength=len(header) + len(held))
+      with self._parts_lock:
+        parts = [{'PartNumber': 1, 'ETag': first['ETag']}] + self._parts
+      try:
+        with _signals.deferred():  # the commit point: done, or not at all
+          self._client().complete_multipart_upload(
+              Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
+              MultipartUpload={'Parts': parts}, IfNoneMatch='*')
+          self._upload_id = None  # completed: nothing to abort
+          _signals.mark_committed()
+      except botocore.exceptions.ClientError as e:
+        from tfx_encrypt.storage._aws import _s3_code  # pylint: disable=g-import-not-at-top
+        if _s3_code(e) in ('PreconditionFailed', '412',
+                           'ConditionalRequestConflict', '409'):
+          raise _exists(self.uri) from None
+        raise
+    finally:
+      self.abort()
+
+  def _release(self) -> None:
+    self._closed = True
+    self._held, self._held_fill = bytearray(), 0
+    self._bufs, self._fill = [], 0
+
+  def abort(self) -> None:
+    """Drop the upload: wait for the part in flight (a part that lands
+    after AbortMultipartUpload could outlive it), then abort."""
+    fut, self._pending = self._pending, None
+    if fut is not None:
+      try:
+        fut.result()
+      except BaseException:  # pylint: disable=broad-except
+        pass
+    pool, self._pool = self._pool, None
+    if pool is not None:
+      pool.shutdown(wait=True)
+    self._release()
+    if self._upload_id is not None:
+      upload_id, self._upload_id = self._upload_id, None
+      try:
+        self._client().abort_multipart_upload(
+            Bucket=self._bucket, Key=self._key, UploadId=upload_id)
+      except Exception:  # pylint: disable=broad-except
+        pass  # a lifecycle rule removes abandoned uploads
+
+
+def temp_payload_uri(uri: str) -> str:
+  """GCS: where the payload streams of a bundle at `uri` are staged, as one
+  object: `URI/payload/00000000`, what an incomplete directory-form
+  package at `uri` holds (`tfx-encrypt clean URI` removes it after a
+  SIGKILL; readers report `uri` as incomplete meanwhile)."""
+  return join(uri, 'payload', '%08d' % 0)
+
+
+def temp_header_uri(uri: str) -> str:
+  """GCS: a hidden temporary sibling for the header, named like every
+  tfx-encrypt temporary (`.NAME.tfxe-KIND-TOKEN`)."""
+  parent, _, name = uri.rstrip('/').rpartition('/')
+  return f'{parent}/.{name[:120]}.tfxe-bundle-{os.urandom(8).hex()}'
+
+
+class _GcsBundleWriter(BundleWriter):
+  """Payload streams into `URI/payload/00000000` (create-only resumable
+  upload), the header into a hidden sibling, then one compose with
+  `ifGenerationMatch=0`; the temporaries are deleted either way. Memory:
+  one upload chunk (`_google.GCS_WRITE_CHUNK_SIZE`)."""
+
+  def __init__(self, uri: str, payload_size: int):
+    from tfx_encrypt.storage._verbs import open_writer  # pylint: disable=g-import-not-at-top
+    self.uri = uri
+    self._payload_uri = temp_payload_uri(uri)
+    self._header_uri = temp_header_uri(uri)
+    self._w = open_writer(self._payload_uri, payload_size)
+    self._made: List[str] = []  # temporaries this writer created
+    self._size, self._written = payload_size, 0
+    self._done = False
+
+  def write(self, data) -> None:
+    if self._done:
+      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
+                              'over')
+    n = memoryview(data).nbytes
+    if self._written + n > self._size:
+      raise errors.UsageError(f'{_text.printable(self.uri)}: more bytes '
+                              'than announced')
+    self._written += n
+    self._w.write(data)
+
+  @_translating_method
+  def commit(self, header: bytes) -> None:
+    from tfx_encrypt.storage._verbs import put_create_only  # pylint: disable=g-import-not-at-top
+    if self._done:
+      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
+                              'over')
+    try:
+      try:
+        with _signals.deferred():  # created, then recorded as ours
+          self._w.commit()
+          self._made.append(self._payload_uri)
+      except ObjectExistsError:
+        raise ObjectExistsError(
+            f'{_text.printable(self._payload_uri)} already exists: another '
+            f'writer is writing {_text.printable(self.uri)} (or a killed one '
+            f'left it: "tfx-encrypt clean {_text.printable(self.uri)}")'
+        ) from None
+      with _signals.deferred():
+        put_create_only(self._header_uri, header)
+        self._made.append(self._header_uri)
+      scratch = self._header_uri + '.compose'
+      try:
+        with _signals.deferred():  # the commit point: done, or not at all
+          _assemble.assemble(self.uri, [self._header_uri, self._payload_uri],
+                             scratch=scratch, create_only=True)
+          self._done = True
+          _signals.mark_committed()
+      except ObjectExistsError:
+        raise _exists(self.uri) from None
+    finally:
+      self.abort()
+
+  def abort(self) -> None:
+    """Drop the upload and delete the temporaries this writer created."""
+    self._done = True
+    self._w.abort()
+    made, self._made = self._made, []
+    with _signals.deferred():
+      left = _assemble.delete_objects(made)
+    for u in left:
+      logging.warning('Could not remove the temporary object %s; remove it '
+                      'yourself', _text.printable(u))
