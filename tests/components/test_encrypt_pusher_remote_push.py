@@ -261,3 +261,52 @@ def test_executor_never_replaces_foreign_artifact_content(tmp_path, model_uri,
         inputs, outputs, ext._props(keys, storage.join(root, 'serving')))  # pylint: disable=protected-access
   assert storage.list_names(art) == ['notes.txt']
   assert storage.list_names(storage.join(root, 'serving')) == []
+
+
+def _bundle_leftovers(art, payload=b'\x28' + b'c' * 99, header=None):
+  """What a bundle upload to gs:// SIGKILLed before its compose leaves in
+  the artifact: the payload streams under the bundle's name, the header in
+  a hidden sibling (storage/_bundle.py)."""
+  from tfx_encrypt.format import header as header_lib  # pylint: disable=g-import-not-at-top
+  storage.put(storage.join(art, spec.BUNDLE_FILE_NAME, 'payload', '00000000'),
+              payload)
+  storage.put(storage.join(art, f'.{spec.BUNDLE_FILE_NAME}.tfxe-bundle-'
+                                '0123456789abcdef'),
+              header if header is not None else header_lib.MAGIC + b'h')
+
+
+def test_executor_clears_what_a_killed_bundle_upload_left(tmp_path, model_uri,
+                                                          keys, store):
+  from tfx_encrypt.components.encrypt_pusher import executor as executor_lib  # pylint: disable=g-import-not-at-top
+  from tests.components import test_encrypt_pusher_executor as ext  # pylint: disable=g-import-not-at-top
+  root = store.new_base()
+  art = storage.join(root, 'encrypted_model', '7')
+  _bundle_leftovers(art)
+  inputs, outputs, _, _ = _remote_artifacts(tmp_path, model_uri, art)
+  props = ext._props(keys, storage.join(root, 'serving'))  # pylint: disable=protected-access
+  props[spec.BUNDLE_KEY] = 1
+  executor_lib.Executor(ext._context(tmp_path)).Do(inputs, outputs, props)  # pylint: disable=protected-access
+  assert storage.list_names(art) == [spec.BUNDLE_FILE_NAME]
+  package_lib.decrypt_model(_pkg_uri(art, True), tmp_path / 'decrypted',
+                            identities=[keys.recipient_key],
+                            trusted=[keys.signer_pub])
+
+
+@pytest.mark.parametrize('bad', ['payload', 'header'])
+def test_bundle_leftover_lookalikes_are_refused(tmp_path, model_uri, keys,
+                                                store, bad):
+  from tfx_encrypt.components.encrypt_pusher import executor as executor_lib  # pylint: disable=g-import-not-at-top
+  from tests.components import test_encrypt_pusher_executor as ext  # pylint: disable=g-import-not-at-top
+  root = store.new_base()
+  art = storage.join(root, 'encrypted_model', '7')
+  if bad == 'payload':
+    _bundle_leftovers(art, payload=b'not a payload stream')
+  else:
+    _bundle_leftovers(art, header=b'not a header')
+  before = storage.list_names(art)
+  inputs, outputs, _, _ = _remote_artifacts(tmp_path, model_uri, art)
+  props = ext._props(keys, storage.join(root, 'serving'))  # pylint: disable=protected-access
+  props[spec.BUNDLE_KEY] = 1
+  with pytest.raises(errors.OutputExistsError, match='already has content'):
+    executor_lib.Executor(ext._context(tmp_path)).Do(inputs, outputs, props)  # pylint: disable=protected-access
+  assert storage.list_names(art) == before

@@ -293,3 +293,38 @@ def test_clean_a_staging_prefix_uri_itself(store):
   assert f'removed {stage}' in r.output
   assert storage.list_names(storage.join(base, 'artifacts')) == [
       'pkg/tfxe.header']
+
+
+def test_clean_removes_only_old_bundle_headers_of_ours(store):
+  """The hidden header a bundle upload to gs:// writes before its compose
+  (storage/_bundle.py), left by a SIGKILL: removed when old; lookalikes
+  (not starting with the magic, too large, other names, under a prefix)
+  never."""
+  from tfx_encrypt.format import header as header_lib  # pylint: disable=g-import-not-at-top
+  base = store.new_base()
+  ours = storage.join(base, '.model.tfxe.tfxe-bundle-0123456789abcdef')
+  storage.put(ours, header_lib.MAGIC + b'rest of a header')
+  keep = {
+      '.model.tfxe.tfxe-bundle-fedcba9876543210': b'not a header',
+      '.big.tfxe.tfxe-bundle-00112233445566aa':
+          header_lib.MAGIC + b'x' * header_lib.MAX_HEADER,
+      '.model.tfxe.tfxe-bundle-0123': header_lib.MAGIC,
+      'model.tfxe.tfxe-bundle-0123456789abcdef': header_lib.MAGIC,
+      '.d.tfxe-bundle-0123456789abcdef/x': header_lib.MAGIC,
+  }
+  for name, data in keep.items():
+    storage.put(storage.join(base, name), data)
+  found = layout.clean_remote(base, older_than_s=3600)
+  assert [(f.uri, f.removed, f.kind) for f in found] == [
+      (ours, False, 'bundle-header')]
+  assert storage.exists(ours)
+  found = layout.clean_remote(base, older_than_s=3600,
+                              now=time.time() + 7200)
+  assert [(f.uri, f.removed) for f in found] == [(ours, True)]
+  assert not storage.exists(ours)
+  assert sorted(storage.list_names(base)) == sorted(keep)
+  out = click.testing.CliRunner().invoke(
+      cli.main, ['clean', base, '--older-than', '0'])
+  assert out.exit_code == 0, out.output
+  assert 'nothing to clean' in out.output
+  assert sorted(storage.list_names(base)) == sorted(keep)

@@ -278,23 +278,28 @@ def clean(directory, older_than):
   the incomplete versions that SIGKILLed pushes or encrypts left (payload
   objects without a header, under an integer version name), and the
   `.NAME.tfxe-beam-TOKEN/` prefixes of SIGKILLed BeamEncryptPusher runs
-  (holding their marker and nothing but what such a run writes), are
-  removed, and nothing else (docs/OBJECT_STORES.md).
+  (holding their marker and nothing but what such a run writes), and the
+  `.NAME.tfxe-bundle-TOKEN` headers of bundle uploads to gs:// killed
+  before their compose, are removed, and nothing else
+  (docs/OBJECT_STORES.md).
   """
   if storage.is_remote(directory):
     from tfx_encrypt.package import layout  # pylint: disable=g-import-not-at-top
     found = layout.clean_remote(directory, older_than_s=older_than)
     for f in found:
-      beam = f.kind == 'beam-staging'
-      what = (f"a Beam run's temporary objects: {f.objects} objects" if beam
-              else f'incomplete: {f.objects} payload objects, no header')
+      what, short, who = {
+          'beam-staging': (f"a Beam run's temporary objects: {f.objects} "
+                           'objects', 'a Beam run', 'the run'),
+          'bundle-header': ("a bundle upload's temporary header",
+                            "a bundle upload's header", 'the upload'),
+      }.get(f.kind, (f'incomplete: {f.objects} payload objects, no header',
+                     'incomplete', 'a push'))
       if f.removed:
         click.echo(f'removed {_text.printable(f.uri)} ({what})')
       else:
-        click.echo(f'left {_text.printable(f.uri)}: '
-                   f'{"a Beam run" if beam else "incomplete"}, but written '
+        click.echo(f'left {_text.printable(f.uri)}: {short}, but written '
                    f'{int(f.age_s)} s ago (--older-than {older_than}); '
-                   f'{"the run" if beam else "a push"} may still be running')
+                   f'{who} may still be running')
     if not any(f.removed for f in found):
       click.echo(f'nothing to clean in {_text.printable(directory)}')
     return

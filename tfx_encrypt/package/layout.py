@@ -320,13 +320,16 @@ def delete_objects(uris: Sequence[str]) -> List[str]:
 
 _VERSION_NAME_RE = re.compile(r'[0-9]{1,20}')
 _PAYLOAD_NAME_RE = re.compile(PAYLOAD_DIR + r'/[0-9]{8}')
+#: The hidden header of a bundle being uploaded to gs:// (storage/_bundle.py).
+_BUNDLE_HEADER_TEMP_RE = re.compile(r'\..{1,120}\.tfxe-bundle-[0-9a-f]{16}')
 
 
 @dataclasses.dataclass
 class IncompletePackage:
   """What a killed run left: a version with payload objects but no header
-  (a push or an encrypt; kind 'version'), or a BeamEncryptPusher run's
-  temporary prefix (kind 'beam-staging')."""
+  (a push or an encrypt; kind 'version'), a BeamEncryptPusher run's
+  temporary prefix (kind 'beam-staging'), or the hidden header of a bundle
+  upload to gs:// killed before its compose (kind 'bundle-header')."""
   uri: str
   objects: int
   age_s: float
@@ -340,8 +343,10 @@ def clean_remote(uri: str, *, older_than_s: float = 3600.0,
   `gs://` base.
 
   The candidates are `uri` itself and its children named like a push
-  version (an integer) or like a Beam run's staging prefix
-  (`.NAME.tfxe-beam-TOKEN`). A version is removed only if it looks exactly
+  version (an integer), like a Beam run's staging prefix
+  (`.NAME.tfxe-beam-TOKEN`) or like the hidden header of a bundle upload
+  to gs:// (`.NAME.tfxe-bundle-TOKEN`: one object starting with the
+  format's magic, no larger than a header). A version is removed only if it looks exactly
   like an incomplete tfx-encrypt package: nothing but `payload/NNNNNNNN`
   objects (no `tfxe.header`, no bundle, nothing else; zero-byte folder
   objects aside), each starting like a payload stream (its first byte is
@@ -364,7 +369,7 @@ def clean_remote(uri: str, *, older_than_s: float = 3600.0,
   for name, info in listing.items():
     first, _, rest = name.partition('/')
     groups.setdefault(first, {})[rest] = info
-  versions, stages = [], []
+  versions, stages, headers = [], [], []
   if _parts.is_staging_name(uri.rpartition('/')[2]):  # `uri` is one
     stages.append((uri, listing))
   elif set(groups) == {PAYLOAD_DIR}:  # `uri` is an incomplete package
@@ -375,6 +380,8 @@ def clean_remote(uri: str, *, older_than_s: float = 3600.0,
         versions.append((storage.join(uri, name), objs))
       elif _parts.is_staging_name(name):
         stages.append((storage.join(uri, name), objs))
+      elif _BUNDLE_HEADER_TEMP_RE.fullmatch(name) and set(objs) == {''}:
+        headers.append((storage.join(uri, name), objs['']))
   found = []
   for where, objs in versions:
     if not objs or not all(_PAYLOAD_NAME_RE.fullmatch(n) for n in objs):
@@ -391,7 +398,36 @@ def clean_remote(uri: str, *, older_than_s: float = 3600.0,
         where, objs, 'beam-staging', [_parts.STAGING_MARKER] + sorted(
             n for n in objs if n != _parts.STAGING_MARKER), now,
         older_than_s)
+  for where, info in headers:
+    found += _remove_bundle_header_if_old(where, info, now, older_than_s)
   return found
+
+
+def _remove_bundle_header_if_old(where: str, info, now: float,
+                                 older_than_s: float
+                                 ) -> List[IncompletePackage]:
+  """The hidden header a bundle upload to gs:// writes just before its
+  compose (storage/_bundle.py), left by a SIGKILL: one object that starts
+  with the format's magic and is no larger than a header can be. Removed
+  if old enough and still the version listed."""
+  if not 0 < info.size <= header_lib.MAX_HEADER:
+    return []
+  try:
+    with storage.open_reader(where, version=info.version) as r:
+      if r.read_range(0, len(header_lib.MAGIC)) != header_lib.MAGIC:
+        return []
+  except (FileNotFoundError, storage.ObjectChangedError):
+    return []
+  age = now - info.mtime
+  if age < older_than_s:
+    return [IncompletePackage(where, 1, age, False, 'bundle-header')]
+  parent, _, name = where.rpartition('/')
+  if storage.list_objects(parent).get(name) != info:
+    return []  # changed meanwhile
+  left = delete_objects([where])
+  if left:
+    raise OSError(errno.EIO, 'could not remove it', where)
+  return [IncompletePackage(where, 1, age, True, 'bundle-header')]
 
 
 def _remove_if_old(where: str, objs, kind: str, written: Sequence[str],

@@ -361,6 +361,8 @@ def _push_object_store(package_path: str, base: str, start: int
 
 
 _PAYLOAD_OBJECT_RE = re.compile(r'payload/[0-9]{8}')
+_BUNDLE_HEADER_TEMP_RE = re.compile(
+    r'\.' + re.escape(spec.BUNDLE_FILE_NAME) + r'\.tfxe-bundle-[0-9a-f]{16}')
 
 
 def _store_holds_package_or_debris(uri: str, names) -> bool:
@@ -368,6 +370,23 @@ def _store_holds_package_or_debris(uri: str, names) -> bool:
   header or bundle starting with the magic) or the payload objects of an
   incomplete one: what an earlier attempt of this execution left."""
   from tfx_encrypt.format import header  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.format import streaming  # pylint: disable=g-import-not-at-top
+  bundle_parts = {
+      # What a SIGKILLed bundle upload to gs:// leaves (storage/_bundle.py):
+      # its payload streams, staged as one object under the bundle's name,
+      # and its header in a hidden sibling; each starts as ours does.
+      spec.BUNDLE_FILE_NAME + '/payload/00000000':
+          bytes([streaming.HEADER_SIZE]),
+  }
+  if names and all(n == spec.BUNDLE_FILE_NAME or n in bundle_parts or
+                   _BUNDLE_HEADER_TEMP_RE.fullmatch(n) for n in names) and (
+                       names != [spec.BUNDLE_FILE_NAME]):
+    for n in names:
+      want = bundle_parts.get(n, header.MAGIC)
+      with storage.open_reader(storage.join(uri, n)) as r:
+        if r.read_range(0, len(want)) != want:
+          return False
+    return True
   if names == [spec.BUNDLE_FILE_NAME]:
     first = spec.BUNDLE_FILE_NAME
   elif all(n == 'tfxe.header' or _PAYLOAD_OBJECT_RE.fullmatch(n)
@@ -399,7 +418,8 @@ def _clear_artifact_on_store(uri: str) -> None:
           f'the EncryptedModel artifact {_text.printable(uri)} already has '
           'content; tfx-encrypt never replaces what it did not write')
     _delete_objects([storage.join(uri, n) for n in sorted(
-        names, key=lambda n: n in ('tfxe.header', spec.BUNDLE_FILE_NAME))])
+        names, key=lambda n: n in ('tfxe.header', spec.BUNDLE_FILE_NAME) or
+        bool(_BUNDLE_HEADER_TEMP_RE.fullmatch(n)))])
 
 
 def _publish_artifact_to_store(pkg_root: str, uri: str) -> None:
@@ -443,9 +463,9 @@ def encrypt_to_artifact(model_path: str, artifact_uri: str, bundle: bool,
   * an artifact on `gs://` / `s3://`: straight into it, payload objects
     then the header (or the bundle object) create-only, deleted again on
     failure (what an earlier attempt of this execution left is removed
-    first, anything else refused: `_clear_artifact_on_store`). A bundle's
-    ciphertext is staged locally by `encrypt_model` (its header comes
-    first in the object); plaintext never is;
+    first, anything else refused: `_clear_artifact_on_store`, which also
+    knows what a killed bundle upload leaves). A bundle is streamed too
+    (`storage/_bundle.py`): nothing is staged locally;
   * another tf.io.gfile scheme: staged locally (ciphertext), then copied.
 
   A model on another tf.io.gfile scheme (not `gs://`, `s3://`, a path)
