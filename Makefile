@@ -35,10 +35,10 @@ test: system-packages-test setup
 	TFXE_NO_SKIP=1 $(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 # Every figure of docs/BENCHMARKS.md, each a ratio to a baseline measured in
-# the same run (about 10 minutes on 2 idle cores; run it on a quiet machine):
+# the same run (about 25 minutes on 2 idle cores; run it on a quiet machine):
 # encrypt/decrypt vs cp -r and the alternatives (1 GiB), load_model vs plain
 # TensorFlow, and the scale curve (64 MiB to 4 GiB, 1 vs 1,000 files), which
-# also redraws docs/scale.png.
+# also redraws docs/scale.png, and gs:// / s3:// on the emulators vs the SDKs.
 bench: system-packages-bench setup
 	$(VENV_PY) benchmarks/run.py
 	$(VENV_PY) benchmarks/load_model.py

@@ -150,15 +150,19 @@ def test_remote_tampering_is_caught(tmp_path, keys, store):
     te.inspect_package(uri)
 
 
-def test_rewrap_refuses_a_remote_bundle(tmp_path, keys, store):
-  # A directory form is rewrapped in place (tests/package/test_remote_rewrap.py).
-  _, pkg, _ = _package(tmp_path, keys, True)
+def test_rewrap_of_a_remote_bundle_works_in_place(tmp_path, keys, store):
+  # Formerly refused; the cases (sizes, races, failures) are in
+  # tests/package/test_remote_rewrap.py.
+  src, pkg, _ = _package(tmp_path, keys, True)
   uri = storage.join(store.new_base(), '1.tfxe')
   upload(pkg, uri)
-  with pytest.raises(errors.UsageError, match='is a bundle'):
-    te.rewrap_package(uri, identities=[keys.priv('x')],
-                      add_recipients=[keys.pub('x2')],
-                      trusted=[keys.pub('ed')], signer=keys.priv('ed'))
+  info = te.rewrap_package(uri, identities=[keys.priv('x')],
+                           add_recipients=[keys.pub('x2')],
+                           trusted=[keys.pub('ed')], signer=keys.priv('ed'))
+  assert info.bundle and info.path == uri and len(info.recipients) == 2
+  te.decrypt_model(uri, tmp_path / 'o', identities=[keys.priv('x2')],
+                   trusted=[keys.pub('ed')])
+  assert _util.read_tree(tmp_path / 'o') == _util.read_tree(src)
 
 
 def test_rotate_reads_a_remote_package(tmp_path, keys, s3_store):

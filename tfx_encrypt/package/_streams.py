@@ -79,6 +79,44 @@ def pipelines_help(sizes: Iterable[int], workers: int) -> bool:
   return min(large, max(1, workers)) < (os.cpu_count() or 1)
 
 
+class _Worker(threading.Thread):
+  """A daemon thread that says when its target has returned (`finished`):
+  what :func:`_join` waits on. (Python 3.10's Thread.join, interrupted by
+  KeyboardInterrupt, marks a thread that is still running as stopped, so a
+  second join returns at once.)"""
+
+  def __init__(self, target, args=(), name=None):
+    super().__init__(target=target, args=args, name=name, daemon=True)
+    self.finished = threading.Event()
+
+  def run(self):
+    try:
+      super().run()
+    finally:
+      self.finished.set()
+
+
+def _join(threads: Sequence[_Worker],
+          stop: Optional[threading.Event] = None) -> None:
+  """Wait for worker threads even when a signal (KeyboardInterrupt, a CLI
+  signal's Interrupted) arrives meanwhile, then raise it: a worker must
+  never outlive its caller, or it would write into an upload or a file
+  the caller's cleanup is aborting or removing. `stop` is set on such an
+  interruption (the workers stop at their next item)."""
+  interrupted = None
+  for t in threads:
+    while True:
+      try:
+        t.finished.wait()
+        break
+      except BaseException as e:  # pylint: disable=broad-except
+        if stop is not None:
+          stop.set()
+        interrupted = interrupted or e
+  if interrupted is not None:
+    raise interrupted
+
+
 def _sink_of(out) -> Callable[[memoryview], None]:
   """A write(mv) for a file descriptor, or a storage.Writer (which copies)."""
   if isinstance(out, int):
@@ -122,6 +160,7 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
     free.put(bytearray(streaming.SEGMENT_SIZE))
   work: 'queue.Queue' = queue.Queue()
   failed: List[BaseException] = []
+  abandon = threading.Event()  # this thread failed: write nothing more
 
   def sink():
     while True:
@@ -129,7 +168,7 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
       if item is None:
         return
       buf, k = item
-      if not failed:
+      if not failed and not abandon.is_set():
         try:
           mv = memoryview(buf)[:k]
           ch.update(mv)
@@ -138,7 +177,7 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
           failed.append(e)
       free.put(buf)
 
-  writer = threading.Thread(target=sink, name='tfxe-seal-writer', daemon=True)
+  writer = _Worker(target=sink, name='tfxe-seal-writer')
   writer.start()
   try:
     for i in range(n):
@@ -155,9 +194,12 @@ def _seal_stream(read_segment: Callable[[int, memoryview], None], size: int,
       total += k
       if progress:
         progress(ln)
+  except BaseException:
+    abandon.set()
+    raise
   finally:
     work.put(None)
-    writer.join()
+    _join([writer], abandon)
   if failed:
     raise failed[0]
   return ph.hexdigest(), ch.hexdigest(), total
@@ -381,11 +423,9 @@ def _open_pipelined(n: int,
       if isinstance(item, BaseException):
         return
 
-  threads = [threading.Thread(target=produce, name='tfxe-open-reader',
-                              daemon=True)]
-  threads += [threading.Thread(target=relay, args=(fn, queues[j],
-                                                   queues[j + 1]),
-                               name='tfxe-open-stage', daemon=True)
+  threads = [_Worker(target=produce, name='tfxe-open-reader')]
+  threads += [_Worker(target=relay, args=(fn, queues[j], queues[j + 1]),
+                      name='tfxe-open-stage')
               for j, fn in enumerate(stages[:-1])]
   for t in threads:
     t.start()
@@ -403,8 +443,7 @@ def _open_pipelined(n: int,
     free.put(bytearray(0))  # wakes the reader if it waits for a buffer
     for q in queues[:-1]:
       q.put(_STOP)
-    for t in threads:
-      t.join()
+    _join(threads, stop)
 
 
 def _decrypt_file_table(h: Header, keys: header_lib.DerivedKeys

@@ -715,22 +715,18 @@ def open_source(path: str) -> _Source:
 
 def open_for_rewrap(path: str) -> _Source:
   """The package `rewrap` changes in place: a local one (directory or
-  bundle), or a directory-form package on s3:// / gs://, whose header
-  object rewrap replaces only if it is still the version read here
-  (`header_version`; docs/OBJECT_STORES.md, "rewrap in place")."""
+  bundle), or a package on s3:// / gs:// (directory form: its header
+  object; a bundle: the one object), which rewrap replaces only if it is
+  still the version read here (`header_version`; docs/OBJECT_STORES.md,
+  "rewrap in place")."""
   if not storage.is_remote(path):
     return _Source(path)
   src = _RemoteSource(path)
-  if src.bundle:
-    raise errors.UsageError(
-        f'{_text.printable(src.path)} is a bundle: rewrap in place on s3:// '
-        'and gs:// needs a directory-form package (a bundle is one object, '
-        'header and payloads, so a new header means uploading the whole '
-        'package again); rewrap a local copy, or use a directory form')
   if not src.header_version:
+    what = 'the bundle' if src.bundle else HEADER_NAME
     raise errors.UsageError(
         f'{_text.printable(src.path)}: the store named no version for '
-        f'{HEADER_NAME}, so it cannot be replaced only if unchanged')
+        f'{what}, so it cannot be replaced only if unchanged')
   return src
 
 

@@ -459,7 +459,9 @@ def rewrap_package(package, *, identities: Sequence[KeyLike],
   the version that was read and verified (S3 `If-Match`, GCS
   `ifGenerationMatch`); if it changed meanwhile, nothing is replaced
   (ObjectChangedError). The payload objects are not touched. A bundle on
-  a store is refused (UsageError).
+  a store is written anew, the new header and its unchanged payload bytes,
+  under the same condition (`storage._bundle.rewrite_bundle_header`; on
+  gs:// this moves the payload bytes through this process: O(size)).
 
   The current signature is checked first, before any key call: pass the
   publisher's keys in `trusted`, or `allow_unsigned=True` to accept an
@@ -607,13 +609,27 @@ def _replace_header(src: _Source, h: Header) -> None:
   """Publish rewrap's new header (the payloads stay as they are).
 
   Locally: the header (or bundle) is replaced atomically
-  (`layout._write_header_only`). On `s3://` / `gs://` the header object is
-  the commit point, replaced only if it is still the version `src` read
-  and verified (docs/OBJECT_STORES.md, "rewrap in place"); if another
-  writer changed or removed it meanwhile, nothing is replaced.
+  (`layout._write_header_only`). On `s3://` / `gs://` the header object (a
+  bundle: the one object) is the commit point, replaced only if it is
+  still the version `src` read and verified (docs/OBJECT_STORES.md,
+  "rewrap in place"); if another writer changed or removed it meanwhile,
+  nothing is replaced.
   """
   if not storage.is_remote(src.path):
     _write_header_only(src, h)
+    return
+  if src.bundle:
+    # One object: written anew, the new header and the old payload bytes
+    # (server-side copies on S3, streamed through on GCS), replacing the
+    # bundle only if it is still the version read and verified.
+    try:
+      bundle_lib.rewrite_bundle_header(src.path, h.serialize(),
+                                       src.header_len, src.header_version)
+    except storage.ObjectChangedError:
+      raise storage.ObjectChangedError(
+          f'{_text.printable(src.path)} changed after rewrap read and '
+          'verified it (another rewrap or writer); nothing was replaced: run '
+          'rewrap again') from None
     return
   hpath = storage.join(src.path, HEADER_NAME)
   try:

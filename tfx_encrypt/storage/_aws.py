@@ -199,11 +199,18 @@ class _S3Writer(Writer):
     self._parts = []
     self._upload_id = None
     self._written = 0
+    self._closed = False  # committed or aborted: never reopened
+
+  def _over(self) -> errors.UsageError:
+    return errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
+                             'over (committed or aborted)')
 
   def _body(self):
     return _BufferFile(memoryview(self._buf)[:self._fill])
 
   def _flush(self) -> None:
+    if self._closed:
+      raise self._over()
     c = _s3()
     if self._upload_id is None:
       self._upload_id = c.create_multipart_upload(
@@ -217,6 +224,8 @@ class _S3Writer(Writer):
 
   @_translating_method
   def write(self, data) -> None:
+    if self._closed:
+      raise self._over()
     mv = memoryview(data).cast('B')
     self._written += len(mv)
     if self._written > self._size:
@@ -237,6 +246,8 @@ class _S3Writer(Writer):
   @_translating_method
   def commit(self) -> None:
     import botocore.exceptions  # pylint: disable=g-import-not-at-top
+    if self._closed:
+      raise self._over()
     if self._written != self._size:
       raise errors.UsageError(f'{_text.printable(self.uri)}: '
                               f'{self._written} bytes written, '
@@ -260,9 +271,11 @@ class _S3Writer(Writer):
                                 'exists (another writer created it)') from None
       raise
     finally:
+      self._closed = True
       self._buf, self._fill = bytearray(), 0
 
   def abort(self) -> None:
+    self._closed = True
     self._buf, self._fill = bytearray(), 0
     if self._upload_id is not None:
       upload_id, self._upload_id = self._upload_id, None

@@ -37,7 +37,8 @@ from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.storage import _assemble
 from tfx_encrypt.storage._base import (
-    ObjectExistsError, _BufferFile, _translating_method, join, split)
+    ObjectChangedError, ObjectExistsError, _BufferFile, _translating,
+    _translating_method, join, split)
 
 
 #: S3: payload bytes held back in memory for part 1 (header + them): S3's
@@ -179,6 +180,9 @@ class _S3BundleWriter(BundleWriter):
   def _flush(self) -> None:
     """Hand the filled buffer to the upload thread (after the previous
     upload, which used the other buffer, has finished)."""
+    if self._closed:  # aborted meanwhile: never open another upload
+      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
+                              'over')
     if self._upload_id is None:
       self._upload_id = self._client().create_multipart_upload(
           Bucket=self._bucket, Key=self._key)['UploadId']
@@ -206,6 +210,9 @@ class _S3BundleWriter(BundleWriter):
       self._held_fill += take
       mv = mv[take:]
     while len(mv):
+      if self._closed:
+        raise errors.UsageError(f'{_text.printable(self.uri)}: the upload '
+                                'is over')
       if not self._bufs:
         self._bufs = [bytearray(min(self._part, self._size - S3_HELD_BACK))
                       for _ in range(2)]
@@ -378,3 +385,228 @@ class _GcsBundleWriter(BundleWriter):
     for u in left:
       logging.warning('Could not remove the temporary object %s; remove it '
                       'yourself', _text.printable(u))
+
+
+# --- rewrap of a bundle in place ---------------------------------------------
+
+
+#: A bundle whose payload bytes are fewer than this is rewritten in one
+#: conditional request, header + payload held in memory (S3: the
+#: smallest part a multipart upload allows before its last).
+REWRITE_IN_MEMORY_BELOW = _assemble.S3_MIN_PART
+
+
+def _changed(uri: str) -> ObjectChangedError:
+  return ObjectChangedError(f'{_text.printable(uri)} was replaced or '
+                            'removed since it was read; it was not '
+                            'overwritten')
+
+
+@_translating
+def rewrite_bundle_header(uri: str, header: bytes, old_header_len: int,
+                          version: str) -> None:
+  """Replace the bundle object `uri` by `header` followed by its own bytes
+  from `old_header_len` on (its payload streams, unchanged), only if it is
+  still `version` (what rewrap read and verified: S3 ETag, GCS
+  generation): rewrap's commit for a bundle on a store
+  (docs/OBJECT_STORES.md, "Rewrap in place").
+
+  * Payload under :data:`REWRITE_IN_MEMORY_BELOW`: read (pinned) into
+    memory, one conditional write (`put_if_unchanged`).
+  * `s3://`: one multipart upload to `uri`: part 1 is the header and the
+    first payload bytes to reach 5 MiB (ranged GETs with `If-Match`), the
+    rest `UploadPartCopy` of the object's own ranges
+    (`x-amz-copy-source-if-match`); the ETag is checked once more, then
+    `CompleteMultipartUpload` with `If-Match`. Aborted on any failure.
+  * `gs://`: `compose` takes whole objects, so the payload bytes are
+    streamed (pinned by generation) into the temporary `URI/payload/00000000`,
+    the header into a hidden sibling (`temp_header_uri`), and `uri` is
+    composed from the two with `ifGenerationMatch=<version>`; both
+    temporaries are deleted after it, or on any failure.
+
+  Raises:
+    ObjectChangedError: `uri` is no longer `version` (or another rewrite
+      of it is running); it was not overwritten.
+  """
+  s, bucket, key = split(uri)
+  if not version:
+    raise errors.UsageError(f'{_text.printable(uri)}: no version to replace')
+  if s == 's3':
+    _s3_rewrite(uri, bucket, key, header, old_header_len, version)
+  else:
+    _gcs_rewrite(uri, bucket, key, header, old_header_len, version)
+
+
+def _rewrite_in_memory(uri: str, header: bytes, old_header_len: int,
+                       size: int, version: str) -> None:
+  from tfx_encrypt.storage._verbs import open_reader, put_if_unchanged  # pylint: disable=g-import-not-at-top
+  buf = bytearray(len(header) + size - old_header_len)
+  buf[:len(header)] = header
+  with open_reader(uri, version=version) as r:
+    if r.read_into(memoryview(buf)[len(header):], old_header_len) != (
+        size - old_header_len):
+      raise _changed(uri)
+    r.check_unchanged()
+  with _signals.deferred():  # the commit point: done, or not at all
+    put_if_unchanged(uri, buf, version)
+    _signals.mark_committed()
+
+
+def _s3_rewrite(uri: str, bucket: str, key: str, header: bytes,
+                old_header_len: int, version: str) -> None:
+  import botocore.exceptions  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.storage._aws import _s3, _s3_code  # pylint: disable=g-import-not-at-top
+  c = _s3()
+  gone = ('PreconditionFailed', '412', 'NoSuchKey', '404', 'NotFound',
+          'ConditionalRequestConflict', '409')
+  try:
+    size = int(c.head_object(Bucket=bucket, Key=key,
+                             IfMatch=version)['ContentLength'])
+  except botocore.exceptions.ClientError as e:
+    if _s3_code(e) in gone:
+      raise _changed(uri) from None
+    raise
+  payload = size - old_header_len
+  if payload < 0:
+    raise _changed(uri)
+  if payload < REWRITE_IN_MEMORY_BELOW:
+    _rewrite_in_memory(uri, header, old_header_len, size, version)
+    return
+  plan = _assemble.plan_multipart([len(header), payload], local={0})
+  upload_id = c.create_multipart_upload(Bucket=bucket, Key=key)['UploadId']
+  try:
+    done = []
+    buf = None  # one joined part of less than 2 * 5 MiB, reused
+    for n, part in enumerate(plan, 1):
+      if part.copy:  # a range of the old object's payload, server-side
+        a = old_header_len + part.copy.start
+        b = old_header_len + part.copy.end
+        try:
+          r = c.upload_part_copy(
+              Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=n,
+              CopySource={'Bucket': bucket, 'Key': key},
+              CopySourceIfMatch=version, CopySourceRange=f'bytes={a}-{b - 1}')
+        except botocore.exceptions.ClientError as e:
+          if _s3_code(e) in gone:
+            raise _changed(uri) from None
+          raise
+        etag_out = r['CopyPartResult']['ETag']
+      else:  # the header and the payload bytes that bring it to 5 MiB
+        if buf is None:
+          buf = bytearray(2 * _assemble.S3_MIN_PART)
+        view = memoryview(buf)
+        at = 0
+        for piece in part.join:
+          out = view[at:at + piece.size]
+          if piece.source == 0:
+            out[:] = memoryview(header)[piece.start:piece.end]
+          else:
+            try:
+              _assemble._s3_fetch_into(  # pylint: disable=protected-access
+                  c, bucket, key, version, old_header_len + piece.start,
+                  old_header_len + piece.end, out)
+            except errors.TfxEncryptError:
+              raise _changed(uri) from None
+          at += piece.size
+        r = c.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                          PartNumber=n, Body=_BufferFile(view[:at]),
+                          ContentLength=at)
+        etag_out = r['ETag']
+      done.append({'PartNumber': n, 'ETag': etag_out})
+    # S3 refuses the copies and the completion if the object is no longer
+    # `version`; a store that ignores x-amz-copy-source-if-match and If-Match
+    # on CompleteMultipartUpload (moto 5.2.5, read in its source) is caught
+    # here, up to the one request that follows.
+    try:
+      if c.head_object(Bucket=bucket, Key=key)['ETag'] != version:
+        raise _changed(uri)
+    except botocore.exceptions.ClientError as e:
+      if _s3_code(e) in gone:
+        raise _changed(uri) from None
+      raise
+    try:
+      with _signals.deferred():  # the commit point: done, or not at all
+        c.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload_id,
+            MultipartUpload={'Parts': done}, IfMatch=version)
+        upload_id = None  # completed: nothing to abort
+        _signals.mark_committed()
+    except botocore.exceptions.ClientError as e:
+      if _s3_code(e) in gone:
+        raise _changed(uri) from None
+      raise
+  except BaseException:
+    if upload_id is not None:
+      with _signals.deferred():
+        try:
+          c.abort_multipart_upload(Bucket=bucket, Key=key,
+                                   UploadId=upload_id)
+        except Exception:  # pylint: disable=broad-except
+          pass  # a lifecycle rule removes abandoned uploads
+    raise
+
+
+def _gcs_rewrite(uri: str, bucket: str, key: str, header: bytes,
+                 old_header_len: int, version: str) -> None:
+  from google.api_core import exceptions as gexc  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.storage._base import CHUNK_SIZE  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.storage._google import _gcs  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.storage._verbs import open_reader, open_writer, put_create_only  # pylint: disable=g-import-not-at-top
+  try:
+    reader = open_reader(uri, version=version)
+  except FileNotFoundError:
+    raise _changed(uri) from None
+  try:
+    size = reader.size
+    payload = size - old_header_len
+    if payload < 0:
+      raise _changed(uri)
+    if payload < REWRITE_IN_MEMORY_BELOW:
+      _rewrite_in_memory(uri, header, old_header_len, size, version)
+      return
+    payload_uri, header_uri = temp_payload_uri(uri), temp_header_uri(uri)
+    made: List[str] = []
+    w = None
+    try:
+      w = open_writer(payload_uri, payload)
+      buf = bytearray(min(CHUNK_SIZE, payload))
+      off = old_header_len
+      while off < size:
+        n = reader.read_into(buf, off)
+        if n <= 0:
+          raise _changed(uri)
+        w.write(memoryview(buf)[:n])
+        off += n
+      reader.check_unchanged()
+      try:
+        with _signals.deferred():  # created, then recorded as ours
+          w.commit()
+          made.append(payload_uri)
+      except ObjectExistsError:
+        raise ObjectChangedError(
+            f'{_text.printable(payload_uri)} already exists: another rewrap '
+            f'or writer is writing {_text.printable(uri)} (or a killed one '
+            f'left it: "tfx-encrypt clean {_text.printable(uri)}"); it was '
+            'not overwritten') from None
+      with _signals.deferred():
+        put_create_only(header_uri, header)
+        made.append(header_uri)
+      b = _gcs().bucket(bucket)
+      keys = [split(header_uri)[2], split(payload_uri)[2]]
+      try:
+        with _signals.deferred():  # the commit point: done, or not at all
+          b.blob(key).compose([b.blob(k) for k in keys],
+                              if_generation_match=int(version))
+          _signals.mark_committed()
+      except (gexc.PreconditionFailed, gexc.NotFound):
+        raise _changed(uri) from None
+    finally:
+      if w is not None:
+        w.abort()
+      with _signals.deferred():
+        left = _assemble.delete_objects(made)
+      for u in left:
+        logging.warning('Could not remove the temporary object %s; remove '
+                        'it yourself', _text.printable(u))
+  finally:
+    reader.close()

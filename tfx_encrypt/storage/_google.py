@@ -133,6 +133,11 @@ class _GcsWriter(Writer):
     self._sent = 0  # bytes the session has persisted
     self._session = None
     self._written = 0
+    self._closed = False  # committed or aborted: never reopened
+
+  def _over(self) -> OSError:
+    return OSError(errno.EIO, 'the upload is over (committed or aborted)',
+                   self.uri)
 
   def _exists(self) -> ObjectExistsError:
     return ObjectExistsError(f'{_text.printable(self.uri)} already exists '
@@ -158,16 +163,19 @@ class _GcsWriter(Writer):
     """Send the buffer from `_sent` on; GCS may persist less than it was
     sent (it answers 308 with the Range it kept): resend the rest."""
     import requests  # pylint: disable=g-import-not-at-top
+    if self._closed:
+      raise self._over()
     url, http = self._http()
     view = memoryview(self._buf)[:self._fill]
     start = self._base
     for _ in range(16):
       off = self._sent - start
       body = _BufferFile(view[off:])
+      data = body if len(body) else b''  # Content-Length: 0, not chunked
       end = self._sent + len(body)
       total = str(self._size) if last else '*'
       try:
-        r = http.put(url, data=body, timeout=(60, 600), headers={
+        r = http.put(url, data=data, timeout=(60, 600), headers={
             'Content-Range': (f'bytes {self._sent}-{end - 1}/{total}'
                               if len(body) else f'bytes */{total}')})
       except requests.RequestException as e:
@@ -196,6 +204,8 @@ class _GcsWriter(Writer):
 
   @_translating_method
   def write(self, data) -> None:
+    if self._closed:
+      raise self._over()
     mv = memoryview(data).cast('B')
     self._written += len(mv)
     if self._written > self._size:
@@ -214,6 +224,8 @@ class _GcsWriter(Writer):
 
   @_translating_method
   def commit(self) -> None:
+    if self._closed:
+      raise self._over()
     if self._written != self._size:
       raise OSError(errno.EIO, f'{self._written} bytes written, {self._size} '
                     'announced', self.uri)
@@ -228,6 +240,7 @@ class _GcsWriter(Writer):
       self.abort()
 
   def abort(self) -> None:
+    self._closed = True
     self._buf, self._fill = bytearray(), 0
     session, self._session = self._session, None
     if session is not None:
