@@ -56,7 +56,8 @@ _FEATURE_EXTRAS = {
         'ml-metadata>=1.16,<1.17',
         'dill',
     ],
-    'aws': ['boto3'],
+    # 1.36: PutObject If-None-Match / If-Match (create-only, rewrap).
+    'aws': ['boto3>=1.36'],
     # google-cloud-storage / boto3 also carry gs:// and s3:// packages
     # (tfx_encrypt/storage, docs/OBJECT_STORES.md).
     'gcp': ['google-cloud-kms', 'google-crc32c', 'google-cloud-storage'],

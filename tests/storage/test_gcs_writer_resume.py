@@ -24,17 +24,30 @@ class _Resp:
 class _Session:
   """Keeps all but `short` bytes of the first chunk, then everything."""
 
-  def __init__(self, size, short=0, final=200):
+  def __init__(self, size, short=0, final=200, fail=()):
     self.size, self.short, self.final = size, short, final
+    self.fail = list(fail)  # (status or 'reset', bytes kept) per failure
     self.got = bytearray()
     self.ranges = []
     self.deleted = False
 
   def put(self, url, data, timeout, headers):
     del url, timeout
-    body = data.read()
+    body = data if isinstance(data, bytes) else data.read()
     rng = headers['Content-Range']
     self.ranges.append(rng)
+    if rng.startswith('bytes */'):  # a status query
+      assert body == b''
+      if rng.endswith(f'/{self.size}') and len(self.got) == self.size:
+        return _Resp(self.final)
+      return _Resp(308, f'bytes=0-{len(self.got) - 1}' if self.got else None)
+    if self.fail:
+      kind, keep = self.fail.pop(0)
+      self.got += body[:keep]
+      if kind == 'reset':
+        import requests  # pylint: disable=g-import-not-at-top
+        raise requests.ConnectionError('reset by peer')
+      return _Resp(kind)
     start = int(rng.split()[1].split('-')[0])
     assert start == len(self.got), (rng, len(self.got))
     keep = body[:len(body) - self.short] if self.short else body
@@ -75,6 +88,30 @@ def test_a_partly_persisted_chunk_is_resent_from_where_gcs_stopped(
   assert s.ranges[1] == f'bytes {(256 << 10) - 1000}-{(256 << 10) - 1}/*'
   assert s.ranges[-1].endswith(f'/{len(data)}')
   assert not s.deleted
+
+
+@pytest.mark.parametrize('fail', [
+    [('reset', 100_000)], [(503, 0)], [(429, 0), ('reset', 5)],
+    [('reset', 0), (500, 0)]])
+def test_transient_failures_resume_from_what_gcs_kept(monkeypatch, fail):
+  monkeypatch.setattr(_google, 'GCS_RETRY_PAUSES_S', (0, 0, 0))
+  data = bytes(range(256)) * 4096  # 1 MiB: four 256 KiB chunks
+  s = _Session(len(data), fail=fail)
+  w = _writer(monkeypatch, len(data), s)
+  w.write(data)
+  w.commit()
+  assert bytes(s.got) == data
+  assert any(r.startswith('bytes */') for r in s.ranges)  # it asked
+
+
+def test_persistent_failures_fail_without_the_session_url(monkeypatch):
+  monkeypatch.setattr(_google, 'GCS_RETRY_PAUSES_S', (0, 0))
+  data = b'z' * (600 << 10)
+  s = _Session(len(data), fail=[('reset', 0)] * 3)
+  w = _writer(monkeypatch, len(data), s)
+  with pytest.raises(ConnectionError) as e:
+    w.write(data)
+  assert 'https://upload/x' not in str(e.value)  # the session URL
 
 
 def test_a_failed_precondition_on_the_last_chunk_is_object_exists(

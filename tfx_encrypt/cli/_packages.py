@@ -281,7 +281,9 @@ def clean(directory, older_than):
   (holding their marker and nothing but what such a run writes), and the
   `.NAME.tfxe-bundle-TOKEN` headers of bundle uploads to gs:// killed
   before their compose, are removed, and nothing else
-  (docs/OBJECT_STORES.md).
+  (docs/OBJECT_STORES.md). A running Beam run rewrites its marker every
+  600 s: with --older-than below 1200 a live run's staging can look dead;
+  use a small value only for a run you know was killed.
   """
   if storage.is_remote(directory):
     from tfx_encrypt.package import layout  # pylint: disable=g-import-not-at-top

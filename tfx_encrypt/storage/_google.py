@@ -3,6 +3,7 @@
 import errno
 import os
 import threading
+import time
 from typing import Dict, Optional
 
 from tfx_encrypt import _text
@@ -114,6 +115,12 @@ def _gcs_list_info(bucket: str, prefix: str) -> Dict[str, ObjectInfo]:
 GCS_WRITE_CHUNK_SIZE = 8 << 20
 
 
+#: Pauses before retrying a chunk after a transient failure (then fail).
+GCS_RETRY_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+_GCS_TRANSIENT = frozenset((408, 429, 500, 502, 503, 504))
+
+
 class _GcsWriter(Writer):
   """A create-only streamed upload: a resumable-upload session opened with
   `ifGenerationMatch=0`, fed one chunk at a time from one reused buffer.
@@ -160,33 +167,49 @@ class _GcsWriter(Writer):
     return self._session
 
   def _send(self, last: bool) -> None:
-    """Send the buffer from `_sent` on; GCS may persist less than it was
-    sent (it answers 308 with the Range it kept): resend the rest."""
+    """Send the buffer from `_sent` on. GCS may persist less than it was
+    sent (it answers 308 with the Range it kept): resend the rest. A
+    transient failure (connection error, 408, 429, 5xx) is retried after a
+    pause (:data:`GCS_RETRY_PAUSES_S`), first asking GCS how much it kept
+    (an empty PUT, `Content-Range: bytes */N`), as the resumable protocol
+    prescribes: the whole chunk is still in the buffer."""
     import requests  # pylint: disable=g-import-not-at-top
     if self._closed:
       raise self._over()
     url, http = self._http()
     view = memoryview(self._buf)[:self._fill]
     start = self._base
-    for _ in range(16):
+    pauses = list(GCS_RETRY_PAUSES_S)
+    query = False
+    total = str(self._size) if last else '*'
+    for _ in range(16 + len(pauses)):
       off = self._sent - start
-      body = _BufferFile(view[off:])
-      data = body if len(body) else b''  # Content-Length: 0, not chunked
+      body = _BufferFile(view[off:]) if not query else _BufferFile(view[:0])
       end = self._sent + len(body)
-      total = str(self._size) if last else '*'
       try:
-        r = http.put(url, data=data, timeout=(60, 600), headers={
-            'Content-Range': (f'bytes {self._sent}-{end - 1}/{total}'
-                              if len(body) else f'bytes */{total}')})
+        r = http.put(
+            url, data=body if len(body) else b'',  # not chunked when empty
+            timeout=(60, 600), headers={'Content-Range': (
+                f'bytes {self._sent}-{end - 1}/{total}' if len(body)
+                else f'bytes */{total}')})
+        failure = None if r.status_code not in _GCS_TRANSIENT else (
+            f'HTTP {r.status_code}')
       except requests.RequestException as e:
         # Not the SDK's message: it names the session URL, a credential.
-        raise ConnectionError(errno.ECONNABORTED, 'object store unreachable '
-                              f'({type(e).__name__})', self.uri) from None
+        r, failure = None, type(e).__name__
+      if failure is not None:
+        if not pauses:
+          raise ConnectionError(errno.ECONNABORTED, 'object store '
+                                f'unreachable ({failure})', self.uri)
+        time.sleep(pauses.pop(0))
+        query = True  # how much did it keep?
+        continue
+      query = False
       if r.status_code in (200, 201):
         if not last:
           raise OSError(errno.EIO, 'the store finalised the object before '
                         'its last chunk', self.uri)
-        self._sent = end
+        self._sent = start + len(view)
         return
       if r.status_code == 412:
         raise self._exists()
@@ -195,10 +218,10 @@ class _GcsWriter(Writer):
                       f'{_text.printable(r.text[:200])}', self.uri)
       kept = r.headers.get('Range')  # "bytes=0-N": what it persisted
       self._sent = int(kept.rsplit('-', 1)[1]) + 1 if kept else 0
-      if self._sent < start or self._sent > end:
+      if self._sent < start or self._sent > start + len(view):
         raise OSError(errno.EIO, 'the store kept bytes outside the chunk '
                       'sent', self.uri)
-      if self._sent == end and not last:
+      if self._sent == start + len(view) and not last:
         return
     raise OSError(errno.EIO, 'the store keeps refusing the chunk', self.uri)
 

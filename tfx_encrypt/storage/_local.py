@@ -6,6 +6,7 @@ import stat
 import threading
 from typing import Dict
 
+from tfx_encrypt import _signals
 from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.storage._base import (
@@ -146,6 +147,10 @@ def _local_put_if_unchanged(path: str, data: Data, version: str) -> str:
         if not b:
           break
         f.write(b)
+      try:  # keep the mode of the file it replaces
+        os.fchmod(f.fileno(), stat.S_IMODE(os.lstat(path).st_mode))
+      except FileNotFoundError:
+        pass  # refused below
       f.flush()
       os.fsync(f.fileno())
       new_version = _local_version(os.fstat(f.fileno()))
@@ -154,22 +159,26 @@ def _local_put_if_unchanged(path: str, data: Data, version: str) -> str:
         raise changed
     except FileNotFoundError:
       raise changed from None
-    try:
-      swapped = _publish._call_renameat2(tmp, path,  # pylint: disable=protected-access
-                                         _publish._RENAME_EXCHANGE)  # pylint: disable=protected-access
-    except FileNotFoundError:  # removed since the check
-      raise changed from None
-    if not swapped:
-      os.replace(tmp, path)
-      return new_version
-    if _local_version(os.lstat(tmp)) != version:  # replaced since the check
+    # Exchange, check, swap back: never cut in half by a signal (tmp would
+    # then hold the displaced file, perhaps another writer's).
+    with _signals.deferred():
       try:
-        _publish._call_renameat2(tmp, path, _publish._RENAME_EXCHANGE)  # pylint: disable=protected-access
-      except BaseException:
-        tmp = None  # it holds the other writer's file: leave it
-        raise
-      raise changed
-    return new_version
+        swapped = _publish._call_renameat2(tmp, path,  # pylint: disable=protected-access
+                                           _publish._RENAME_EXCHANGE)  # pylint: disable=protected-access
+      except FileNotFoundError:  # removed since the check
+        raise changed from None
+      if not swapped:
+        os.replace(tmp, path)
+        tmp = None
+        return new_version
+      if _local_version(os.lstat(tmp)) != version:  # replaced meanwhile
+        try:
+          _publish._call_renameat2(tmp, path, _publish._RENAME_EXCHANGE)  # pylint: disable=protected-access
+        except BaseException:
+          tmp = None  # it holds the other writer's file: leave it
+          raise
+        raise changed
+      return new_version
   finally:
     if tmp is not None:
       try:
