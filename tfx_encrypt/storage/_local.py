@@ -4,7 +4,7 @@ import errno
 import os
 import stat
 import threading
-from typing import Dict
+from typing import Dict, Tuple
 
 from tfx_encrypt import _signals
 from tfx_encrypt import _text
@@ -55,9 +55,11 @@ class _LocalReader(Reader):
       self._fd = -1
 
 
-def _local_put(path: str, data: Data, create_only: bool) -> None:
+def _write_temp_sibling(path: str, data: Data, keep_mode: bool = False
+                        ) -> Tuple[str, str]:
+  """`data` into a new hidden sibling of `path`, synced (with the mode of
+  `path` if `keep_mode` and it exists): (its path, its version)."""
   parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f'.{os.path.basename(path)}.tfxe-put-'
                      f'{os.getpid()}-{threading.get_ident()}')
   fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
@@ -70,8 +72,26 @@ def _local_put(path: str, data: Data, create_only: bool) -> None:
         if not b:
           break
         f.write(b)
+      if keep_mode:
+        try:
+          os.fchmod(f.fileno(), stat.S_IMODE(os.lstat(path).st_mode))
+        except FileNotFoundError:
+          pass
       f.flush()
       os.fsync(f.fileno())
+      return tmp, _local_version(os.fstat(f.fileno()))
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except FileNotFoundError:
+      pass
+    raise
+
+
+def _local_put(path: str, data: Data, create_only: bool) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp, _ = _write_temp_sibling(path, data)
+  try:
     if create_only:
       try:
         os.link(tmp, path)  # atomic create-if-absent, complete content
@@ -134,26 +154,8 @@ def _local_put_if_unchanged(path: str, data: Data, version: str) -> str:
   changed = ObjectChangedError(f'{_text.printable(path)} was replaced or '
                                'removed since it was read; it was not '
                                'overwritten')
-  parent = os.path.dirname(os.path.abspath(path))
-  tmp = os.path.join(parent, f'.{os.path.basename(path)}.tfxe-put-'
-                     f'{os.getpid()}-{threading.get_ident()}')
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
-               getattr(os, 'O_CLOEXEC', 0), 0o644)
+  tmp, new_version = _write_temp_sibling(path, data, keep_mode=True)
   try:
-    with os.fdopen(fd, 'wb') as f:
-      src, _ = _as_stream(data)
-      while True:
-        b = src.read(CHUNK_SIZE)
-        if not b:
-          break
-        f.write(b)
-      try:  # keep the mode of the file it replaces
-        os.fchmod(f.fileno(), stat.S_IMODE(os.lstat(path).st_mode))
-      except FileNotFoundError:
-        pass  # refused below
-      f.flush()
-      os.fsync(f.fileno())
-      new_version = _local_version(os.fstat(f.fileno()))
     try:
       if _local_version(os.lstat(path)) != version:
         raise changed
