@@ -86,8 +86,9 @@ class GcsStore(_Store):
   with `enforce_preconditions`, the TEST-ONLY ifGenerationMatch patch."""
   scheme = 'gs'
 
-  def __init__(self, enforce_preconditions: bool = True):
-    self.server = GcsEmulator(enforce_preconditions)
+  def __init__(self, enforce_preconditions: bool = True,
+               linear_resumable: bool = False):
+    self.server = GcsEmulator(enforce_preconditions, linear_resumable)
 
   def env(self):
     return {'STORAGE_EMULATOR_HOST': self.server.url,

@@ -162,3 +162,26 @@ def test_writers_take_writes_that_cross_part_boundaries_up_to_the_end(
     with storage.open_reader(uri) as r:
       assert r.size == len(data)
       assert r.read_range(0, len(data)) == data
+
+
+def test_the_benchmarks_linear_append_emulator_stores_the_same_bytes():
+  """benchmarks/object_store.py's `gs-linear` store patches the emulator's
+  resumable append (tests/fakes/gcs_emulator.py): uploads in many chunks
+  and status queries still give the exact object."""
+  from tests.fakes import stores  # pylint: disable=g-import-not-at-top
+  st = stores.GcsStore(enforce_preconditions=False, linear_resumable=True)
+  try:
+    with st.applied():
+      storage.reset_clients()
+      base = st.new_base()
+      data = bytes(range(251)) * ((3 * _google.GCS_WRITE_CHUNK_SIZE) // 251)
+      for name, cut in (('a', 1 << 20), ('b', 3_333_333)):
+        w = storage.open_writer(storage.join(base, name), len(data))
+        for i in range(0, len(data), cut):
+          w.write(memoryview(data)[i:i + cut])
+        w.commit()
+        with storage.open_reader(storage.join(base, name)) as r:
+          assert r.read_range(0, len(data)) == data
+  finally:
+    storage.reset_clients()
+    st.close()
