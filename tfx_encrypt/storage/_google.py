@@ -258,7 +258,9 @@ class _GcsWriter(Writer):
                  bytes(memoryview(self._buf)[:self._fill]), True, self.uri)
       else:
         self._send(last=True)
+        _, http = self._session
         self._session = None  # finalised: nothing to cancel
+        http.close()
     finally:
       self.abort()
 
