@@ -231,34 +231,9 @@ def _s3_assemble(uri: str, bucket: str, key: str, parts, create_only: bool,
         f'than S3\'s {S3_MIN_PART >> 20} MiB minimum')
   upload_id = c.create_multipart_upload(Bucket=bucket, Key=key)['UploadId']
   try:
-    done = []
-    buf = None  # one part of less than 2 * S3_MIN_PART bytes, reused
-    for n, part in enumerate(plan, 1):
-      if part.copy:
-        pb, pk, etag = sources[part.copy.source]
-        r = c.upload_part_copy(
-            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=n,
-            CopySource={'Bucket': pb, 'Key': pk}, CopySourceIfMatch=etag,
-            CopySourceRange=f'bytes={part.copy.start}-{part.copy.end - 1}')
-        etag_out = r['CopyPartResult']['ETag']
-      else:
-        if buf is None:
-          buf = bytearray(min(2 * S3_MIN_PART, sum(sizes)))
-        view = memoryview(buf)
-        at = 0
-        for piece in part.join:
-          out = view[at:at + piece.size]
-          if piece.source == 0:
-            out[:] = memoryview(head)[piece.start:piece.end]
-          else:
-            pb, pk, etag = sources[piece.source]
-            _s3_fetch_into(c, pb, pk, etag, piece.start, piece.end, out)
-          at += piece.size
-        r = c.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
-                          PartNumber=n, Body=_BufferFile(view[:at]),
-                          ContentLength=at)
-        etag_out = r['ETag']
-      done.append({'PartNumber': n, 'ETag': etag_out})
+    done = s3_upload_plan(
+        c, bucket, key, upload_id, plan, head,
+        [None] + [S3Source(pb, pk, etag) for pb, pk, etag in sources[1:]])
     # S3 honours x-amz-copy-source-if-match on UploadPartCopy; a store that
     # ignores it (moto 5.2.5, measured) is caught here: every copied object
     # must still be the version looked at, before anything is published.
@@ -288,6 +263,59 @@ def _s3_assemble(uri: str, bucket: str, key: str, parts, create_only: bool,
     except Exception:  # pylint: disable=broad-except
       pass  # a lifecycle rule removes abandoned uploads
     raise
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Source:
+  """An object version a plan reads: its bytes from `offset` on are the
+  source's bytes 0, 1, ... (`offset`: a bundle's payload after its header)."""
+  bucket: str
+  key: str
+  etag: str
+  offset: int = 0
+
+
+def s3_upload_plan(c, bucket: str, key: str, upload_id: str,
+                   plan: Sequence[PlannedPart], head: Optional[bytes],
+                   sources: Sequence[Optional[S3Source]]) -> List[dict]:
+  """Upload the parts of `plan` (:func:`plan_multipart`) into the open
+  multipart upload: a `copy` part by `UploadPartCopy` of its source's
+  range pinned to the ETag (`CopySourceIfMatch`), a `join` part from
+  `head` (source 0, bytes this process holds) and ranged reads pinned to
+  the ETag, in one reused buffer. Returns the parts for
+  CompleteMultipartUpload. A source no longer its ETag fails: botocore's
+  ClientError from a copy, errors.TfxEncryptError from a read."""
+  done = []
+  joined = [p.size for p in plan if not p.copy]
+  buf = bytearray(max(joined)) if joined else None  # reused
+  for n, part in enumerate(plan, 1):
+    if part.copy:
+      src = sources[part.copy.source]
+      a, b = src.offset + part.copy.start, src.offset + part.copy.end
+      r = c.upload_part_copy(
+          Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=n,
+          CopySource={'Bucket': src.bucket, 'Key': src.key},
+          CopySourceIfMatch=src.etag, CopySourceRange=f'bytes={a}-{b - 1}')
+      etag_out = r['CopyPartResult']['ETag']
+    else:
+      view = memoryview(buf)
+      at = 0
+      for piece in part.join:
+        out = view[at:at + piece.size]
+        if piece.source == 0:
+          out[:] = memoryview(head)[piece.start:piece.end]
+        else:
+          src = sources[piece.source]
+          _s3_fetch_into(c, src.bucket, src.key, src.etag,
+                         src.offset + piece.start, src.offset + piece.end,
+                         out)
+        at += piece.size
+      r = c.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
+                        PartNumber=n, Body=_BufferFile(view[:at]),
+                        ContentLength=at)
+      etag_out = r['ETag']
+    done.append({'PartNumber': n, 'ETag': etag_out})
+  return done
 
 
 def _s3_fetch_into(c, bucket: str, key: str, etag: str, start: int, end: int,

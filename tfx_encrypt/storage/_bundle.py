@@ -475,44 +475,16 @@ def _s3_rewrite(uri: str, bucket: str, key: str, header: bytes,
   plan = _assemble.plan_multipart([len(header), payload], local={0})
   upload_id = c.create_multipart_upload(Bucket=bucket, Key=key)['UploadId']
   try:
-    done = []
-    buf = None  # one joined part of less than 2 * 5 MiB, reused
-    for n, part in enumerate(plan, 1):
-      if part.copy:  # a range of the old object's payload, server-side
-        a = old_header_len + part.copy.start
-        b = old_header_len + part.copy.end
-        try:
-          r = c.upload_part_copy(
-              Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=n,
-              CopySource={'Bucket': bucket, 'Key': key},
-              CopySourceIfMatch=version, CopySourceRange=f'bytes={a}-{b - 1}')
-        except botocore.exceptions.ClientError as e:
-          if _s3_code(e) in gone:
-            raise _changed(uri) from None
-          raise
-        etag_out = r['CopyPartResult']['ETag']
-      else:  # the header and the payload bytes that bring it to 5 MiB
-        if buf is None:
-          buf = bytearray(2 * _assemble.S3_MIN_PART)
-        view = memoryview(buf)
-        at = 0
-        for piece in part.join:
-          out = view[at:at + piece.size]
-          if piece.source == 0:
-            out[:] = memoryview(header)[piece.start:piece.end]
-          else:
-            try:
-              _assemble._s3_fetch_into(  # pylint: disable=protected-access
-                  c, bucket, key, version, old_header_len + piece.start,
-                  old_header_len + piece.end, out)
-            except errors.TfxEncryptError:
-              raise _changed(uri) from None
-          at += piece.size
-        r = c.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
-                          PartNumber=n, Body=_BufferFile(view[:at]),
-                          ContentLength=at)
-        etag_out = r['ETag']
-      done.append({'PartNumber': n, 'ETag': etag_out})
+    try:
+      done = _assemble.s3_upload_plan(
+          c, bucket, key, upload_id, plan, header,
+          [None, _assemble.S3Source(bucket, key, version, old_header_len)])
+    except botocore.exceptions.ClientError as e:  # a copy
+      if _s3_code(e) in gone:
+        raise _changed(uri) from None
+      raise
+    except errors.TfxEncryptError:  # a read: replaced or removed
+      raise _changed(uri) from None
     # S3 refuses the copies and the completion if the object is no longer
     # `version`; a store that ignores x-amz-copy-source-if-match and If-Match
     # on CompleteMultipartUpload (moto 5.2.5, read in its source) is caught
