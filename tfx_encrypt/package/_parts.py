@@ -156,8 +156,7 @@ def is_our_staging(stage: str, objects: Mapping[str, Any]) -> bool:
       return False
     for n, i in objects.items():
       if n.startswith('parts/') and n.endswith('/0000000000'):
-        if i.size < streaming.HEADER_SIZE or _read_small(
-            storage.join(stage, n), i, 1) != bytes([streaming.HEADER_SIZE]):
+        if not layout_lib._starts_like_a_stream(storage.join(stage, n), i):  # pylint: disable=protected-access
           return False
       elif n.startswith('results/'):
         if not 0 < i.size <= _MARKER_MAX_BYTES:
@@ -172,9 +171,9 @@ def is_our_staging(stage: str, objects: Mapping[str, Any]) -> bool:
   return True
 
 
-def _read_small(uri: str, info, length: Optional[int] = None) -> bytes:
+def _read_small(uri: str, info) -> bytes:
   with storage.open_reader(uri, version=info.version) as r:
-    return r.read_range(0, r.size if length is None else length)
+    return r.read_range(0, r.size)
 
 
 # --------------------------------------------------------------------------

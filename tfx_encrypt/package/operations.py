@@ -618,28 +618,22 @@ def _replace_header(src: _Source, h: Header) -> None:
   if not storage.is_remote(src.path):
     _write_header_only(src, h)
     return
-  if src.bundle:
-    # One object: written anew, the new header and the old payload bytes
-    # (server-side copies on S3, streamed through on GCS), replacing the
-    # bundle only if it is still the version read and verified.
-    try:
+  what = src.path if src.bundle else storage.join(src.path, HEADER_NAME)
+  try:
+    if src.bundle:
+      # One object: written anew, the new header and the old payload bytes
+      # (server-side copies on S3, streamed through on GCS), replacing the
+      # bundle only if it is still the version read and verified.
       bundle_lib.rewrite_bundle_header(src.path, h.serialize(),
                                        src.header_len, src.header_version)
-    except storage.ObjectChangedError:
-      raise storage.ObjectChangedError(
-          f'{_text.printable(src.path)} changed after rewrap read and '
-          'verified it (another rewrap or writer); nothing was replaced: run '
-          'rewrap again') from None
-    return
-  hpath = storage.join(src.path, HEADER_NAME)
-  try:
-    with _signals.deferred():  # one request: done, or not at all
-      storage.put_if_unchanged(hpath, h.serialize(), src.header_version)
-      _signals.mark_committed()
+    else:
+      with _signals.deferred():  # one request: done, or not at all
+        storage.put_if_unchanged(what, h.serialize(), src.header_version)
+        _signals.mark_committed()
   except storage.ObjectChangedError:
     raise storage.ObjectChangedError(
-        f'{_text.printable(hpath)} changed after rewrap read and verified '
-        'it (another rewrap or writer); nothing was replaced: run rewrap '
+        f'{_text.printable(what)} changed after rewrap read and verified it '
+        '(another rewrap or writer); nothing was replaced: run rewrap '
         'again') from None
 
 

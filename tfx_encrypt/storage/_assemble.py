@@ -218,11 +218,11 @@ def _s3_assemble(uri: str, bucket: str, key: str, parts, create_only: bool,
   c = _s3()
   # Every part object as it is now (size, ETag): each copy and fetch is
   # pinned to it, so a part replaced meanwhile fails the assembly.
-  sources = [None if head is None else (None, None, None)]
+  sources: List[Optional[S3Source]] = [None]  # 0: `head`, held here
   sizes = [len(head or b'')]
   for pb, pk in parts:
     h = c.head_object(Bucket=pb, Key=pk)
-    sources.append((pb, pk, h['ETag']))
+    sources.append(S3Source(pb, pk, h['ETag']))
     sizes.append(int(h['ContentLength']))
   plan = plan_multipart(sizes, local={0})
   if head is None and any(p.join for p in plan):
@@ -231,18 +231,16 @@ def _s3_assemble(uri: str, bucket: str, key: str, parts, create_only: bool,
         f'than S3\'s {S3_MIN_PART >> 20} MiB minimum')
   upload_id = c.create_multipart_upload(Bucket=bucket, Key=key)['UploadId']
   try:
-    done = s3_upload_plan(
-        c, bucket, key, upload_id, plan, head,
-        [None] + [S3Source(pb, pk, etag) for pb, pk, etag in sources[1:]])
+    done = s3_upload_plan(c, bucket, key, upload_id, plan, head, sources)
     # S3 honours x-amz-copy-source-if-match on UploadPartCopy; a store that
     # ignores it (moto 5.2.5, measured) is caught here: every copied object
     # must still be the version looked at, before anything is published.
     for i in sorted({p.copy.source for p in plan if p.copy}):
-      pb, pk, etag = sources[i]
-      if c.head_object(Bucket=pb, Key=pk)['ETag'] != etag:
+      src = sources[i]
+      if c.head_object(Bucket=src.bucket, Key=src.key)['ETag'] != src.etag:
         raise errors.TfxEncryptError(
-            f's3://{pb}/{_text.printable(pk)} was replaced while it was '
-            'being assembled')
+            f's3://{src.bucket}/{_text.printable(src.key)} was replaced '
+            'while it was being assembled')
     kw = {'IfNoneMatch': '*'} if create_only else {}
     try:
       c.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,

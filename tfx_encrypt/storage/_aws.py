@@ -8,8 +8,8 @@ from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.storage._base import (
     Data, ObjectChangedError, ObjectExistsError, ObjectInfo, Writer,
-    _BufferFile, _ChunkedReader, _as_stream, _sdk_missing,
-    _translating_method)
+    _BufferFile, _ChunkedReader, _as_stream, _changed_since_read,
+    _sdk_missing, _translating_method)
 
 
 _clients = {}
@@ -322,8 +322,6 @@ def _s3_put_if_match(bucket: str, key: str, data: Data, etag: str,
   except botocore.exceptions.ClientError as e:
     if _s3_code(e) in ('PreconditionFailed', '412', 'NoSuchKey', '404',
                        'NotFound', 'ConditionalRequestConflict', '409'):
-      raise ObjectChangedError(
-          f'{_text.printable(uri)} was replaced or removed since it was '
-          'read; it was not overwritten') from None
+      raise _changed_since_read(uri) from None
     raise
   return r.get('ETag')

@@ -33,6 +33,14 @@ class ObjectChangedError(errors.TamperedPackageError):
   pinned read refuses to mix two versions."""
 
 
+def _changed_since_read(uri: str) -> ObjectChangedError:
+  """What a replacement conditional on the version read raises when that
+  version is gone (put_if_unchanged, a bundle's rewrite)."""
+  return ObjectChangedError(f'{_text.printable(uri)} was replaced or '
+                            'removed since it was read; it was not '
+                            'overwritten')
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectInfo:
   """One listed object: its size, the version it was listed at (S3 ETag,
@@ -171,12 +179,15 @@ class ReaderFile(io.RawIOBase):
 
 
 class _BufferFile(io.RawIOBase):
-  """A seekable read-only file over a memoryview (an upload body that is
-  not copied)."""
+  """A seekable read-only file over memoryviews, one after the other (an
+  upload body that is not copied: a part buffer; a bundle's first part,
+  its header then the payload bytes held back)."""
 
-  def __init__(self, view: memoryview):
+  def __init__(self, *views: memoryview):
     super().__init__()
-    self._v, self._pos = view, 0
+    self._views = [v for v in views if len(v)]
+    self._len = sum(len(v) for v in self._views)
+    self._pos = 0
 
   def readable(self) -> bool:
     return True
@@ -185,16 +196,24 @@ class _BufferFile(io.RawIOBase):
     return True
 
   def readinto(self, b) -> int:
-    n = min(len(b), len(self._v) - self._pos)
-    if n <= 0:
-      return 0
-    memoryview(b).cast('B')[:n] = self._v[self._pos:self._pos + n]
-    self._pos += n
-    return n
+    out = memoryview(b).cast('B')
+    got, base = 0, 0
+    for v in self._views:
+      if got == len(out):
+        break
+      end = base + len(v)
+      if self._pos < end:
+        i = self._pos - base
+        k = min(len(out) - got, len(v) - i)
+        out[got:got + k] = v[i:i + k]
+        got += k
+        self._pos += k
+      base = end
+    return got
 
   def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
     base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos,
-            io.SEEK_END: len(self._v)}[whence]
+            io.SEEK_END: self._len}[whence]
     self._pos = base + offset
     return self._pos
 
@@ -202,7 +221,7 @@ class _BufferFile(io.RawIOBase):
     return self._pos
 
   def __len__(self) -> int:
-    return len(self._v)
+    return self._len
 
 
 class _ChunkedReader(Reader):

@@ -26,7 +26,6 @@ a store"):
 """
 
 import concurrent.futures
-import io
 import logging
 import os
 import threading
@@ -37,8 +36,8 @@ from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.storage import _assemble
 from tfx_encrypt.storage._base import (
-    ObjectChangedError, ObjectExistsError, _BufferFile, _translating,
-    _translating_method, join, split)
+    ObjectChangedError, ObjectExistsError, _BufferFile, _changed_since_read,
+    _translating, _translating_method, join, split)
 
 
 #: S3: payload bytes held back in memory for part 1 (header + them): S3's
@@ -55,6 +54,10 @@ class BundleWriter:
   (:class:`ObjectExistsError` if it exists). `abort` leaves nothing."""
 
   uri: str = ''
+
+  def _over(self) -> errors.UsageError:
+    return errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
+                             'over')
 
   def write(self, data) -> None:
     raise NotImplementedError
@@ -80,51 +83,6 @@ def open_bundle_writer(uri: str, payload_size: int) -> BundleWriter:
 def _exists(uri: str) -> ObjectExistsError:
   return ObjectExistsError(f'{_text.printable(uri)} already exists '
                            '(another writer created it)')
-
-
-class _Chain(io.RawIOBase):
-  """A seekable read-only file over memoryviews, one after the other (part
-  1: the header, then the held-back payload bytes; nothing copied)."""
-
-  def __init__(self, views: Sequence[memoryview]):
-    super().__init__()
-    self._views = [v for v in views if len(v)]
-    self._len = sum(len(v) for v in self._views)
-    self._pos = 0
-
-  def readable(self) -> bool:
-    return True
-
-  def seekable(self) -> bool:
-    return True
-
-  def readinto(self, b) -> int:
-    out = memoryview(b).cast('B')
-    got, base = 0, 0
-    for v in self._views:
-      if got == len(out):
-        break
-      end = base + len(v)
-      if self._pos < end:
-        i = self._pos - base
-        k = min(len(out) - got, len(v) - i)
-        out[got:got + k] = v[i:i + k]
-        got += k
-        self._pos += k
-      base = end
-    return got
-
-  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-    base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos,
-            io.SEEK_END: self._len}[whence]
-    self._pos = base + offset
-    return self._pos
-
-  def tell(self) -> int:
-    return self._pos
-
-  def __len__(self) -> int:
-    return self._len
 
 
 def s3_part_size(payload_size: int) -> int:
@@ -181,8 +139,7 @@ class _S3BundleWriter(BundleWriter):
     """Hand the filled buffer to the upload thread (after the previous
     upload, which used the other buffer, has finished)."""
     if self._closed:  # aborted meanwhile: never open another upload
-      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
-                              'over')
+      raise self._over()
     if self._upload_id is None:
       self._upload_id = self._client().create_multipart_upload(
           Bucket=self._bucket, Key=self._key)['UploadId']
@@ -197,8 +154,7 @@ class _S3BundleWriter(BundleWriter):
   @_translating_method
   def write(self, data) -> None:
     if self._closed:
-      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
-                              'over')
+      raise self._over()
     mv = memoryview(data).cast('B')
     if self._written + len(mv) > self._size:
       raise errors.UsageError(f'{_text.printable(self.uri)}: more bytes '
@@ -211,8 +167,7 @@ class _S3BundleWriter(BundleWriter):
       mv = mv[take:]
     while len(mv):
       if self._closed:
-        raise errors.UsageError(f'{_text.printable(self.uri)}: the upload '
-                                'is over')
+        raise self._over()
       if not self._bufs:
         self._bufs = [bytearray(min(self._part, self._size - S3_HELD_BACK))
                       for _ in range(2)]
@@ -235,15 +190,14 @@ class _S3BundleWriter(BundleWriter):
                               f'{self._written} payload bytes written, '
                               f'{self._size} announced')
     if self._closed:
-      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
-                              'over')
+      raise self._over()
     held = memoryview(self._held)[:self._held_fill]
     if self._upload_id is None and not self._fill:
       # All of it fits one part: one create-only PutObject.
       from tfx_encrypt.storage._verbs import put_create_only  # pylint: disable=g-import-not-at-top
       try:
         with _signals.deferred():  # the commit point: done, or not at all
-          put_create_only(self.uri, _Chain([memoryview(header), held]))
+          put_create_only(self.uri, _BufferFile(memoryview(header), held))
           _signals.mark_committed()
       finally:
         self._release()
@@ -254,7 +208,7 @@ class _S3BundleWriter(BundleWriter):
       self._wait()
       first = self._client().upload_part(
           Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
-          PartNumber=1, Body=_Chain([memoryview(header), held]),
+          PartNumber=1, Body=_BufferFile(memoryview(header), held),
           ContentLength=len(header) + len(held))
       with self._parts_lock:
         parts = [{'PartNumber': 1, 'ETag': first['ETag']}] + self._parts
@@ -319,12 +273,15 @@ def temp_header_uri(uri: str) -> str:
 class _GcsBundleWriter(BundleWriter):
   """Payload streams into `URI/payload/00000000` (create-only resumable
   upload), the header into a hidden sibling, then one compose with
-  `ifGenerationMatch=0`; the temporaries are deleted either way. Memory:
-  one upload chunk (`_google.GCS_WRITE_CHUNK_SIZE`)."""
+  `ifGenerationMatch=0` (or, with `replace`, `ifGenerationMatch=<replace>`:
+  a bundle's rewrite, which raises ObjectChangedError, not
+  ObjectExistsError); the temporaries are deleted either way. Memory: one
+  upload chunk (`_google.GCS_WRITE_CHUNK_SIZE`)."""
 
-  def __init__(self, uri: str, payload_size: int):
+  def __init__(self, uri: str, payload_size: int,
+               replace: Optional[str] = None):
     from tfx_encrypt.storage._verbs import open_writer  # pylint: disable=g-import-not-at-top
-    self.uri = uri
+    self.uri, self._replace = uri, replace
     self._payload_uri = temp_payload_uri(uri)
     self._header_uri = temp_header_uri(uri)
     self._w = open_writer(self._payload_uri, payload_size)
@@ -334,8 +291,7 @@ class _GcsBundleWriter(BundleWriter):
 
   def write(self, data) -> None:
     if self._done:
-      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
-                              'over')
+      raise self._over()
     n = memoryview(data).nbytes
     if self._written + n > self._size:
       raise errors.UsageError(f'{_text.printable(self.uri)}: more bytes '
@@ -347,33 +303,49 @@ class _GcsBundleWriter(BundleWriter):
   def commit(self, header: bytes) -> None:
     from tfx_encrypt.storage._verbs import put_create_only  # pylint: disable=g-import-not-at-top
     if self._done:
-      raise errors.UsageError(f'{_text.printable(self.uri)}: the upload is '
-                              'over')
+      raise self._over()
     try:
       try:
         with _signals.deferred():  # created, then recorded as ours
           self._w.commit()
           self._made.append(self._payload_uri)
       except ObjectExistsError:
-        raise ObjectExistsError(
-            f'{_text.printable(self._payload_uri)} already exists: another '
-            f'writer is writing {_text.printable(self.uri)} (or a killed one '
-            f'left it: "tfx-encrypt clean {_text.printable(self.uri)}")'
-        ) from None
+        busy = (f'{_text.printable(self._payload_uri)} already exists: '
+                f'another writer is writing {_text.printable(self.uri)} (or a '
+                'killed one left it: "tfx-encrypt clean '
+                f'{_text.printable(self.uri)}")')
+        if self._replace is not None:
+          raise ObjectChangedError(busy + '; it was not overwritten') from None
+        raise ObjectExistsError(busy) from None
       with _signals.deferred():
         put_create_only(self._header_uri, header)
         self._made.append(self._header_uri)
-      scratch = self._header_uri + '.compose'
-      try:
-        with _signals.deferred():  # the commit point: done, or not at all
-          _assemble.assemble(self.uri, [self._header_uri, self._payload_uri],
-                             scratch=scratch, create_only=True)
-          self._done = True
-          _signals.mark_committed()
-      except ObjectExistsError:
-        raise _exists(self.uri) from None
+      with _signals.deferred():  # the commit point: done, or not at all
+        self._compose()
+        self._done = True
+        _signals.mark_committed()
     finally:
       self.abort()
+
+  def _compose(self) -> None:
+    if self._replace is None:
+      try:
+        _assemble.assemble(self.uri, [self._header_uri, self._payload_uri],
+                           scratch=self._header_uri + '.compose',
+                           create_only=True)
+      except ObjectExistsError:
+        raise _exists(self.uri) from None
+      return
+    from google.api_core import exceptions as gexc  # pylint: disable=g-import-not-at-top
+    from tfx_encrypt.storage._google import _gcs  # pylint: disable=g-import-not-at-top
+    _, bucket, key = split(self.uri)
+    b = _gcs().bucket(bucket)
+    try:
+      b.blob(key).compose(
+          [b.blob(split(u)[2]) for u in (self._header_uri, self._payload_uri)],
+          if_generation_match=int(self._replace))
+    except (gexc.PreconditionFailed, gexc.NotFound):
+      raise _changed_since_read(self.uri) from None
 
   def abort(self) -> None:
     """Drop the upload and delete the temporaries this writer created."""
@@ -394,12 +366,6 @@ class _GcsBundleWriter(BundleWriter):
 #: conditional request, header + payload held in memory (S3: the
 #: smallest part a multipart upload allows before its last).
 REWRITE_IN_MEMORY_BELOW = _assemble.S3_MIN_PART
-
-
-def _changed(uri: str) -> ObjectChangedError:
-  return ObjectChangedError(f'{_text.printable(uri)} was replaced or '
-                            'removed since it was read; it was not '
-                            'overwritten')
 
 
 @_translating
@@ -434,7 +400,7 @@ def rewrite_bundle_header(uri: str, header: bytes, old_header_len: int,
   if s == 's3':
     _s3_rewrite(uri, bucket, key, header, old_header_len, version)
   else:
-    _gcs_rewrite(uri, bucket, key, header, old_header_len, version)
+    _gcs_rewrite(uri, header, old_header_len, version)
 
 
 def _rewrite_in_memory(uri: str, header: bytes, old_header_len: int,
@@ -445,7 +411,7 @@ def _rewrite_in_memory(uri: str, header: bytes, old_header_len: int,
   with open_reader(uri, version=version) as r:
     if r.read_into(memoryview(buf)[len(header):], old_header_len) != (
         size - old_header_len):
-      raise _changed(uri)
+      raise _changed_since_read(uri)
     r.check_unchanged()
   with _signals.deferred():  # the commit point: done, or not at all
     put_if_unchanged(uri, buf, version)
@@ -464,11 +430,11 @@ def _s3_rewrite(uri: str, bucket: str, key: str, header: bytes,
                              IfMatch=version)['ContentLength'])
   except botocore.exceptions.ClientError as e:
     if _s3_code(e) in gone:
-      raise _changed(uri) from None
+      raise _changed_since_read(uri) from None
     raise
   payload = size - old_header_len
   if payload < 0:
-    raise _changed(uri)
+    raise _changed_since_read(uri)
   if payload < REWRITE_IN_MEMORY_BELOW:
     _rewrite_in_memory(uri, header, old_header_len, size, version)
     return
@@ -481,20 +447,20 @@ def _s3_rewrite(uri: str, bucket: str, key: str, header: bytes,
           [None, _assemble.S3Source(bucket, key, version, old_header_len)])
     except botocore.exceptions.ClientError as e:  # a copy
       if _s3_code(e) in gone:
-        raise _changed(uri) from None
+        raise _changed_since_read(uri) from None
       raise
     except errors.TfxEncryptError:  # a read: replaced or removed
-      raise _changed(uri) from None
+      raise _changed_since_read(uri) from None
     # S3 refuses the copies and the completion if the object is no longer
     # `version`; a store that ignores x-amz-copy-source-if-match and If-Match
     # on CompleteMultipartUpload (moto 5.2.5, read in its source) is caught
     # here, up to the one request that follows.
     try:
       if c.head_object(Bucket=bucket, Key=key)['ETag'] != version:
-        raise _changed(uri)
+        raise _changed_since_read(uri)
     except botocore.exceptions.ClientError as e:
       if _s3_code(e) in gone:
-        raise _changed(uri) from None
+        raise _changed_since_read(uri) from None
       raise
     try:
       with _signals.deferred():  # the commit point: done, or not at all
@@ -505,7 +471,7 @@ def _s3_rewrite(uri: str, bucket: str, key: str, header: bytes,
         _signals.mark_committed()
     except botocore.exceptions.ClientError as e:
       if _s3_code(e) in gone:
-        raise _changed(uri) from None
+        raise _changed_since_read(uri) from None
       raise
   except BaseException:
     if upload_id is not None:
@@ -518,67 +484,37 @@ def _s3_rewrite(uri: str, bucket: str, key: str, header: bytes,
     raise
 
 
-def _gcs_rewrite(uri: str, bucket: str, key: str, header: bytes,
-                 old_header_len: int, version: str) -> None:
-  from google.api_core import exceptions as gexc  # pylint: disable=g-import-not-at-top
+def _gcs_rewrite(uri: str, header: bytes, old_header_len: int,
+                 version: str) -> None:
   from tfx_encrypt.storage._base import CHUNK_SIZE  # pylint: disable=g-import-not-at-top
-  from tfx_encrypt.storage._google import _gcs  # pylint: disable=g-import-not-at-top
-  from tfx_encrypt.storage._verbs import open_reader, open_writer, put_create_only  # pylint: disable=g-import-not-at-top
+  from tfx_encrypt.storage._verbs import open_reader  # pylint: disable=g-import-not-at-top
   try:
     reader = open_reader(uri, version=version)
   except FileNotFoundError:
-    raise _changed(uri) from None
+    raise _changed_since_read(uri) from None
   try:
     size = reader.size
     payload = size - old_header_len
     if payload < 0:
-      raise _changed(uri)
+      raise _changed_since_read(uri)
     if payload < REWRITE_IN_MEMORY_BELOW:
       _rewrite_in_memory(uri, header, old_header_len, size, version)
       return
-    payload_uri, header_uri = temp_payload_uri(uri), temp_header_uri(uri)
-    made: List[str] = []
-    w = None
+    # The bundle encrypt's writer, replacing generation `version` only.
+    w = _GcsBundleWriter(uri, payload, replace=version)
     try:
-      w = open_writer(payload_uri, payload)
       buf = bytearray(min(CHUNK_SIZE, payload))
       off = old_header_len
       while off < size:
         n = reader.read_into(buf, off)
         if n <= 0:
-          raise _changed(uri)
+          raise _changed_since_read(uri)
         w.write(memoryview(buf)[:n])
         off += n
       reader.check_unchanged()
-      try:
-        with _signals.deferred():  # created, then recorded as ours
-          w.commit()
-          made.append(payload_uri)
-      except ObjectExistsError:
-        raise ObjectChangedError(
-            f'{_text.printable(payload_uri)} already exists: another rewrap '
-            f'or writer is writing {_text.printable(uri)} (or a killed one '
-            f'left it: "tfx-encrypt clean {_text.printable(uri)}"); it was '
-            'not overwritten') from None
-      with _signals.deferred():
-        put_create_only(header_uri, header)
-        made.append(header_uri)
-      b = _gcs().bucket(bucket)
-      keys = [split(header_uri)[2], split(payload_uri)[2]]
-      try:
-        with _signals.deferred():  # the commit point: done, or not at all
-          b.blob(key).compose([b.blob(k) for k in keys],
-                              if_generation_match=int(version))
-          _signals.mark_committed()
-      except (gexc.PreconditionFailed, gexc.NotFound):
-        raise _changed(uri) from None
-    finally:
-      if w is not None:
-        w.abort()
-      with _signals.deferred():
-        left = _assemble.delete_objects(made)
-      for u in left:
-        logging.warning('Could not remove the temporary object %s; remove '
-                        'it yourself', _text.printable(u))
+    except BaseException:
+      w.abort()
+      raise
+    w.commit(header)
   finally:
     reader.close()

@@ -9,7 +9,8 @@ from typing import Dict, Optional
 from tfx_encrypt import _text
 from tfx_encrypt.storage._base import (
     Data, ObjectChangedError, ObjectExistsError, ObjectInfo, Writer,
-    _BufferFile, _ChunkedReader, _as_stream, _sdk_missing, _translating_method)
+    _BufferFile, _ChunkedReader, _as_stream, _changed_since_read,
+    _sdk_missing, _translating_method)
 
 
 _per_thread = threading.local()
@@ -309,7 +310,5 @@ def _gcs_put_if_generation(bucket: str, key: str, data: Data,
     blob.upload_from_file(stream, size=size, rewind=False,
                           if_generation_match=gen)
   except gexc.PreconditionFailed:
-    raise ObjectChangedError(
-        f'{_text.printable(uri)} was replaced or removed since it was read; '
-        'it was not overwritten') from None
+    raise _changed_since_read(uri) from None
   return None if blob.generation is None else str(blob.generation)

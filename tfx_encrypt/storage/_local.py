@@ -10,7 +10,8 @@ from tfx_encrypt import _signals
 from tfx_encrypt import _text
 from tfx_encrypt import errors
 from tfx_encrypt.storage._base import (
-    CHUNK_SIZE, Data, ObjectExistsError, ObjectInfo, Reader, _as_stream)
+    CHUNK_SIZE, Data, ObjectExistsError, ObjectInfo, Reader, _as_stream,
+    _changed_since_read)
 
 
 _READ_FLAGS = (os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
@@ -150,10 +151,7 @@ def _local_put_if_unchanged(path: str, data: Data, version: str) -> str:
   Returns the new file's version.
   """
   from tfx_encrypt._fsutil import _publish  # pylint: disable=g-import-not-at-top
-  from tfx_encrypt.storage._base import ObjectChangedError  # pylint: disable=g-import-not-at-top
-  changed = ObjectChangedError(f'{_text.printable(path)} was replaced or '
-                               'removed since it was read; it was not '
-                               'overwritten')
+  changed = _changed_since_read(path)
   tmp, new_version = _write_temp_sibling(path, data, keep_mode=True)
   try:
     try:
