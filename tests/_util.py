@@ -90,3 +90,19 @@ class CountingKey(KeyBackend):
     out = self.inner.unwrap(stanza, context)
     self.ok += 1
     return out
+
+
+def upload_package(local, uri):
+  """Copy a local package to `uri`: payload objects, then the header (or the
+  bundle) create-only, as a push does."""
+  from tfx_encrypt import storage  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(local):
+    with open(local, 'rb') as f:
+      storage.put_create_only(uri, f)
+    return
+  pdir = os.path.join(local, 'payload')
+  for name in sorted(os.listdir(pdir)):
+    with open(os.path.join(pdir, name), 'rb') as f:
+      storage.put(storage.join(uri, 'payload', name), f)
+  with open(os.path.join(local, 'tfxe.header'), 'rb') as f:
+    storage.put_create_only(storage.join(uri, 'tfxe.header'), f)

@@ -34,21 +34,6 @@ def store(request):
   return request.getfixturevalue(f'{request.param}_store')
 
 
-def upload(local, uri):
-  """Copy a local package to `uri`: payload objects, then the header (or the
-  bundle) create-only, as a push does."""
-  if os.path.isfile(local):
-    with open(local, 'rb') as f:
-      storage.put_create_only(uri, f)
-    return
-  pdir = os.path.join(local, 'payload')
-  for name in sorted(os.listdir(pdir)):
-    with open(os.path.join(pdir, name), 'rb') as f:
-      storage.put(storage.join(uri, 'payload', name), f)
-  with open(os.path.join(local, 'tfxe.header'), 'rb') as f:
-    storage.put_create_only(storage.join(uri, 'tfxe.header'), f)
-
-
 def _package(tmp_path, keys, bundle):
   src = _util.make_tree(tmp_path / 'm', FILES)
   pkg = tmp_path / ('p.tfxe' if bundle else 'p')
@@ -62,7 +47,7 @@ def _package(tmp_path, keys, bundle):
 def test_inspect_verify_decrypt_remote(tmp_path, keys, store, bundle):
   src, pkg, info = _package(tmp_path, keys, bundle)
   uri = storage.join(store.new_base(), '7' + ('.tfxe' if bundle else ''))
-  upload(pkg, uri)
+  _util.upload_package(pkg, uri)
 
   ins = te.inspect_package(uri)
   assert (ins.bundle, ins.fingerprint, ins.path) == (bundle, info.fingerprint,
@@ -88,7 +73,7 @@ def test_inspect_verify_decrypt_remote(tmp_path, keys, store, bundle):
 def test_cli_reads_remote_packages(tmp_path, keys, store):
   src, pkg, _ = _package(tmp_path, keys, False)
   uri = storage.join(store.new_base(), '1')
-  upload(pkg, uri)
+  _util.upload_package(pkg, uri)
   runner = click.testing.CliRunner()
   r = runner.invoke(cli.main, ['inspect', uri])
   assert r.exit_code == 0, r.output
@@ -125,13 +110,13 @@ def test_remote_tampering_is_caught(tmp_path, keys, store):
   base = store.new_base()
   # An extra object in the package.
   uri = storage.join(base, '1')
-  upload(pkg, uri)
+  _util.upload_package(pkg, uri)
   storage.put(storage.join(uri, 'payload', 'extra'), b'x')
   with pytest.raises(errors.TamperedPackageError, match='unexpected'):
     te.verify_package(uri, trusted=[keys.pub('ed')])
   # A flipped byte, same size.
   uri = storage.join(base, '2')
-  upload(pkg, uri)
+  _util.upload_package(pkg, uri)
   p = os.path.join(pkg, 'payload', '00000000')
   data = bytearray(open(p, 'rb').read())
   data[len(data) // 2] ^= 1
@@ -144,7 +129,7 @@ def test_remote_tampering_is_caught(tmp_path, keys, store):
   assert not (tmp_path / 'o').exists()
   # A truncated payload.
   uri = storage.join(base, '3')
-  upload(pkg, uri)
+  _util.upload_package(pkg, uri)
   storage.put(storage.join(uri, 'payload', '00000000'), bytes(data[:-1]))
   with pytest.raises(errors.TamperedPackageError, match='wrong size'):
     te.inspect_package(uri)
@@ -155,7 +140,7 @@ def test_rewrap_of_a_remote_bundle_works_in_place(tmp_path, keys, store):
   # tests/package/test_remote_rewrap.py.
   src, pkg, _ = _package(tmp_path, keys, True)
   uri = storage.join(store.new_base(), '1.tfxe')
-  upload(pkg, uri)
+  _util.upload_package(pkg, uri)
   info = te.rewrap_package(uri, identities=[keys.priv('x')],
                            add_recipients=[keys.pub('x2')],
                            trusted=[keys.pub('ed')], signer=keys.priv('ed'))
@@ -168,7 +153,7 @@ def test_rewrap_of_a_remote_bundle_works_in_place(tmp_path, keys, store):
 def test_rotate_reads_a_remote_package(tmp_path, keys, s3_store):
   src, pkg, _ = _package(tmp_path, keys, False)
   uri = storage.join(s3_store.new_base(), '1')
-  upload(pkg, uri)
+  _util.upload_package(pkg, uri)
   te.rotate_package(uri, tmp_path / 'new', identities=[keys.priv('x')],
                     recipients=[keys.pub('x2')], trusted=[keys.pub('ed')],
                     signer=keys.priv('ed'))
@@ -215,8 +200,8 @@ def test_remote_decrypt_memory_does_not_grow_with_the_model(tmp_path, keys,
   te.encrypt_model(m, tmp_path / 'big', recipients=[keys.pub('x')])
   small = _util.make_tree(tmp_path / 's', {'saved_model.pb': 3 * MiB})
   te.encrypt_model(small, tmp_path / 'small', recipients=[keys.pub('x')])
-  upload(str(tmp_path / 'big'), storage.join(base, 'big'))
-  upload(str(tmp_path / 'small'), storage.join(base, 'small'))
+  _util.upload_package(str(tmp_path / 'big'), storage.join(base, 'big'))
+  _util.upload_package(str(tmp_path / 'small'), storage.join(base, 'small'))
   out = subprocess.run(
       [sys.executable, '-c', _MEMORY_SCRIPT, storage.join(base, 'small'),
        storage.join(base, 'big'), keys.priv('x'), str(tmp_path)],

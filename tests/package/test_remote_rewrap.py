@@ -39,21 +39,6 @@ def store(request):
   return request.getfixturevalue(f'{request.param}_store')
 
 
-def upload(local, uri):
-  """Copy a local package to `uri` as a push does: payloads, then the
-  header (or the bundle) create-only."""
-  if os.path.isfile(local):
-    with open(local, 'rb') as f:
-      storage.put_create_only(uri, f)
-    return
-  pdir = os.path.join(local, 'payload')
-  for name in sorted(os.listdir(pdir)):
-    with open(os.path.join(pdir, name), 'rb') as f:
-      storage.put(storage.join(uri, 'payload', name), f)
-  with open(os.path.join(local, 'tfxe.header'), 'rb') as f:
-    storage.put_create_only(storage.join(uri, 'tfxe.header'), f)
-
-
 def _remote(tmp_path, keys, model, store, signer='ed', bundle=False,
             name='p', **kw):
   local = tmp_path / (name + ('.tfxe' if bundle else ''))
@@ -61,7 +46,7 @@ def _remote(tmp_path, keys, model, store, signer='ed', bundle=False,
     te.encrypt_model(model, local, signer=keys.priv(signer) if signer else None,
                      bundle=bundle, **(kw or {'recipients': [keys.pub('x')]}))
   uri = storage.join(store.new_base(), name + ('.tfxe' if bundle else ''))
-  upload(str(local), uri)
+  _util.upload_package(str(local), uri)
   return uri
 
 
