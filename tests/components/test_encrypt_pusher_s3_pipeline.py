@@ -24,16 +24,14 @@ pipeline process below ends with os._exit once the run and its report are
 complete, as docs/OBJECT_STORES.md tells a user's pipeline script to.
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tfx_encrypt import package as package_lib
 from tfx_encrypt import storage
-from tests import _util
+from tests.components import _store_checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -67,22 +65,12 @@ def test_pipeline_root_and_push_on_s3(tmp_path, keys, predict_fn,
   env = {k: v for k, v in os.environ.items()
          if not k.startswith('S3_') and k != 'AWS_ENDPOINT_URL_S3'}
   assert env['AWS_ENDPOINT_URL'] == s3_store.server.url
-  out = subprocess.run(
-      [sys.executable, '-c', _RUN, root, dest,
-       str(tmp_path / 'metadata.sqlite'), keys.recipient, keys.signer],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-      check=False)
-  assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-6000:])
-  result = json.loads(next(line for line in out.stdout.splitlines()
-                           if line.startswith('RESULT '))[len('RESULT '):])
-  model_uri = result['Model']['uri']
-  encrypted_uri = result['tfx_encrypt.EncryptedModel']['uri']
-  pushed = result['PushedModel']['props']
-  assert model_uri.startswith(root + '/') and encrypted_uri.startswith(
-      root + '/')
-  assert pushed['pushed'] == 1
-  destination = pushed['pushed_destination']
-  assert destination.startswith(dest + '/')
+  model_uri, encrypted_uri, destination = _store_checks.run_pipeline(
+      ['-c', _RUN], env, tmp_path, keys, root, dest)
+  objects = _store_checks.check_pushed_model(
+      tmp_path, keys, model_uri, encrypted_uri, destination, predict_fn,
+      expected_predictions)
+  assert any(n.startswith('variables/variables.data-') for n in objects)
   # Nothing else is left in the root: tf.saved_model.save's temporary
   # checkpoint objects were renamed (copy and delete on S3) into place.
   model_rel = model_uri[len(root) + 1:]
@@ -90,30 +78,6 @@ def test_pipeline_root_and_push_on_s3(tmp_path, keys, predict_fn,
   leftovers = [n for n in storage.list_names(root)
                if not n.startswith((model_rel + '/', encrypted_rel + '/'))]
   assert leftovers == []
-  # The model really is in the pipeline root on the store, written by TF.
-  serving = storage.join(model_uri, 'Format-Serving')
-  objects = {n: i for n, i in storage.list_objects(serving).items()
-             if not storage.is_dir_marker(n, i.size)}
-  assert 'saved_model.pb' in objects
-  assert any(n.startswith('variables/variables.data-') for n in objects)
-  want = {}
-  for name in objects:
-    with storage.open_reader(storage.join(serving, name)) as r:
-      want[name] = r.read_range(0, r.size)
-  # The artifact and the push are the same package, and it decrypts to the
-  # model's bytes exactly.
-  info = package_lib.inspect_package(destination)
-  assert info.payload_digest == package_lib.inspect_package(
-      encrypted_uri).payload_digest
-  assert info.context['tfx.model_uri'] == model_uri
-  package_lib.decrypt_model(destination, tmp_path / 'decrypted',
-                            identities=[keys.recipient_key],
-                            trusted=[keys.signer_pub])
-  got = {k: v for k, v in _util.read_tree(tmp_path / 'decrypted').items()
-         if v is not None}
-  assert got == want
-  assert predict_fn(str(tmp_path / 'decrypted')).tolist() == \
-      expected_predictions.tolist()
 
 
 def _python(code, *args):

@@ -18,19 +18,12 @@ The same pipeline on s3:// (TF through tensorflow-io) is
 tests/components/test_encrypt_pusher_s3_pipeline.py.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tfx_encrypt import package as package_lib
 from tfx_encrypt import storage
-from tests import _util
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
+from tests.components import _store_checks
 
 
 @pytest.fixture
@@ -58,42 +51,9 @@ def test_pipeline_root_and_push_on_gcs(tmp_path, keys, predict_fn,
   root = storage.join(bucket_base, 'pipeline_root')
   dest = storage.join(bucket_base, 'serving')
   env = dict(os.environ, **proxy.env())
-  out = subprocess.run(
-      [sys.executable, '-m', 'tests.components._store_pipeline', root, dest,
-       str(tmp_path / 'metadata.sqlite'), keys.recipient, keys.signer],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-      check=False)
-  assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-6000:])
-  result = json.loads(next(line for line in out.stdout.splitlines()
-                           if line.startswith('RESULT '))[len('RESULT '):])
-  model_uri = result['Model']['uri']
-  encrypted_uri = result['tfx_encrypt.EncryptedModel']['uri']
-  pushed = result['PushedModel']['props']
-  assert model_uri.startswith(root + '/') and encrypted_uri.startswith(
-      root + '/')
-  assert pushed['pushed'] == 1
-  destination = pushed['pushed_destination']
-  assert destination.startswith(dest + '/')
-  # The model really is in the pipeline root on the store, written by TF.
-  serving = storage.join(model_uri, 'Format-Serving')
-  objects = {n: i for n, i in storage.list_objects(serving).items()
-             if not storage.is_dir_marker(n, i.size)}
-  assert 'saved_model.pb' in objects
-  want = {}
-  for name in objects:
-    with storage.open_reader(storage.join(serving, name)) as r:
-      want[name] = r.read_range(0, r.size)
-  # The artifact and the push are the same package, and it decrypts to the
-  # model's bytes exactly.
-  info = package_lib.inspect_package(destination)
-  assert info.payload_digest == package_lib.inspect_package(
-      encrypted_uri).payload_digest
-  assert info.context['tfx.model_uri'] == model_uri
-  package_lib.decrypt_model(destination, tmp_path / 'decrypted',
-                            identities=[keys.recipient_key],
-                            trusted=[keys.signer_pub])
-  got = {k: v for k, v in _util.read_tree(tmp_path / 'decrypted').items()
-         if v is not None}
-  assert got == want
-  assert predict_fn(str(tmp_path / 'decrypted')).tolist() == \
-      expected_predictions.tolist()
+  model_uri, encrypted_uri, destination = _store_checks.run_pipeline(
+      ['-m', 'tests.components._store_pipeline'], env, tmp_path, keys, root,
+      dest)
+  _store_checks.check_pushed_model(
+      tmp_path, keys, model_uri, encrypted_uri, destination, predict_fn,
+      expected_predictions)
