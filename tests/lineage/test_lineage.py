@@ -554,12 +554,12 @@ def test_cli_package_in_an_object_store(runs, store_kind, request):
   import click.testing
   from tfx_encrypt import cli
   from tfx_encrypt import storage
-  from tests.package import test_remote_packages
+  from tests import _util
   # pylint: enable=g-import-not-at-top
   remote = request.getfixturevalue(f'{store_kind}_store')
   summary = runs['first']
   uri = storage.join(remote.new_base(), summary['pushed_version'])
-  test_remote_packages.upload(summary['pushed_destination'], uri)
+  _util.upload_package(summary['pushed_destination'], uri)
   runner = click.testing.CliRunner()
   r = runner.invoke(cli.main, ['lineage', '--mlmd-sqlite', runs['store_path'],
                                '--package', uri, '--json'])
